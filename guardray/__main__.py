@@ -1,0 +1,5 @@
+import sys
+
+from guardray.cli import main
+
+sys.exit(main())

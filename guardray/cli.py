@@ -1,0 +1,122 @@
+"""`guardray validate | run | status | datasets`.
+
+Exit codes: 0 success, 2 invalid input (spec, paths, columns), 1 failure while running. Errors print as one
+readable line each (no traceback unless --debug).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Callable
+
+from guardray.errors import InputError, SpecError
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
+
+
+def _load(args: argparse.Namespace):
+    from guardray.spec import load_spec
+
+    return load_spec(args.spec, getattr(args, "set", None) or [], getattr(args, "output", None))
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    spec = _load(args)
+    print(f"{args.spec}: valid job '{spec.name}' -> {spec.output}")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from guardray.runner import run_job
+
+    spec = _load(args)
+    stages = [s for s in (args.stages or "").split(",") if s] or None
+    force = tuple(s for f in args.force or [] for s in f.split(",") if s)
+    results = run_job(spec, stages, force)
+    for name, result in results.items():
+        print(f"{name:10} {result['status']:7} {result.get('wall_s', ''):>8}  {result['dir']}")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from guardray.runner import stage_states
+
+    for stage, state, directory in stage_states(_load(args)):
+        print(f"{stage:10} {state:11} {directory}")
+    return EXIT_OK
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from guardray.datasets.huggingface import PRESETS
+    from guardray.datasets.packaged import CORPORA
+
+    print(f"{'type':22} {'label':8} {'rows':>6}  {'offline':8} description")
+    for name, corpus in CORPORA.items():
+        label = "harmful" if corpus.harmful else "benign"
+        rows = corpus.expected or "-"
+        print(f"{name:22} {label:8} {rows:>6}  {'yes' if corpus.available() else 'missing':8} {corpus.description}")
+    print(f"{'file':22} {'column':8} {'-':>6}  {'yes':8} parquet/jsonl/csv on local disk or gs://")
+    for name, preset in PRESETS.items():
+        label = "harmful" if preset.get("harmful") else ("column" if "label_column" in preset else "benign")
+        print(f"{'huggingface:' + name:22} {label:8} {preset['expected']:>6}  {'no (hub)':8} {preset['repo']}")
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "validate": cmd_validate,
+    "run": cmd_run,
+    "status": cmd_status,
+    "datasets": cmd_datasets,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="guardray", description=__doc__.split("\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_spec(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("spec", help="job spec YAML")
+        p.add_argument("--set", action="append", metavar="PATH=VALUE", help="override a field, e.g. dataset.subsample.every=20")
+        p.add_argument("--output", help="override `output`")
+        return p
+
+    with_spec("validate", "check a job spec")
+    run = with_spec("run", "run a job's stages")
+    run.add_argument("--stages", help="comma-separated stages to run (their inputs run too if missing)")
+    run.add_argument("--force", action="append", metavar="STAGE", help="recompute a stage even if cached")
+    with_spec("status", "show each stage: done / incomplete / missing")
+    sub.add_parser("datasets", help="list the registered dataset sources")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except SpecError as e:
+        for line in e.problems:
+            print(f"error: {line}", file=sys.stderr)
+        return EXIT_INVALID
+    except InputError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    except Exception as e:  # noqa: BLE001 - the CLI's last line of defence: one readable line
+        if args.debug:
+            raise
+        print(f"error: {type(e).__name__}: {' '.join(str(e).split())[:500]}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Dataset sources, the source registry and the dataset stage."""

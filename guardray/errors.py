@@ -1,0 +1,18 @@
+"""Error types that the CLI maps to exit codes.
+
+`InputError` (exit 2) is the user's to fix: a bad spec, a missing file, a wrong column.
+Anything else raised while running is a failure (exit 1).
+"""
+from __future__ import annotations
+
+
+class InputError(Exception):
+    """Invalid user input. The message is one line per problem, naming the field, file or row."""
+
+
+class SpecError(InputError):
+    """The job spec failed validation; `problems` lists every error found, one line each."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))

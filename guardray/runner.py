@@ -1,0 +1,110 @@
+"""How a job runs: the stages in order, each skipped when its cached output is complete.
+
+A stage is a function `(spec, inputs, out) -> summary` of the validated spec, the directories of the stages it
+reads, and its own output directory. Ray is started only when a stage that needs it actually runs.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from guardray.cache import StageDir
+from guardray.errors import InputError
+from guardray.spec import JobSpec
+from guardray.storage import Location, resolve
+
+log = logging.getLogger(__name__)
+
+StageFn = Callable[[JobSpec, dict[str, Location], Location], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    inputs: tuple[str, ...]
+    spec_part: Callable[[JobSpec], dict[str, Any]]
+    run: StageFn
+    needs_ray: bool = False
+    #: A resumable stage keeps what an interrupted run left in its directory; others start over.
+    resumable: bool = False
+
+
+def _dataset_stage(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dict[str, Any]:
+    from guardray.datasets.assemble import build_dataset
+
+    return build_dataset(spec.dataset, out)
+
+
+STAGES: dict[str, Stage] = {
+    "dataset": Stage("dataset", (), lambda s: s.dataset.cache_payload(), _dataset_stage),
+}
+
+
+def register_stage(stage: Stage) -> None:
+    STAGES[stage.name] = stage
+
+
+def plan(spec: JobSpec) -> dict[str, StageDir]:
+    """The directory of every stage for this spec (hashes chain through the inputs)."""
+    output = resolve(spec.output)
+    dirs: dict[str, StageDir] = {}
+    for stage in STAGES.values():
+        upstream = {name: dirs[name].name for name in stage.inputs}
+        dirs[stage.name] = StageDir.for_stage(output, stage.name, stage.spec_part(spec), upstream)
+    return dirs
+
+
+def _closure(selected: list[str]) -> list[str]:
+    """The selected stages plus everything they read, in pipeline order."""
+    needed: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name not in needed:
+            needed.add(name)
+            for dep in STAGES[name].inputs:
+                visit(dep)
+
+    for name in selected:
+        visit(name)
+    return [name for name in STAGES if name in needed]
+
+
+def run_job(spec: JobSpec, stages: list[str] | None = None, force: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Run the requested stages (default: all), skipping complete ones unless forced. Returns the summary."""
+    for name in [*(stages or []), *force]:
+        if name not in STAGES:
+            raise InputError(f"unknown stage '{name}'; stages are: {', '.join(STAGES)}")
+    dirs = plan(spec)
+    order = _closure(stages or list(STAGES))
+    results: dict[str, Any] = {}
+    ray_started = False
+    for name in order:
+        stage, stage_dir = STAGES[name], dirs[name]
+        if stage_dir.done and name not in force:
+            log.info("stage %s: done, reusing %s", name, stage_dir.location.uri)
+            results[name] = {"status": "cached", "dir": stage_dir.location.uri, **stage_dir.summary()}
+            continue
+        if stage.needs_ray and not ray_started:
+            from guardray.cluster import init_ray
+
+            init_ray(spec.ray)
+            ray_started = True
+        log.info("stage %s: running into %s", name, stage_dir.location.uri)
+        resume = stage.resumable and name not in force and stage_dir.state == "incomplete"
+        stage_dir.begin(fresh=not resume)
+        started = time.perf_counter()
+        summary = stage.run(spec, {dep: dirs[dep].location for dep in stage.inputs}, stage_dir.location)
+        summary["wall_s"] = round(time.perf_counter() - started, 2)
+        stage_dir.commit(summary)
+        results[name] = {"status": "ran", "dir": stage_dir.location.uri, **summary}
+    resolve(spec.output).join("latest.json").write_json(
+        {"job": spec.name, "stages": {name: dirs[name].location.uri for name in order}}
+    )
+    return results
+
+
+def stage_states(spec: JobSpec) -> list[tuple[str, str, str]]:
+    """(stage, done|incomplete|missing, directory) for `guardray status`."""
+    return [(name, d.state, d.location.uri) for name, d in plan(spec).items()]

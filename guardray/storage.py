@@ -1,0 +1,136 @@
+"""Output locations: a URI resolved to a pyarrow filesystem plus a path, local disk or GCS.
+
+Everything that reads or writes stage outputs goes through `Location`, so a stage works unchanged whether
+`output` is a local directory or `gs://bucket/prefix`. GCS goes through gcsfs wrapped for pyarrow
+(`PyFileSystem(FSSpecHandler(...))`), which Ray Data accepts as `filesystem=` and pickles to its workers.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+import posixpath
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# gcsfs >= 2026.3 probes for zonal/HNS buckets on every call; against an emulator (or a plain bucket) that
+# stalls each call for 60 s. Must be set before gcsfs is imported anywhere in the process.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.fs as pafs  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+#: Environment variables a Ray worker needs to reach the same storage as the driver.
+STORAGE_ENV_VARS = ("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS")
+
+
+@functools.lru_cache(maxsize=None)
+def _gcsfs(emulator: str | None) -> Any:
+    """One gcsfs instance per endpoint. With STORAGE_EMULATOR_HOST set (tests), use anonymous access."""
+    import gcsfs
+
+    if emulator:
+        return gcsfs.GCSFileSystem(token="anon", endpoint_url=emulator)
+    return gcsfs.GCSFileSystem()
+
+
+def gcs_filesystem() -> pafs.FileSystem:
+    return pafs.PyFileSystem(pafs.FSSpecHandler(_gcsfs(os.environ.get("STORAGE_EMULATOR_HOST"))))
+
+
+@dataclass(frozen=True)
+class Location:
+    """A directory or file: `fs` + `path` (scheme-less), and the `uri` users see."""
+
+    fs: pafs.FileSystem
+    path: str
+    uri: str
+
+    @property
+    def is_gcs(self) -> bool:
+        return self.uri.startswith("gs://")
+
+    def join(self, *parts: str) -> "Location":
+        return Location(self.fs, posixpath.join(self.path, *parts), posixpath.join(self.uri, *parts))
+
+    def refresh(self) -> None:
+        """Drop gcsfs's listing cache so we see what Ray workers (other processes) wrote."""
+        if isinstance(self.fs, pafs.PyFileSystem):
+            self.fs.handler.fs.invalidate_cache()
+
+    def exists(self) -> bool:
+        self.refresh()
+        return self.fs.get_file_info(self.path).type != pafs.FileType.NotFound
+
+    def mkdir(self) -> None:
+        self.fs.create_dir(self.path, recursive=True)
+
+    def list(self, suffix: str = "") -> list[str]:
+        """Names (not paths) of the files directly inside this directory, sorted."""
+        self.refresh()
+        if not self.exists():
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=False))
+        return sorted(
+            posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix)
+        )
+
+    def delete(self) -> None:
+        """Remove this directory and everything in it (used to redo an incomplete stage)."""
+        if self.exists():
+            self.fs.delete_dir(self.path)
+
+    def write_bytes(self, data: bytes) -> None:
+        self.fs.create_dir(posixpath.dirname(self.path), recursive=True)
+        with self.fs.open_output_stream(self.path) as f:
+            f.write(data)
+
+    def read_bytes(self) -> bytes:
+        with self.fs.open_input_stream(self.path) as f:
+            return f.read()
+
+    def write_text(self, text: str) -> None:
+        self.write_bytes(text.encode())
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode()
+
+    def write_json(self, obj: Any) -> None:
+        self.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+    def read_json(self) -> Any:
+        return json.loads(self.read_text())
+
+    def write_table(self, table: pa.Table) -> None:
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        self.write_bytes(buf.getvalue())
+
+    def read_table(self, columns: list[str] | None = None) -> pa.Table:
+        """Read a parquet file, or every parquet file of a directory."""
+        self.refresh()
+        return pq.read_table(self.path, filesystem=self.fs, columns=columns)
+
+    def local_path(self) -> Path:
+        """The local filesystem path (only for local locations, e.g. for matplotlib)."""
+        if self.is_gcs:
+            raise ValueError(f"{self.uri} is not on local disk")
+        return Path(self.path)
+
+
+def resolve(uri: str) -> Location:
+    """Map a local path or gs:// URI to a Location."""
+    if uri.startswith("gs://"):
+        return Location(gcs_filesystem(), uri.removeprefix("gs://").rstrip("/"), uri.rstrip("/"))
+    if "://" in uri:
+        raise ValueError(f"unsupported URI scheme: {uri!r} (use a local path or gs://)")
+    path = str(Path(uri).expanduser().absolute())
+    return Location(pafs.LocalFileSystem(), path, path)
+
+
+def storage_env() -> dict[str, str]:
+    """The storage-related environment to pass to Ray workers."""
+    return {k: os.environ[k] for k in STORAGE_ENV_VARS if k in os.environ}
