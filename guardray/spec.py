@@ -153,12 +153,14 @@ class SplitSpec(Section):
 
 
 class DatasetSpec(Section):
-    sources: tuple[Source, ...] = Field(min_length=1, description="Where prompts come from.")
+    sources: tuple[Source, ...] = Field(description="Where prompts come from (at least one).")
     subsample: SubsampleSpec = SubsampleSpec()
     split: SplitSpec = SplitSpec()
 
     @model_validator(mode="after")
     def _unique_names(self) -> "DatasetSpec":
+        if not self.sources:
+            raise ValueError("`sources` is empty: give at least one source")
         names = [s.source_name for s in self.sources]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -338,6 +340,11 @@ def _format_error(origin: str, err: dict[str, Any]) -> str:
         hint = difflib.get_close_matches(str(loc[-1]), choices, n=1)
         extra = f"; did you mean '{hint[0]}'?" if hint else (f"; allowed: {', '.join(choices)}" if choices else "")
         return f"{origin}: {path}: unknown key{extra}"
+    if kind == "union_tag_invalid":
+        tags = [t.strip(" '") for t in err["ctx"]["expected_tags"].split(",")]
+        hint = difflib.get_close_matches(str(err["ctx"]["tag"]), tags, n=1)
+        extra = f"did you mean '{hint[0]}'?" if hint else f"choose one of: {', '.join(tags)}"
+        return f"{origin}: {path}.{err['ctx']['discriminator'].strip(chr(39))}: unknown type {err['ctx']['tag']!r}; {extra}"
     msg = err["msg"].removeprefix("Value error, ")
     return f"{origin}: {path or '(top level)'}: {msg}"
 

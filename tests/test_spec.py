@@ -1,0 +1,122 @@
+"""Spec validation: shipped jobs validate, bad specs fail with the field named, overrides are typed."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from guardray.errors import SpecError
+from guardray.spec import JobSpec, load_spec, validate_spec
+from tests.conftest import REPO, small_spec, write_spec
+
+JOBS = sorted((REPO / "jobs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", JOBS, ids=[p.stem for p in JOBS])
+def test_shipped_jobs_validate(path: Path) -> None:
+    spec = load_spec(path)
+    assert isinstance(spec, JobSpec)
+
+
+def _errors(raw: dict) -> list[str]:
+    with pytest.raises(SpecError) as info:
+        validate_spec(raw, "job.yaml")
+    return info.value.problems
+
+
+def test_unknown_key_suggests_the_closest_field() -> None:
+    raw = small_spec("out")
+    raw["extract"] = {"layer": [1]}
+    (line,) = _errors(raw)
+    assert line == "job.yaml: extract.layer: unknown key; did you mean 'layers'?"
+
+
+def test_unknown_key_inside_a_source_names_its_index() -> None:
+    raw = small_spec("out")
+    raw["dataset"]["sources"].append({"type": "file", "name": "x", "path": "a.csv", "harmful": True, "text_colum": "t"})
+    (line,) = _errors(raw)
+    assert line == "job.yaml: dataset.sources.3.text_colum: unknown key; did you mean 'text_column'?"
+
+
+def test_all_errors_are_reported_at_once_one_line_each() -> None:
+    raw = small_spec("out")
+    raw["model"] = {"dtype": "float64", "max_length": 2}
+    raw["evaluate"] = {"bootstrap": -1}
+    del raw["name"]
+    problems = _errors(raw)
+    assert len(problems) == 4
+    assert all("\n" not in p for p in problems)
+    fields = {p.split(": ")[1] for p in problems}
+    assert fields == {"name", "model.dtype", "model.max_length", "evaluate.bootstrap"}
+
+
+def test_source_needs_exactly_one_label_kind() -> None:
+    raw = small_spec("out")
+    raw["dataset"]["sources"] = [{"type": "file", "name": "x", "path": "a.csv"}]
+    (line,) = _errors(raw)
+    assert "dataset.sources.0" in line and "label_column" in line
+
+
+def test_unknown_source_type_lists_choices() -> None:
+    raw = small_spec("out")
+    raw["dataset"]["sources"] = [{"type": "advbnch"}]
+    (line,) = _errors(raw)
+    assert line.startswith("job.yaml: dataset.sources.0") and "advbench" in line
+
+
+def test_duplicate_source_names_rejected() -> None:
+    raw = small_spec("out")
+    raw["dataset"]["sources"].append({"type": "advbench"})
+    (line,) = _errors(raw)
+    assert "repeated: advbench" in line
+
+
+def test_unsupported_output_scheme() -> None:
+    (line,) = _errors(small_spec("s3://bucket/x"))
+    assert line.startswith("job.yaml: output:")
+
+
+def test_spec_is_frozen() -> None:
+    spec = validate_spec(small_spec("out"))
+    with pytest.raises(Exception):
+        spec.name = "other"  # type: ignore[misc]
+
+
+def test_overrides_are_typed_by_the_schema(tmp_path: Path) -> None:
+    path = write_spec(tmp_path / "job.yaml", small_spec("out"))
+    spec = load_spec(path, ["dataset.subsample.every=20", "name=123", "dataset.sources.0.limit=7",
+                            "extract.layers=[1, -1]"])
+    assert spec.dataset.subsample.every == 20
+    assert spec.name == "123"  # a string field keeps the text, not the int YAML would make of it
+    assert spec.dataset.sources[0].limit == 7
+    assert spec.extract.layers == (1, -1)
+
+
+def test_bad_override_names_itself(tmp_path: Path) -> None:
+    path = write_spec(tmp_path / "job.yaml", small_spec("out"))
+    with pytest.raises(SpecError) as info:
+        load_spec(path, ["dataset.sources.9.limit=3", "nonsense"])
+    assert len(info.value.problems) == 2
+    assert "--set dataset.sources.9.limit=3" in info.value.problems[0]
+
+
+def test_yaml_is_loaded_safely(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert "not valid YAML" in info.value.problems[0]
+
+
+def test_cache_payload_leaves_out_runtime_fields() -> None:
+    a = validate_spec(small_spec("out", extract={"actors": 1, "batch_size": 4}))
+    b = validate_spec(small_spec("out", extract={"actors": 3, "batch_size": 32}))
+    c = validate_spec(small_spec("out", extract={"layers": [3]}))
+    assert a.extract.cache_payload() == b.extract.cache_payload() != c.extract.cache_payload()
+
+
+def test_dump_roundtrip() -> None:
+    spec = validate_spec(small_spec("out"))
+    again = validate_spec(yaml.safe_load(yaml.safe_dump(spec.model_dump(mode="json"))))
+    assert again == spec
