@@ -37,8 +37,20 @@ def _dataset_stage(spec: JobSpec, inputs: dict[str, Location], out: Location) ->
     return build_dataset(spec.dataset, out)
 
 
+def _features_stage(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dict[str, Any]:
+    from guardray.features import run_features
+
+    return run_features(spec, inputs, out)
+
+
+def _features_key(spec: JobSpec) -> dict[str, Any]:
+    return {"model": spec.model.cache_payload(), "extract": spec.extract.cache_payload(),
+            "guard": spec.guard.cache_payload()}
+
+
 STAGES: dict[str, Stage] = {
     "dataset": Stage("dataset", (), lambda s: s.dataset.cache_payload(), _dataset_stage),
+    "features": Stage("features", ("dataset",), _features_key, _features_stage, needs_ray=True, resumable=True),
 }
 
 

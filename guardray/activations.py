@@ -1,0 +1,121 @@
+"""Residual-stream capture with forward hooks: several layers and poolings in ONE forward pass.
+
+Layer L is the output of decoder block L (0-based; negative counts from the end). For every block but the
+last this equals transformers' `hidden_states[L + 1]`; for the last block `hidden_states[-1]` has the final
+norm applied, while we capture the block's raw output (before the norm).
+
+When only activations are needed the forward pass stops after the deepest requested block (no upper blocks,
+no lm_head), which saves most of the compute when probing middle layers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from guardray.errors import InputError
+from guardray.models import Encoded
+
+#: Attribute paths of the decoder block list in common architectures (Llama/Mistral/Qwen/Gemma, GPT-2, NeoX...).
+LAYER_PATHS = ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers",
+               "model.decoder.layers", "transformer.layers")
+
+
+def decoder_layers(model: Any) -> torch.nn.ModuleList:
+    """The decoder blocks of a causal LM, or an error naming the model class."""
+    for path in LAYER_PATHS:
+        node = model
+        for part in path.split("."):
+            node = getattr(node, part, None)
+            if node is None:
+                break
+        if isinstance(node, torch.nn.ModuleList) and len(node) > 0:
+            return node
+    raise InputError(f"cannot find decoder blocks in {type(model).__name__} (looked for {', '.join(LAYER_PATHS)})")
+
+
+def resolve_layers(layers: Sequence[int], num_layers: int) -> list[int]:
+    """Non-negative, sorted, unique block indices; out-of-range layers name the model's layer count."""
+    resolved = []
+    for layer in layers:
+        index = layer + num_layers if layer < 0 else layer
+        if not 0 <= index < num_layers:
+            raise InputError(f"extract.layers: layer {layer} out of range: model has {num_layers} layers")
+        resolved.append(index)
+    return sorted(set(resolved))
+
+
+class _StopForward(Exception):
+    """Raised by the deepest hook to end the forward pass early."""
+
+
+@dataclass
+class Batch:
+    """A padded batch (right padding) plus each row's user-text span."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    user_start: torch.Tensor
+    user_end: torch.Tensor
+
+    @classmethod
+    def build(cls, encoded: Sequence[Encoded], pad_id: int, device: torch.device) -> "Batch":
+        width = max(len(e.ids) for e in encoded)
+        ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for row, e in enumerate(encoded):
+            ids[row, : len(e.ids)] = torch.tensor(e.ids)
+            mask[row, : len(e.ids)] = 1
+        starts = torch.tensor([e.user_start for e in encoded])
+        ends = torch.tensor([e.user_end for e in encoded])
+        return cls(ids.to(device), mask.to(device), starts.to(device), ends.to(device))
+
+
+def pool(hidden: torch.Tensor, batch: Batch, pooling: str) -> torch.Tensor:
+    """[batch, seq, dim] → [batch, dim] in float32. `last`: last non-pad token; `mean`: over the user's text;
+    `mean_all`: over every non-pad token."""
+    hidden = hidden.float()
+    if pooling == "last":
+        last = batch.attention_mask.sum(dim=1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    positions = torch.arange(hidden.shape[1], device=hidden.device)[None, :]
+    if pooling == "mean":
+        weights = (positions >= batch.user_start[:, None]) & (positions < batch.user_end[:, None])
+    elif pooling == "mean_all":
+        weights = batch.attention_mask.bool()
+    else:
+        raise InputError(f"extract.poolings: unknown pooling '{pooling}'")
+    weights = weights.float()[:, :, None]
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+@torch.inference_mode()
+def capture(
+    model: Any, batch: Batch, layers: Sequence[int], poolings: Sequence[str], stop_early: bool = True
+) -> dict[tuple[str, int], torch.Tensor]:
+    """{(pooling, layer): [batch, dim] float32} from one forward pass; `layers` must be resolved (>= 0)."""
+    blocks = decoder_layers(model)
+    deepest = max(layers)
+    pooled: dict[tuple[str, int], torch.Tensor] = {}
+
+    def hook_for(layer: int):
+        def hook(module: Any, args: Any, output: Any) -> None:
+            hidden = output[0] if isinstance(output, tuple) else output
+            for pooling in poolings:
+                pooled[(pooling, layer)] = pool(hidden, batch, pooling)
+            if stop_early and layer == deepest:
+                raise _StopForward
+
+        return hook
+
+    handles = [blocks[layer].register_forward_hook(hook_for(layer)) for layer in layers]
+    try:
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
+              logits_to_keep=1)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return pooled

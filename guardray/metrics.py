@@ -1,0 +1,27 @@
+"""Custom metrics exported through Ray's metrics agent (dashboard, Prometheus/Grafana).
+
+Names are prefixed `guardray_`; tags say which model and which actor, so per-replica throughput is visible.
+"""
+from __future__ import annotations
+
+import os
+
+
+class ActorMetrics:
+    """Counters of prompts and tokens and a tokens/s gauge for one feature actor."""
+
+    def __init__(self, model: str, stage: str = "features"):
+        from ray.util import metrics
+
+        tag_keys = ("model", "actor", "stage")
+        self.tags = {"model": model, "actor": f"{os.uname().nodename}:{os.getpid()}", "stage": stage}
+        self.prompts = metrics.Counter("guardray_prompts", "Prompts processed", tag_keys=tag_keys)
+        self.tokens = metrics.Counter("guardray_tokens", "Prompt tokens processed (chat model)", tag_keys=tag_keys)
+        self.throughput = metrics.Gauge("guardray_tokens_per_second", "Tokens/s of the last shard", tag_keys=tag_keys)
+
+    def record(self, prompts: int, tokens: int, seconds: float) -> None:
+        self.prompts.inc(prompts, tags=self.tags)
+        if tokens:
+            self.tokens.inc(tokens, tags=self.tags)
+        if seconds > 0:
+            self.throughput.set(tokens / seconds, tags=self.tags)

