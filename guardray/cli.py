@@ -1,4 +1,4 @@
-"""`guardray validate | run | status | datasets`.
+"""`guardray validate | run | status | datasets | report`.
 
 Exit codes: 0 success, 2 invalid input (spec, paths, columns), 1 failure while running. Errors print as one
 readable line each (no traceback unless --debug).
@@ -64,11 +64,33 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Re-render report.md and plots from stored results: a report directory, an output root, or a spec."""
+    from guardray.report import rerender
+    from guardray.storage import resolve
+
+    target = args.target
+    if target.endswith((".yaml", ".yml")):
+        from guardray.runner import plan
+
+        stage = plan(_load(argparse.Namespace(spec=target, set=args.set, output=None)))["report"].location
+    else:
+        stage = resolve(target)
+        if not stage.join("report.json").exists() and stage.join("latest.json").exists():
+            stage = resolve(stage.join("latest.json").read_json()["stages"]["report"])
+    if not stage.join("report.json").exists():
+        raise InputError(f"{stage.uri}: no report.json (run the job's report stage first)")
+    print(rerender(stage))
+    print(f"re-rendered {stage.join('report.md').uri}")
+    return EXIT_OK
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "validate": cmd_validate,
     "run": cmd_run,
     "status": cmd_status,
     "datasets": cmd_datasets,
+    "report": cmd_report,
 }
 
 
@@ -90,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="append", metavar="STAGE", help="recompute a stage even if cached")
     with_spec("status", "show each stage: done / incomplete / missing")
     sub.add_parser("datasets", help="list the registered dataset sources")
+    report = sub.add_parser("report", help="re-render report.md and plots from stored results")
+    report.add_argument("target", help="report directory, job output directory, or job spec")
+    report.add_argument("--set", action="append", metavar="PATH=VALUE")
     return parser
 
 

@@ -48,9 +48,28 @@ def _features_key(spec: JobSpec) -> dict[str, Any]:
             "guard": spec.guard.cache_payload()}
 
 
+def _probes_stage(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dict[str, Any]:
+    from guardray.probes.cv import run_probes
+
+    return run_probes(spec, inputs, out)
+
+
+def _report_stage(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dict[str, Any]:
+    from guardray.report import run_report
+
+    return run_report(spec, inputs, out)
+
+
+def _report_key(spec: JobSpec) -> dict[str, Any]:
+    # the label and threshold-free guard choice are upstream; the report also needs which guard columns exist
+    return {"evaluate": spec.evaluate.cache_payload(), "target": spec.probes.target, "job": spec.name}
+
+
 STAGES: dict[str, Stage] = {
     "dataset": Stage("dataset", (), lambda s: s.dataset.cache_payload(), _dataset_stage),
     "features": Stage("features", ("dataset",), _features_key, _features_stage, needs_ray=True, resumable=True),
+    "probes": Stage("probes", ("features",), lambda s: s.probes.cache_payload(), _probes_stage, needs_ray=True),
+    "report": Stage("report", ("features", "probes"), _report_key, _report_stage),
 }
 
 

@@ -1,0 +1,120 @@
+"""Activation-extraction throughput: guardray's actor code path against the common reference loop.
+
+Both run in this process on the same prompts (a realistic mix from the offline corpora, long jailbreaks
+included). The reference is written the common way: prompts in dataset order, right padding, the whole
+rendered sequence truncated from the right, `output_hidden_states=True`, and one full forward pass per
+requested layer. guardray sorts by length inside a shard, stops after the deepest layer and captures every
+layer in one pass. Prints prompts/s, tokens/s and the speed-up for 1 and 4 layers.
+
+    python benchmarks/extract_throughput.py                       # SmolLM2 on CPU
+    python benchmarks/extract_throughput.py --model random-llama3-8b --n 512 --batch-size 32   # on a GPU
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from guardray.activations import resolve_layers
+from guardray.datasets.assemble import subsample
+from guardray.features import FeatureExtractor
+from guardray.models import LoadedModel, chat_renderer, load_model, load_tokenizer
+from guardray.spec import ExtractSpec, ModelSpec, SubsampleSpec
+
+
+def realistic_prompts(n: int) -> list[str]:
+    """A mix in the proportions of the smoke job's corpora, in dataset order (not sorted by length)."""
+    import pandas as pd
+
+    from guardray.datasets.packaged import CORPORA
+
+    frames = [pd.DataFrame({"prompt": [r["prompt"] for r in CORPORA[name].rows()], "source": name})
+              for name in ("advbench", "harmbench", "donotanswer", "inthewild_jailbreaks", "sharegpt")]
+    mix = pd.concat(frames, ignore_index=True)
+    return list(subsample(mix.assign(harmful=True), SubsampleSpec(limit=n, seed=0))["prompt"])[:n]
+
+
+def random_llama3_8b(device: str, dtype: torch.dtype) -> LoadedModel:
+    """A randomly initialised Llama-3-8B-sized model (speed does not depend on the weights' values)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                         rope_theta=500000.0, attn_implementation="sdpa")
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype).eval()
+    spec = ModelSpec(id="random-llama3-8b", dtype="bfloat16", device=device)
+    tokenizer = load_tokenizer(ModelSpec())  # SmolLM2's tokenizer and chat template; ids fit in the vocab
+    return LoadedModel(spec, model, tokenizer, torch.device(device))
+
+
+@torch.inference_mode()
+def reference_loop(loaded: LoadedModel, prompts: list[str], layers: list[int], batch_size: int, max_length: int) -> tuple[float, int]:
+    """The common approach; returns (seconds, real tokens)."""
+    tok = loaded.tokenizer
+    tok.padding_side = "right"
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in prompts]
+    start, real = time.perf_counter(), 0
+    for layer in layers:  # one full pass per requested layer
+        for i in range(0, len(texts), batch_size):
+            enc = tok(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
+                      max_length=max_length, add_special_tokens=False).to(loaded.device)
+            out = loaded.model(**enc, output_hidden_states=True)
+            last = enc["attention_mask"].sum(1) - 1
+            out.hidden_states[layer + 1][torch.arange(len(last)), last].float().cpu()
+            real += int(enc["attention_mask"].sum()) if layer == layers[0] else 0
+    _sync(loaded)
+    return time.perf_counter() - start, real
+
+
+def guardray_path(loaded: LoadedModel, prompts: list[str], layers: list[int], batch_size: int, max_length: int) -> tuple[float, int]:
+    spec = loaded.spec.model_copy(update={"max_length": max_length})
+    loaded = LoadedModel(spec, loaded.model, loaded.tokenizer, loaded.device)
+    extract = ExtractSpec(layers=tuple(layers), poolings=("last",), batch_size=batch_size)
+    extractor = FeatureExtractor(loaded, chat_renderer(loaded), layers, extract.poolings, extract)
+    start = time.perf_counter()
+    extractor.process(prompts)
+    _sync(loaded)
+    return time.perf_counter() - start, extractor.stats.tokens
+
+
+def _sync(loaded: LoadedModel) -> None:
+    if loaded.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--n", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    if args.model == "random-llama3-8b":
+        loaded = random_llama3_8b("cuda", torch.bfloat16)
+    else:
+        loaded = load_model(ModelSpec(id=args.model))
+    prompts = realistic_prompts(args.n)
+    n_layers = loaded.model.config.num_hidden_layers
+    params = sum(p.numel() for p in loaded.model.parameters())
+    print(f"model {args.model}: {n_layers} layers, {params / 1e6:.0f}M params, device {loaded.device}; "
+          f"{len(prompts)} prompts, batch {args.batch_size}, max_length {args.max_length}")
+    guardray_path(loaded, prompts[:4], [n_layers - 1], args.batch_size, args.max_length)  # warm-up
+    for layers in ([n_layers - 1], resolve_layers([n_layers // 4, n_layers // 2, 3 * n_layers // 4, -1], n_layers)):
+        ref_s, ref_tokens = reference_loop(loaded, prompts, layers, args.batch_size, args.max_length)
+        our_s, our_tokens = guardray_path(loaded, prompts, layers, args.batch_size, args.max_length)
+        print(f"{len(layers)} layer(s) {layers}:")
+        print(f"  reference: {len(prompts) / ref_s:8.2f} prompts/s {ref_tokens / ref_s:10.0f} tokens/s ({ref_s:.1f} s)")
+        print(f"  guardray : {len(prompts) / our_s:8.2f} prompts/s {our_tokens / our_s:10.0f} tokens/s ({our_s:.1f} s)")
+        print(f"  speed-up : {ref_s / our_s:.2f}x")
+        if loaded.device.type == "cuda":
+            flops = 2 * params * our_tokens / our_s
+            print(f"  guardray model FLOP/s: {flops / 1e12:.1f} TFLOP/s = {100 * flops / (args.peak_tflops * 1e12):.1f}% of peak")
+
+
+if __name__ == "__main__":
+    main()

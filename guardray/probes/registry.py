@@ -1,0 +1,67 @@
+"""Probe types: name → how to build the scikit-learn estimator. Adding a type is one registered entry.
+
+Every probe yields a continuous score (its decision function, or the log-odds of predict_proba) so it can be
+thresholded and compared with the guard's log-odds on the same footing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+from sklearn import ensemble, linear_model, naive_bayes, svm
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
+
+from guardray.errors import InputError
+
+
+@dataclass(frozen=True)
+class ProbeType:
+    build: Callable[..., Any]
+    linear: bool  # linear probes export as JSON + safetensors (no pickle)
+    defaults: dict[str, Any]
+
+
+PROBE_TYPES: dict[str, ProbeType] = {
+    "logistic_regression": ProbeType(linear_model.LogisticRegression, True, {"C": 1.0, "max_iter": 2000}),
+    "linear_svc": ProbeType(svm.LinearSVC, True, {"C": 1.0, "max_iter": 5000}),
+    "rbf_svc": ProbeType(svm.SVC, False, {"kernel": "rbf", "C": 1.0}),
+    "passive_aggressive": ProbeType(linear_model.SGDClassifier, True,
+                                    {"loss": "hinge", "penalty": None, "learning_rate": "pa1", "eta0": 1.0}),
+    "sgd": ProbeType(linear_model.SGDClassifier, True, {"loss": "log_loss", "alpha": 1e-4}),
+    "ridge": ProbeType(linear_model.RidgeClassifier, True, {"alpha": 1.0}),
+    "random_forest": ProbeType(ensemble.RandomForestClassifier, False, {"n_estimators": 200}),
+    "naive_bayes": ProbeType(naive_bayes.GaussianNB, False, {}),
+}
+
+PREPROCESSING: dict[str, Callable[[], Any]] = {
+    "none": lambda: FunctionTransformer(),
+    "standardize": StandardScaler,
+    "normalize": Normalizer,
+}
+
+
+def build_probe(probe_type: str, preprocessing: str, params: dict[str, Any], seed: int = 0) -> Pipeline:
+    if probe_type not in PROBE_TYPES:
+        raise InputError(f"probes.grid: unknown probe type '{probe_type}'; known: {', '.join(PROBE_TYPES)}")
+    kind = PROBE_TYPES[probe_type]
+    kwargs = {**kind.defaults, **params}
+    if "random_state" in kind.build().get_params():
+        kwargs.setdefault("random_state", seed)
+    try:
+        estimator = kind.build(**kwargs)
+    except TypeError as e:
+        raise InputError(f"probes.grid: {probe_type}: {e}") from None
+    return Pipeline([("pre", PREPROCESSING[preprocessing]()), ("probe", estimator)])
+
+
+def probe_scores(pipeline: Pipeline, features: np.ndarray) -> np.ndarray:
+    """A continuous score where higher means the positive class: decision function, else proba log-odds."""
+    if hasattr(pipeline, "decision_function"):
+        try:
+            return np.asarray(pipeline.decision_function(features), dtype=np.float64)
+        except AttributeError:
+            pass
+    proba = np.clip(pipeline.predict_proba(features)[:, 1], 1e-12, 1 - 1e-12)
+    return np.log(proba) - np.log1p(-proba)
