@@ -6,11 +6,11 @@ Adding a source kind is one function registered in `LOADERS`.
 """
 from __future__ import annotations
 
+import fnmatch
 import posixpath
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import pyarrow as pa
 import pyarrow.fs as pafs
 
 from guardray.datasets import huggingface, packaged
@@ -51,7 +51,7 @@ def _expand(root: Location) -> list[Location]:
     if "*" in posixpath.basename(root.path):
         parent = Location(root.fs, posixpath.dirname(root.path), posixpath.dirname(root.uri))
         pattern = posixpath.basename(root.path)
-        names = [n for n in parent.list() if _fnmatch(n, pattern)]
+        names = [n for n in parent.list() if fnmatch.fnmatch(n, pattern)]
         files = [parent.join(n) for n in names]
     elif root.exists() and root.fs.get_file_info(root.path).type == pafs.FileType.Directory:
         files = [root.join(n) for n in root.list() if posixpath.splitext(n)[1].lower() in FORMATS]
@@ -60,12 +60,6 @@ def _expand(root: Location) -> list[Location]:
     if not files:
         raise InputError(f"{root.uri}: no data files found")
     return files
-
-
-def _fnmatch(name: str, pattern: str) -> bool:
-    import fnmatch
-
-    return fnmatch.fnmatch(name, pattern)
 
 
 @dataclass(frozen=True)
@@ -98,6 +92,3 @@ def load_source(spec: Any) -> Rows:
 def expected_rows(spec: Any) -> int | None:
     return LOADERS[spec.type].expected(spec)
 
-
-def rows_to_table(rows: Rows) -> pa.Table:
-    return pa.Table.from_pylist(rows)
