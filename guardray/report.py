@@ -77,6 +77,7 @@ def build_report(spec: JobSpec, scores: pd.DataFrame, cv: pd.DataFrame) -> dict[
     report: dict[str, Any] = {
         "job": spec.name, "target": spec.probes.target, "best_probe": best_probe, "test_rows": len(test),
         "probes": {}, "cv_leaderboard": ranked.head(15).to_dict(orient="records"),
+        "cv_best_by_feature": ranked.groupby("feature", sort=False).head(1).set_index("feature")[selection].to_dict(),
     }
     for name in scored:
         report["probes" if name != GUARD else "guard"] = report.get("probes" if name != GUARD else "guard", {})
@@ -158,12 +159,12 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
     if "ci95" in best:
         parts += [f"Bootstrap 95% CI of the best probe: ROC AUC {best['ci95']['roc_auc']}, precision@0.99 "
                   f"{best['ci95']['precision@0.99']}.", ""]
-    parts += ["## ROC AUC by layer and pooling (test)", "", "| feature | probe | CV | test ROC AUC | test AP |",
+    parts += ["## ROC AUC by layer and pooling (test)", "", "| feature | probe | CV (selection metric) | test ROC AUC | test AP |",
               "|---|---|---|---|---|"]
     for name, entry in sorted(report["probes"].items()):
         feature, kind = name.rsplit("-", 1)
-        cv = next((r for r in report["cv_leaderboard"] if r["feature"] == feature), {})
-        parts.append(f"| {feature} | {kind} | {_fmt(cv.get('roc_auc_mean'))} | {_fmt(entry['test']['roc_auc'])} | "
+        cv = report.get("cv_best_by_feature", {}).get(feature)
+        parts.append(f"| {feature} | {kind} | {_fmt(cv)} | {_fmt(entry['test']['roc_auc'])} | "
                      f"{_fmt(entry['test']['average_precision'])} |")
     parts += ["", "## Per source (test, best probe vs guard)", "",
               "| source | rows | harmful | probe accuracy | probe recall | guard accuracy | guard recall |",
