@@ -72,8 +72,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     target = args.target
     if target.endswith((".yaml", ".yml")):
         from guardray.runner import plan
+        from guardray.spec import load_spec
 
-        stage = plan(_load(argparse.Namespace(spec=target, set=args.set, output=None)))["report"].location
+        stage = plan(load_spec(target, args.set or []))["report"].location
     else:
         stage = resolve(target)
         if not stage.join("report.json").exists() and stage.join("latest.json").exists():

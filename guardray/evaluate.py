@@ -78,12 +78,12 @@ def at_threshold(y: np.ndarray, scores: np.ndarray, threshold: float) -> dict[st
 
 
 def score_metrics(y: Sequence[bool], scores: Sequence[float], threshold: float, spec: EvaluateSpec,
-                  name: str = "") -> dict[str, Any]:
+                  name: str = "", warn_one_class: bool = True) -> dict[str, Any]:
     """Everything the report shows for one score on one split."""
     y = np.asarray(y, dtype=bool)
     scores = np.asarray(scores, dtype=np.float64)
     two = _two_classes(y)
-    if not two:
+    if not two and warn_one_class:
         log.warning("%s: only one class among %d rows; ranking metrics are undefined", name or "scores", len(y))
     best_threshold, best_accuracy = best_accuracy_threshold(y, scores)
     result: dict[str, Any] = {
@@ -131,21 +131,11 @@ def by_source(y: Sequence[bool], scores: Sequence[float], sources: Sequence[str]
     out = {}
     for source in sorted(set(sources)):
         mask = sources == source
-        with _quiet():
-            out[source] = score_metrics(y[mask], scores[mask], threshold, quiet, name=source)
+        # a corpus is often all harmful or all benign by construction: no warning per source
+        out[source] = score_metrics(y[mask], scores[mask], threshold, quiet, name=source, warn_one_class=False)
     return out
 
 
 def _two_classes(y: np.ndarray) -> bool:
     return len(np.unique(y)) == 2
 
-
-class _quiet:
-    """Per-source slices are often single-class by construction (a corpus is all harmful): no warning."""
-
-    def __enter__(self) -> None:
-        self.level = log.level
-        log.setLevel(logging.ERROR)
-
-    def __exit__(self, *exc: Any) -> None:
-        log.setLevel(self.level)

@@ -114,26 +114,24 @@ class FeatureExtractor:
 
     def process(self, prompts: Sequence[str]) -> tuple[dict[str, Any], dict[int, str]]:
         """Columns for every prompt that succeeded (in input order) and {index: reason} for the rest."""
-        encoded: dict[int, Encoded] = {}
         errors: dict[int, str] = {}
-        for i, prompt in enumerate(prompts):
-            try:
-                encoded[i] = self.renderer.encode(prompt)
-            except Exception as e:  # noqa: BLE001 - recorded per prompt, never dropped
-                errors[i] = f"render: {type(e).__name__}: {e}"
         results: dict[int, dict[str, Any]] = {}
+        encoded = _encode(self.renderer, prompts, range(len(prompts)), errors, "render")
         self._run(encoded, self._activations, results, errors)
         if self.guard is not None:
-            guard_encoded = {i: self.guard.renderer.encode(prompts[i]) for i in encoded if i not in errors}
-            self._run(guard_encoded, self._guard_scores, results, errors)
+            live = [i for i in encoded if i not in errors]
+            self._run(_encode(self.guard.renderer, prompts, live, errors, "guard render"), self._guard_scores,
+                      results, errors)
         ok = [i for i in range(len(prompts)) if i not in errors]
         columns = {
             "n_tokens": np.array([encoded[i].n_tokens for i in ok], dtype=np.int32),
             "truncated": np.array([encoded[i].truncated for i in ok], dtype=bool),
         }
-        names = self.columns + (list(GUARD_COLUMNS) if self.guard is not None else [])
-        for name in names:
-            columns[name] = np.stack([results[i][name] for i in ok]) if ok else np.zeros((0,))
+        hidden = int(self.chat.model.config.hidden_size)
+        for name in self.columns:  # a shard where every prompt failed keeps the [0, hidden] shape
+            columns[name] = np.stack([results[i][name] for i in ok]) if ok else np.zeros((0, hidden))
+        for name in GUARD_COLUMNS if self.guard is not None else ():
+            columns[name] = np.array([results[i][name] for i in ok], dtype=np.float32)
         return {"_index": ok, **columns}, errors
 
     def _run(self, encoded: dict[int, Encoded], step: Callable, results: dict, errors: dict[int, str]) -> None:
@@ -172,18 +170,32 @@ class FeatureExtractor:
         return self.guard.score(encoded)
 
 
+def _encode(renderer: PromptRenderer, prompts: Sequence[str], indices: Sequence[int], errors: dict[int, str],
+            what: str) -> dict[int, Encoded]:
+    """Render the given prompts; a prompt that cannot be rendered is recorded in `errors`, never dropped."""
+    encoded: dict[int, Encoded] = {}
+    for i in indices:
+        try:
+            encoded[i] = renderer.encode(prompts[i])
+        except Exception as e:  # noqa: BLE001
+            errors[i] = f"{what}: {type(e).__name__}: {e}"
+    return encoded
+
+
 def to_table(meta: dict[str, list[Any]], columns: dict[str, Any], store_dtype: str) -> pa.Table:
     """The public column layout: meta columns, n_tokens, truncated, act_* as fixed-size lists, guard_*."""
-    arrays: dict[str, pa.Array] = {name: pa.array(values) for name, values in meta.items()}
+    # explicit types: an empty shard (every prompt failed) must still match the other parts' schema
+    arrays: dict[str, pa.Array] = {
+        name: pa.array(values, pa.string() if name in ("id", "source", "split") else pa.bool_())
+        for name, values in meta.items()
+    }
     arrays["n_tokens"] = pa.array(columns["n_tokens"], pa.int32())
     arrays["truncated"] = pa.array(columns["truncated"], pa.bool_())
     np_dtype, arrow_dtype = STORE_DTYPES[store_dtype]
     for name, values in columns.items():
         if name.startswith("act_"):
             values = np.asarray(values, dtype=np_dtype)
-            dim = values.shape[1] if values.ndim == 2 else 0
-            flat = pa.array(values.reshape(-1), arrow_dtype)
-            arrays[name] = pa.FixedSizeListArray.from_arrays(flat, dim)
+            arrays[name] = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), arrow_dtype), values.shape[1])
         elif name.startswith("guard_"):
             arrays[name] = pa.array(np.asarray(values, dtype=np.float32), pa.float32())
     return pa.table(arrays)

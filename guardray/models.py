@@ -11,6 +11,7 @@ ends with the template's generation prompt and the `last` token means the same t
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import importlib.util
 import logging
@@ -68,11 +69,11 @@ def dequantized_gguf(path: Path) -> Path:
     with _file_lock(target.with_suffix(".lock")):
         if (target / "config.json").exists():
             return target
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         log.info("dequantising %s once into %s", path.name, target)
         quantized = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        config = copy.deepcopy(quantized.config)
         if hasattr(config, "quantization_config"):
             del config.quantization_config
         plain = type(quantized)(config)

@@ -80,7 +80,6 @@ def build_report(spec: JobSpec, scores: pd.DataFrame, cv: pd.DataFrame) -> dict[
         "cv_best_by_feature": ranked.groupby("feature", sort=False).head(1).set_index("feature")[selection].to_dict(),
     }
     for name in scored:
-        report["probes" if name != GUARD else "guard"] = report.get("probes" if name != GUARD else "guard", {})
         entry = {
             "test": score_metrics(test["label"], test[name], thresholds[name], ev, name=f"{name} test"),
             "train": score_metrics(train["label"], train[name], thresholds[name], ev.model_copy(update={"bootstrap": 0}),

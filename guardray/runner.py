@@ -61,7 +61,7 @@ def _report_stage(spec: JobSpec, inputs: dict[str, Location], out: Location) -> 
 
 
 def _report_key(spec: JobSpec) -> dict[str, Any]:
-    # the label and threshold-free guard choice are upstream; the report also needs which guard columns exist
+    # Scores come from the inputs; the report adds thresholds/metrics (evaluate), the label and the title.
     return {"evaluate": spec.evaluate.cache_payload(), "target": spec.probes.target, "job": spec.name}
 
 

@@ -70,8 +70,7 @@ class Location:
 
     def list(self, suffix: str = "") -> list[str]:
         """Names (not paths) of the files directly inside this directory, sorted."""
-        self.refresh()
-        if not self.exists():
+        if not self.exists():  # exists() refreshes the listing cache
             return []
         infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=False))
         return sorted(

@@ -5,6 +5,7 @@ import os
 
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # before gcsfs is imported anywhere
 
+import threading
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,8 +23,16 @@ def gcs_emulator() -> Iterator[str]:
 
     server = FakeGCSServer(host="127.0.0.1")
     server.start()
+    # The wrapper pipes the server's stderr and never reads it: once its request log fills the pipe (~64 KB)
+    # the server blocks mid-request and every GCS call hangs. Drain it for the life of the server.
+    threading.Thread(target=_drain, args=(server._process.stderr,), daemon=True).start()
     yield os.environ["STORAGE_EMULATOR_HOST"]
     server.stop()
+
+
+def _drain(stream: Any) -> None:
+    for _ in iter(lambda: stream.read(65536), b""):
+        pass
 
 
 @pytest.fixture

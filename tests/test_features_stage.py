@@ -102,3 +102,22 @@ def test_killed_run_resumes_without_redoing_shards(tmp_path: Path) -> None:
     table = resolve(str(stage)).join("parts").read_table(columns=["id"])
     ids = table.column("id").to_pylist()
     assert len(ids) == len(set(ids)) == summary["rows"]
+
+
+def test_a_shard_where_every_prompt_fails_keeps_the_schema(tmp_path: Path) -> None:
+    from guardray.features import FeatureExtractor, to_table
+
+    def table_for(n_positions: int) -> tuple[pa.Table, dict[int, str]]:
+        model = build_tiny(tmp_path / f"gpt2-{n_positions}", kind="gpt2", n_positions=n_positions)
+        spec = validate_spec(small_spec(str(tmp_path), model={"id": model, "max_length": 64},
+                                        extract={"layers": [-1]}, guard={"enabled": False}))
+        columns, errors = FeatureExtractor.from_spec(spec).process(["hi", "hello there"])
+        ok = columns.pop("_index")
+        meta = {"id": [f"id{i}" for i in ok], "harmful": [True for _ in ok], "source": ["s" for _ in ok],
+                "split": ["train" for _ in ok]}
+        return to_table(meta, columns, "float16"), errors
+
+    failed, errors = table_for(16)  # the chat template alone is longer than 16 positions
+    fine, no_errors = table_for(64)
+    assert failed.num_rows == 0 and len(errors) == 2 and not no_errors
+    assert failed.schema == fine.schema

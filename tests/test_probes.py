@@ -51,9 +51,9 @@ def test_every_probe_type_scores_and_round_trips(name: str, tmp_path: Path) -> N
 
 
 def test_tune_runs_trials_concurrently_on_two_cpus(ray_local: None) -> None:
-    x, y = _data(n=900, dim=64)
+    x, y = _data(n=3000, dim=64)  # each trial (~3 s) must outlast a worker start-up (~1-2 s) for the overlap to show
     spec = ProbesSpec.model_validate({"grid": [{"type": "rbf_svc", "params": {"C": [0.5, 1.0]}}],
-                                      "cv": {"folds": 3}, "max_concurrent_trials": 2})
+                                      "cv": {"folds": 5}, "max_concurrent_trials": 2})
     results = run_grid(spec, {"act_last_L0": x}, y, expand_grid(spec, ["act_last_L0"]))
     assert len(results) == 2 and results["roc_auc_mean"].min() > 0.8
     first, second = results.iloc[0], results.iloc[1]

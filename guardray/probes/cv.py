@@ -119,8 +119,8 @@ def run_probes(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dic
     table = read_features(inputs["features"])
     target = spec.probes.target
     if target not in table.column_names:
-        raise InputError(f"probes.target: column '{target}' not in the features; labels are: "
-                         f"{', '.join(c for c in table.column_names if c in ('harmful',) or table.schema.field(c).type == pa.bool_())}")
+        labels = [f.name for f in table.schema if f.type == pa.bool_() and f.name != "truncated"]
+        raise InputError(f"probes.target: column '{target}' not in the features; labels are: {', '.join(labels)}")
     feature_columns = [c for c in table.column_names if c.startswith("act_")]
     if spec.probes.features:
         unknown = sorted(set(spec.probes.features) - set(feature_columns))
