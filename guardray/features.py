@@ -28,9 +28,9 @@ import pyarrow.parquet as pq
 from guardray.activations import Batch, capture, resolve_layers
 from guardray.datasets.assemble import DATASET_FILE
 from guardray.errors import InputError
-from guardray.guard import GUARD_COLUMNS, HFGuard
+from guardray.guard import GUARD_BACKENDS, GUARD_COLUMNS, Guard, guard_renderer, resolve_label_tokens
 from guardray.models import Encoded, LoadedModel, PromptRenderer, chat_renderer, load_model
-from guardray.spec import ExtractSpec, GuardSpec, JobSpec
+from guardray.spec import ExtractSpec, JobSpec
 from guardray.storage import Location, resolve
 
 log = logging.getLogger(__name__)
@@ -63,20 +63,6 @@ def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | No
     return batches
 
 
-# Guard backends: name → factory(loaded model or None, guard spec). vLLM loads its own engine.
-def _hf_backend(loaded: LoadedModel, spec: GuardSpec) -> Any:
-    return HFGuard.create(loaded, spec)
-
-
-def _vllm_backend(loaded: LoadedModel, spec: GuardSpec) -> Any:
-    from guardray.guard_vllm import VLLMGuard  # optional extra, imported only when asked for
-
-    return VLLMGuard.create(loaded, spec)
-
-
-GUARD_BACKENDS: dict[str, Callable[[LoadedModel, GuardSpec], Any]] = {"hf": _hf_backend, "vllm": _vllm_backend}
-
-
 @dataclass
 class ExtractStats:
     prompts: int = 0
@@ -94,17 +80,13 @@ class FeatureExtractor:
     layers: list[int]
     poolings: tuple[str, ...]
     extract: ExtractSpec
-    guard: Any | None = None
+    guard: Guard | None = None
     stats: ExtractStats = field(default_factory=ExtractStats)
 
     @classmethod
     def from_spec(cls, spec: JobSpec) -> "FeatureExtractor":
         chat = load_model(spec.model)
-        guard = None
-        if spec.guard.enabled:
-            same = spec.guard.model is None or spec.guard.model == spec.model
-            guard_model = chat if same else load_model(spec.guard_model)
-            guard = GUARD_BACKENDS[spec.guard.backend](guard_model, spec.guard)
+        guard = GUARD_BACKENDS[spec.guard.backend](chat, spec) if spec.guard.enabled else None
         layers = resolve_layers(spec.extract.layers, chat.num_layers)
         return cls(chat, chat_renderer(chat), layers, spec.extract.poolings, spec.extract, guard)
 
@@ -253,9 +235,9 @@ def preflight(spec: JobSpec) -> None:
     chat = LoadedModel(spec.model, None, load_tokenizer(spec.model), None)  # type: ignore[arg-type]
     chat_renderer(chat)
     if spec.guard.enabled:
-        same = spec.guard.model is None or spec.guard.model == spec.model
-        guard = chat if same else LoadedModel(spec.guard_model, None, load_tokenizer(spec.guard_model), None)  # type: ignore[arg-type]
-        HFGuard.create(guard, spec.guard)
+        tokenizer = chat.tokenizer if spec.guard_is_chat else load_tokenizer(spec.guard_model)
+        guard_renderer(tokenizer, spec.guard_model, spec.guard)
+        resolve_label_tokens(tokenizer, spec.guard)
 
 
 def shard_name(shard: int) -> str:

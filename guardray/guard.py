@@ -5,19 +5,21 @@ gets a built-in LlamaGuard-3-style moderation prompt as the user turn. The confi
 (LlamaGuard 3 emits "\\n\\n" before its verdict), so the next token is the verdict. One forward pass, no
 sampling: `guard_score = logit(unsafe) - logit(safe)` is the log-odds of unsafe over safe.
 
-Backends (HF transformers here, vLLM in `guard_vllm`) share `GuardPrompts` and the output columns.
+Backends (HF transformers here, vLLM in `guard_vllm`) share the renderer, the label tokens and the output columns:
+both have `.renderer` and `.score(encoded) -> columns`.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
 
 from guardray.errors import InputError
-from guardray.models import Encoded, LoadedModel, PromptRenderer, chat_template
-from guardray.spec import GuardSpec
+from guardray.models import Encoded, LoadedModel, PromptRenderer, chat_template, load_model, load_tokenizer
+from guardray.spec import GuardSpec, JobSpec, ModelSpec
 
 HAZARDS = """S1: Violent Crimes.
 S2: Non-Violent Crimes.
@@ -58,22 +60,21 @@ def is_llamaguard(model_id: str, tokenizer: Any) -> bool:
     return "llama-guard" in model_id.lower() or "llamaguard" in model_id.lower() or "unsafe content" in template.lower()
 
 
-def guard_renderer(loaded: LoadedModel, spec: GuardSpec) -> PromptRenderer:
+def guard_renderer(tokenizer: Any, model: ModelSpec, spec: GuardSpec) -> PromptRenderer:
     """Renders a prompt into the guard's input, ending with the forced prefix."""
     fmt = spec.prompt_format
     if fmt == "auto":
-        fmt = "llamaguard" if is_llamaguard(loaded.spec.id, loaded.tokenizer) else "generic"
+        fmt = "llamaguard" if is_llamaguard(model.id, tokenizer) else "generic"
     if fmt == "llamaguard":
-        inner = chat_template(loaded.tokenizer, None)
+        inner = chat_template(tokenizer, None)
     else:
-        base = chat_template(loaded.tokenizer, loaded.spec.system_prompt)
+        base = chat_template(tokenizer, model.system_prompt)
 
         def inner(text: str) -> str:
             # str.replace, not format: the prompt's own braces must not be interpreted.
             return base(MODERATION_PROMPT.replace("{hazards}", HAZARDS).replace("{prompt}", text))
 
-    return PromptRenderer(loaded.tokenizer, lambda text: inner(text) + spec.prefix, spec.max_length,
-                          loaded.spec.truncation)
+    return PromptRenderer(tokenizer, lambda text: inner(text) + spec.prefix, spec.max_length, model.truncation)
 
 
 def resolve_label_tokens(tokenizer: Any, spec: GuardSpec) -> tuple[int, int]:
@@ -114,26 +115,72 @@ def guard_columns(logit_safe: np.ndarray, logit_unsafe: np.ndarray) -> dict[str,
 
 @dataclass
 class HFGuard:
-    """Scores prompts with a transformers model: one forward pass, logits at each row's last token."""
+    """Scores prompts with a transformers model: one forward pass, logits at each row's last token.
+
+    Every guard input starts with the same tokens (the moderation prompt up to the user's text: about 230 of a
+    typical 330 tokens with the built-in prompt), so their key/value cache is computed once and each batch only
+    runs the tokens after it. `prefix_cache=False` runs the whole sequence (the tests compare both).
+    """
 
     loaded: LoadedModel
     renderer: PromptRenderer
     safe_id: int
     unsafe_id: int
+    prefix_cache: bool = True
+    _prefix: Any = None
 
     @classmethod
     def create(cls, loaded: LoadedModel, spec: GuardSpec) -> "HFGuard":
         safe_id, unsafe_id = resolve_label_tokens(loaded.tokenizer, spec)
-        return cls(loaded, guard_renderer(loaded, spec), safe_id, unsafe_id)
+        return cls(loaded, guard_renderer(loaded.tokenizer, loaded.spec, spec), safe_id, unsafe_id)
 
     @torch.inference_mode()
     def score(self, encoded: Sequence[Encoded]) -> dict[str, np.ndarray]:
         from guardray.activations import Batch
 
-        batch = Batch.build(encoded, self.loaded.tokenizer.pad_token_id, self.loaded.device)
-        output = self.loaded.model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                          use_cache=False)
+        shared = len(self.renderer.prefix) if self.prefix_cache else 0
+        tails = [Encoded(e.ids[shared:], 0, 0, e.n_tokens, e.truncated) for e in encoded]
+        batch = Batch.build(tails, self.loaded.tokenizer.pad_token_id, self.loaded.device)
+        kwargs: dict[str, Any] = {"attention_mask": batch.attention_mask, "use_cache": False}
+        if shared:
+            cache = copy.deepcopy(self._prefix_kv())
+            cache.batch_repeat_interleave(len(encoded))
+            prefix_mask = torch.ones((len(encoded), shared), dtype=batch.attention_mask.dtype,
+                                     device=batch.attention_mask.device)
+            kwargs = {"attention_mask": torch.cat([prefix_mask, batch.attention_mask], dim=1),
+                      "past_key_values": cache, "use_cache": True}
+        output = self.loaded.model.base_model(input_ids=batch.input_ids, **kwargs)
         last = batch.attention_mask.sum(dim=1) - 1
         hidden = output.last_hidden_state[torch.arange(len(encoded), device=last.device), last]
         logits = self.loaded.model.get_output_embeddings()(hidden).float()
         return guard_columns(logits[:, self.safe_id].cpu().numpy(), logits[:, self.unsafe_id].cpu().numpy())
+
+    def _prefix_kv(self) -> Any:
+        """The key/value cache of the shared prefix for one row, computed on first use."""
+        if self._prefix is None:
+            ids = torch.tensor([self.renderer.prefix], device=self.loaded.device)
+            self._prefix = self.loaded.model.base_model(input_ids=ids, use_cache=True).past_key_values
+        return self._prefix
+
+
+class Guard(Protocol):
+    """What the feature stage needs from a guard backend."""
+
+    renderer: PromptRenderer
+
+    def score(self, encoded: Sequence[Encoded]) -> dict[str, np.ndarray]: ...
+
+
+def _hf_guard(chat: LoadedModel, spec: JobSpec) -> Guard:
+    return HFGuard.create(chat if spec.guard_is_chat else load_model(spec.guard_model), spec.guard)
+
+
+def _vllm_guard(chat: LoadedModel, spec: JobSpec) -> Guard:
+    from guardray.guard_vllm import VLLMGuard  # optional extra, imported only when asked for
+
+    tokenizer = chat.tokenizer if spec.guard_is_chat else load_tokenizer(spec.guard_model)
+    return VLLMGuard.create(spec.guard_model, spec.guard, tokenizer)
+
+
+# Guard backends: name → factory(loaded chat model, job spec). vLLM runs its own engine beside the chat model.
+GUARD_BACKENDS: dict[str, Callable[[LoadedModel, JobSpec], Guard]] = {"hf": _hf_guard, "vllm": _vllm_guard}

@@ -219,7 +219,10 @@ class GuardSpec(Section):
     unsafe_token: str = "unsafe"
     safe_token_id: int | None = Field(None, description="Explicit id (LlamaGuard-7b: 9109).")
     unsafe_token_id: int | None = Field(None, description="Explicit id (LlamaGuard-7b: 25110).")
-    runtime_fields: ClassVar[frozenset[str]] = frozenset({"backend"})
+    vllm_engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="Extra keyword arguments for vllm.LLM (e.g. gpu_memory_utilization)."
+    )
+    runtime_fields: ClassVar[frozenset[str]] = frozenset({"backend", "vllm_engine_args"})
 
 
 # ------------------------------------------------------------------------------------------ probes
@@ -299,6 +302,11 @@ class JobSpec(Section):
     @property
     def guard_model(self) -> ModelSpec:
         return self.guard.model or self.model
+
+    @property
+    def guard_is_chat(self) -> bool:
+        """The guard is the chat model itself, so one loaded copy serves both."""
+        return self.guard.model is None or self.guard.model == self.model
 
 
 # ----------------------------------------------------------------------------------- load/override

@@ -180,3 +180,15 @@ def test_length_batches_respect_size_and_token_budget() -> None:
     assert [4] in batches  # over the budget alone
     for b in batches:
         assert len(b) == 1 or max(lengths[i] for i in b) * len(b) <= 250
+
+
+def test_guard_prefix_cache_matches_full_sequence(smol: LoadedModel) -> None:
+    cached = HFGuard.create(smol, GuardSpec())
+    full = HFGuard.create(smol, GuardSpec())
+    full.prefix_cache = False
+    encoded = [cached.renderer.encode(p) for p in PROMPTS]
+    assert len(cached.renderer.prefix) > 100  # the moderation prompt before the user's text is shared
+    for batch in (encoded, encoded[1:3], encoded[:1]):  # reuse of the cached prefix across batch sizes
+        a, b = cached.score(batch), full.score(batch)
+        for name in a:
+            np.testing.assert_allclose(a[name], b[name], atol=2e-3, rtol=1e-4)
