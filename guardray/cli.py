@@ -1,4 +1,4 @@
-"""`guardray validate | run | status | datasets | report`.
+"""`guardray validate | run | status | datasets | report | submit | jobs`.
 
 Exit codes: 0 success, 2 invalid input (spec, paths, columns), 1 failure while running. Errors print as one
 readable line each (no traceback unless --debug).
@@ -35,9 +35,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     stages = [s for s in (args.stages or "").split(",") if s] or None
     force = tuple(s for f in args.force or [] for s in f.split(",") if s)
     results = run_job(spec, stages, force)
-    for name, result in results.items():
-        print(f"{name:10} {result['status']:7} {result.get('wall_s', ''):>8}  {result['dir']}")
+    print(stage_summary(results, spec.output))
     return EXIT_OK
+
+
+def stage_summary(results: dict, output: str) -> str:
+    """The end-of-job table: rows, wall time and throughput per stage, then where the results are."""
+    lines = [f"{'stage':10} {'status':7} {'rows':>7} {'wall s':>8} {'rows/s':>8} {'tokens/s':>9}  directory"]
+    for name, r in results.items():
+        rows = r.get("rows") or r.get("train_rows") or r.get("test_rows")
+        wall = r.get("wall_s")
+        rate = f"{rows / wall:.1f}" if rows and wall and r["status"] == "ran" else "-"
+        lines.append(f"{name:10} {r['status']:7} {rows or '-':>7} {wall if wall is not None else '-':>8} {rate:>8} "
+                     f"{r.get('tokens_per_s') or '-':>9}  {r['dir']}")
+    lines.append(f"output: {output}")
+    return "\n".join(lines)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -86,12 +98,30 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from guardray.submit import submit
+
+    return submit(args.spec, args.address, args.set or [], args.output, wait=not args.no_wait)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from guardray import submit
+
+    if args.action == "status":
+        return submit.job_status(args.address, args.id)
+    if args.action == "logs":
+        return submit.job_logs(args.address, args.id, args.follow)
+    return submit.job_stop(args.address, args.id)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "validate": cmd_validate,
     "run": cmd_run,
     "status": cmd_status,
     "datasets": cmd_datasets,
     "report": cmd_report,
+    "submit": cmd_submit,
+    "jobs": cmd_jobs,
 }
 
 
@@ -116,6 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="re-render report.md and plots from stored results")
     report.add_argument("target", help="report directory, job output directory, or job spec")
     report.add_argument("--set", action="append", metavar="PATH=VALUE")
+    from guardray.submit import default_address
+
+    submit = with_spec("submit", "submit a job to a Ray cluster (Jobs API) and follow its logs")
+    submit.add_argument("--address", default=default_address(), help="Jobs API, e.g. http://HEAD:8265")
+    submit.add_argument("--no-wait", action="store_true", help="print the submission id and return")
+    jobs = sub.add_parser("jobs", help="status, logs or stop of a submitted job")
+    jobs.add_argument("action", choices=["status", "logs", "stop"])
+    jobs.add_argument("id", help="submission id")
+    jobs.add_argument("--address", default=default_address())
+    jobs.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
     return parser
 
 

@@ -264,13 +264,15 @@ def run_features(spec: JobSpec, inputs: dict[str, Location], out: Location) -> d
     log.info("features: %d prompts in %d shards, %d already done, %d to run",
              len(dataset), n_shards, n_shards - len(todo), len(todo))
     started = time.perf_counter()
-    summaries = _run_actor_pool(spec, out, todo) if todo else []
+    summaries = _run_actor_pool(spec, out, todo, n_shards) if todo else []
     wall = time.perf_counter() - started
     return _finish(spec, dataset, out, summaries, n_shards - len(todo), wall)
 
 
-def _run_actor_pool(spec: JobSpec, out: Location, todo: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _run_actor_pool(spec: JobSpec, out: Location, todo: list[dict[str, Any]], n_shards: int) -> list[dict[str, Any]]:
     import ray
+
+    from guardray.metrics import StageProgress
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
     extract = spec.extract
@@ -286,7 +288,12 @@ def _run_actor_pool(spec: JobSpec, out: Location, todo: list[dict[str, Any]]) ->
         compute=ray.data.ActorPoolStrategy(size=actors),
         **resources,
     )
-    return list(ds.iter_rows())
+    progress = StageProgress("features", total=n_shards, done=n_shards - len(todo))
+    summaries = []
+    for summary in ds.iter_rows():  # one row per finished shard, as they finish
+        summaries.append(summary)
+        progress.advance()
+    return summaries
 
 
 def _finish(spec: JobSpec, dataset: Any, out: Location, summaries: list[dict[str, Any]], skipped: int,

@@ -25,3 +25,21 @@ class ActorMetrics:
             self.tokens.inc(tokens, tags=self.tags)
         if seconds > 0:
             self.throughput.set(tokens / seconds, tags=self.tags)
+
+
+class StageProgress:
+    """Driver-side gauges of a stage's progress (work units done out of total), for a dashboard panel."""
+
+    def __init__(self, stage: str, total: int, done: int = 0):
+        from ray.util import metrics
+
+        self.tags = {"stage": stage}
+        self.done_units = done
+        self.done = metrics.Gauge("guardray_stage_done", "Work units (shards) finished", tag_keys=("stage",))
+        self.total = metrics.Gauge("guardray_stage_total", "Work units (shards) in the stage", tag_keys=("stage",))
+        self.total.set(total, tags=self.tags)
+        self.done.set(done, tags=self.tags)
+
+    def advance(self, units: int = 1) -> None:
+        self.done_units += units
+        self.done.set(self.done_units, tags=self.tags)

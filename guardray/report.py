@@ -20,6 +20,7 @@ from guardray.evaluate import (at_threshold, by_source, fpr_at_recall, score_met
 from guardray.features import read_features
 from guardray.probes import artifact
 from guardray.probes.cv import matrix
+from guardray.probes.torch_probe import TORCH_PROBE_TYPE
 from guardray.spec import JobSpec
 from guardray.storage import Location
 
@@ -118,8 +119,10 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def comparison_markdown(report: dict[str, Any]) -> str:
-    """The headline table: best probe vs guard on the test split."""
+    """The headline table: best probe (and the torch probe, when trained) vs guard on the test split."""
     rows = [("probe " + report["best_probe"], report["probes"][report["best_probe"]]["test"])]
+    rows += [("probe " + name, entry["test"]) for name, entry in report["probes"].items()
+             if name.endswith(TORCH_PROBE_TYPE)]
     if "guard" in report:
         rows.append(("guard", report["guard"]["test"]))
     lines = ["| scorer | threshold | accuracy | precision | recall | precision@0.99 | ROC AUC | recall@1% FPR |",

@@ -96,7 +96,9 @@ class FileSource(LabelledColumns):
 
     type: Literal["file"]
     path: str = Field(description="Local path or gs:// URI; a directory or glob reads every matching file.")
-    format: Literal["auto", "parquet", "jsonl", "csv"] = Field("auto", description="'auto' uses the extension.")
+    format: Literal["auto", "parquet", "jsonl", "json", "csv"] = Field(
+        "auto", description="'auto' uses the extension; 'json' is an array of records, 'jsonl' one per line."
+    )
 
 
 class HuggingFaceSource(LabelledColumns):
@@ -116,6 +118,11 @@ class HuggingFaceSource(LabelledColumns):
         None, description="Local or gs:// directory laid out as <repo>/<files>, used instead of the hub (air-gapped)."
     )
     # The presets supply columns, so the label requirement is checked after the preset is applied.
+
+    @property
+    def source_name(self) -> str:
+        """Default `source` value: the preset's name, else the repo's."""
+        return self.name or self.preset or (self.repo or self.type).rsplit("/", 1)[-1]
 
     @model_validator(mode="before")
     @classmethod
@@ -251,6 +258,9 @@ class TorchProbeSpec(Section):
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(256, ge=1)
     use_gpu: bool | Literal["auto"] = "auto"
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per training worker.")
+    feature: str | None = Field(None, description="Feature column to train on (default: the best CV feature).")
+    runtime_fields: ClassVar[frozenset[str]] = frozenset({"cpus_per_worker"})
 
 
 class ProbesSpec(Section):

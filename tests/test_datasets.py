@@ -45,14 +45,18 @@ def _file_frame() -> pd.DataFrame:
     })
 
 
-@pytest.mark.parametrize("fmt", ["parquet", "jsonl", "csv"])
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl", "json", "json-wrapped", "csv"])
 def test_file_source_formats(tmp_path: Path, fmt: str) -> None:
     frame = _file_frame()
-    path = tmp_path / f"data.{fmt}"
+    path = tmp_path / f"data.{fmt.split('-')[0]}"
     if fmt == "parquet":
         frame.to_parquet(path)
     elif fmt == "jsonl":
         frame.to_json(path, orient="records", lines=True)
+    elif fmt == "json":  # an array of records, like many-shot-jailbreaking's examples.json
+        frame.to_json(path, orient="records")
+    elif fmt == "json-wrapped":
+        path.write_text(json.dumps({"examples": json.loads(frame.to_json(orient="records"))}))
     else:
         frame.to_csv(path, index=False)
     spec = DatasetSpec.model_validate({"sources": [

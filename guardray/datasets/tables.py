@@ -6,6 +6,7 @@ Values that cannot be used are kept with a `reject` reason, so the assembly acco
 """
 from __future__ import annotations
 
+import json
 import posixpath
 import re
 from typing import Any
@@ -19,7 +20,7 @@ from guardray.errors import InputError
 from guardray.spec import LabelledColumns
 from guardray.storage import Location
 
-FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv"}
+FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "json", ".csv": "csv"}
 _INDEXED = re.compile(r"^(?P<column>.+)\[(?P<index>-?\d+)\]$")
 _TRUE = {"true", "1", "yes", "y", "t"}
 _FALSE = {"false", "0", "no", "n", "f"}
@@ -36,11 +37,30 @@ def read_table(location: Location, fmt: str) -> pa.Table:
                 return pq.read_table(f)
             if fmt == "csv":
                 return pacsv.read_csv(f)
+            if fmt == "json":
+                return _json_table(f.read())
             return pajson.read_json(f)
     except FileNotFoundError:
         raise InputError(f"{location.uri}: file not found") from None
-    except (pa.ArrowInvalid, OSError) as e:
+    except (pa.ArrowInvalid, OSError, ValueError) as e:
         raise InputError(f"{location.uri}: cannot read as {fmt}: {' '.join(str(e).split())[:200]}") from None
+
+
+def _json_table(data: bytes) -> pa.Table:
+    """A `.json` file: an array of records, an object holding one such array, or (fallback) JSON lines."""
+    text = data.decode("utf-8").lstrip()
+    if not text.startswith(("[", "{")):
+        raise ValueError("not JSON")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:  # several objects, one per line
+        return pajson.read_json(pa.BufferReader(data))
+    if isinstance(value, dict):
+        arrays = [v for v in value.values() if isinstance(v, list)]
+        value = arrays[0] if len(arrays) == 1 else [value]
+    if not all(isinstance(record, dict) for record in value):
+        raise ValueError("expected an array of objects")
+    return pa.Table.from_pylist(value)
 
 
 def table_rows(table: pa.Table, spec: LabelledColumns, origin: str) -> list[dict[str, Any]]:

@@ -51,19 +51,31 @@ class PickledProbe:
 
 
 def save(pipeline: Pipeline, meta: dict[str, Any], directory: Path) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
+    """Save a fitted sklearn pipeline: linear ones as JSON + safetensors, others pickled with a warning."""
     if PROBE_TYPES[meta["type"]].linear:
         pre, probe = pipeline.named_steps["pre"], pipeline.named_steps["probe"]
-        tensors = {"weight": np.asarray(probe.coef_, dtype=np.float64).reshape(-1),
-                   "bias": np.asarray(probe.intercept_, dtype=np.float64).reshape(-1)}
-        if isinstance(pre, StandardScaler):
-            tensors["scaler_mean"], tensors["scaler_scale"] = pre.mean_.astype(np.float64), pre.scale_.astype(np.float64)
-        save_file(tensors, str(directory / WEIGHTS))
-        meta = {**meta, "format": "linear", "normalize": isinstance(pre, Normalizer)}
-    else:
-        log.warning("%s is not linear: saved with pickle (load only artifacts you trust)", meta["type"])
-        (directory / PICKLE).write_bytes(pickle.dumps(pipeline))
-        meta = {**meta, "format": "pickle"}
+        scaled = isinstance(pre, StandardScaler)
+        save_linear(directory, meta, weight=probe.coef_, bias=probe.intercept_,
+                    mean=pre.mean_ if scaled else None, scale=pre.scale_ if scaled else None,
+                    normalize=isinstance(pre, Normalizer))
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    log.warning("%s is not linear: saved with pickle (load only artifacts you trust)", meta["type"])
+    (directory / PICKLE).write_bytes(pickle.dumps(pipeline))
+    (directory / META).write_text(json.dumps({**meta, "format": "pickle"}, indent=2, sort_keys=True, default=str))
+
+
+def save_linear(directory: Path, meta: dict[str, Any], weight: Any, bias: Any, mean: Any = None, scale: Any = None,
+                normalize: bool = False) -> None:
+    """The portable linear format, shared by sklearn and torch probes: score = standardize(x) · weight + bias."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {"weight": np.asarray(weight, dtype=np.float64).reshape(-1),
+               "bias": np.asarray(bias, dtype=np.float64).reshape(-1)}
+    if mean is not None:
+        tensors["scaler_mean"] = np.asarray(mean, dtype=np.float64).reshape(-1)
+        tensors["scaler_scale"] = np.asarray(scale, dtype=np.float64).reshape(-1)
+    save_file(tensors, str(directory / WEIGHTS))
+    meta = {**meta, "format": "linear", "normalize": normalize}
     (directory / META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
 
 

@@ -151,17 +151,47 @@ def run_probes(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dic
             for file in (Path(tmp) / name).iterdir():
                 out.join("artifacts", name, file.name).write_bytes(file.read_bytes())
             saved.append({"name": name, "feature": row.feature, "type": row.type, selection: getattr(row, selection)})
+    if spec.probes.torch_probe.enabled:
+        saved.append(_torch_probe(spec, inputs["features"], x, saved[0]["feature"], out))
     best = saved[0]
     return {"configurations": len(configs), "selection_metric": selection, "best": best, "probes": saved,
             "train_rows": len(y)}
 
 
-def _probe_meta(spec: JobSpec, row: Any, selection: str) -> dict[str, Any]:
-    pooling, layer = row.feature.removeprefix("act_").rsplit("_L", 1)
+def _torch_probe(spec: JobSpec, features: Location, x: dict[str, np.ndarray], best_feature: str,
+                 out: Location) -> dict[str, Any]:
+    """Train the torch probe with Ray Train on the configured feature (default: the best CV feature)."""
+    from guardray.probes.torch_probe import TORCH_PROBE_TYPE, train_torch_probe
+
+    config = spec.probes.torch_probe
+    feature = config.feature or best_feature
+    if feature not in x:
+        raise InputError(f"probes.torch_probe.feature: '{feature}' not extracted; available: {', '.join(x)}")
+    fitted = train_torch_probe(config, features, feature, spec.probes.target, x[feature].shape[1],
+                               out.join("torch_train"), seed=spec.probes.cv.seed)
+    name = f"{feature}-{TORCH_PROBE_TYPE}"
+    params = config.model_dump(include={"workers", "epochs", "lr", "weight_decay", "batch_size"})
+    meta = {**probe_meta(spec, feature, TORCH_PROBE_TYPE, "standardize", params),
+            "history": fitted["history"], "use_gpu": fitted["use_gpu"]}
+    with tempfile.TemporaryDirectory() as tmp:
+        artifact.save_linear(Path(tmp), meta, fitted["weight"], fitted["bias"], fitted["mean"], fitted["scale"])
+        for file in Path(tmp).iterdir():
+            out.join("artifacts", name, file.name).write_bytes(file.read_bytes())
+    return {"name": name, "feature": feature, "type": TORCH_PROBE_TYPE, "final_loss": fitted["history"][-1]["loss"]}
+
+
+def probe_meta(spec: JobSpec, feature: str, probe_type: str, preprocessing: str, params: dict[str, Any]) -> dict[str, Any]:
+    """What a serving system needs besides the weights: where the features come from and how prompts render."""
+    pooling, layer = feature.removeprefix("act_").rsplit("_L", 1)
     return {
-        "type": row.type, "preprocessing": row.preprocessing, "params": row.params, "feature": row.feature,
+        "type": probe_type, "preprocessing": preprocessing, "params": params, "feature": feature,
         "layer": int(layer), "pooling": pooling, "target": spec.probes.target,
         "chat_model": spec.model.id, "rendering": spec.model.model_dump(
             include={"chat_template", "system_prompt", "max_length", "truncation"}),
-        "threshold": spec.evaluate.probe_threshold, "cv": {selection: getattr(row, selection)},
+        "threshold": spec.evaluate.probe_threshold,
     }
+
+
+def _probe_meta(spec: JobSpec, row: Any, selection: str) -> dict[str, Any]:
+    return {**probe_meta(spec, row.feature, row.type, row.preprocessing, row.params),
+            "cv": {selection: getattr(row, selection)}}

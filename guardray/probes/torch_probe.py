@@ -1,0 +1,147 @@
+"""Logistic regression in torch, trained with Ray Train's `TorchTrainer` (DDP over N workers, GPU when present).
+
+This is the probe for feature sets too large for one node: the workers read their shard of the features stage's
+parquet with `ray.train.get_dataset_shard`, so no process ever holds the whole matrix. A first pass over the
+shards computes the standardisation statistics (all-reduced across workers), then each epoch trains on the
+standardised features and reports its loss with a checkpoint; a restarted run resumes from the last checkpoint.
+The result is saved in the same portable linear format as the sklearn probes (weight, bias, scaler mean/scale).
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from guardray.features import PARTS_DIR
+from guardray.spec import TorchProbeSpec
+from guardray.storage import Location
+
+log = logging.getLogger(__name__)
+
+TORCH_PROBE_TYPE = "torch_logistic_regression"
+CHECKPOINT_FILE = "probe.pt"
+
+
+def train_rows(batch: pa.Table, column: str, target: str) -> dict[str, np.ndarray]:
+    """A parquet batch → {"x": float32 [rows, dim], "y": float32 [rows]} for the train split only."""
+    train = batch.filter(pc.equal(batch.column("split"), "train"))
+    features = train.column(column).combine_chunks()
+    x = np.asarray(features.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
+    return {"x": x.reshape(-1, features.type.list_size),
+            "y": np.asarray(train.column(target).to_pylist(), dtype=np.float32)}
+
+
+def train_dataset(features: Location, column: str, target: str) -> Any:
+    """The features stage's parts as a Ray Dataset of train rows, read lazily by the training workers."""
+    import ray
+
+    parts = features.join(PARTS_DIR)
+    dataset = ray.data.read_parquet(parts.path, filesystem=parts.fs).select_columns([column, target, "split"])
+    return dataset.map_batches(train_rows, batch_format="pyarrow", fn_kwargs={"column": column, "target": target})
+
+
+def _standardisation(shard: Any, dim: int, batch_size: int) -> tuple[Any, Any, int]:
+    """Mean and scale over every worker's shard (sklearn's StandardScaler: scale 1 where the variance is 0)."""
+    import torch
+    import torch.distributed as dist
+
+    totals = torch.zeros(2 * dim + 1, dtype=torch.float64)
+    for batch in shard.iter_torch_batches(batch_size=batch_size, dtypes=torch.float64):
+        x = batch["x"]
+        totals[:dim] += x.sum(dim=0)
+        totals[dim:2 * dim] += (x * x).sum(dim=0)
+        totals[-1] += x.shape[0]
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)
+    rows = int(totals[-1])
+    mean = totals[:dim] / rows
+    std = (totals[dim:2 * dim] / rows - mean * mean).clamp(min=0).sqrt()
+    return mean, torch.where(std > 0, std, torch.ones_like(std)), rows
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+
+    torch.manual_seed(config["seed"])
+    shard = ray.train.get_dataset_shard("train")
+    dim, batch_size = config["dim"], config["batch_size"]
+    mean, scale, rows = _standardisation(shard, dim, batch_size)
+    model = torch.nn.Linear(dim, 1)
+    optimizer_state, first_epoch, history = None, 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # resume after a failure or a restart
+        with checkpoint.as_directory() as directory:
+            state = torch.load(Path(directory) / CHECKPOINT_FILE, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer_state, first_epoch, history = state["optimizer"], state["epoch"] + 1, state["history"]
+    device = ray.train.torch.get_device()
+    model = ray.train.torch.prepare_model(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    if optimizer_state:
+        optimizer.load_state_dict(optimizer_state)
+    mean, scale = mean.float().to(device), scale.float().to(device)
+    loss_fn = torch.nn.BCEWithLogitsLoss(reduction="sum")
+    for epoch in range(first_epoch, config["epochs"]):
+        started = time.perf_counter()
+        totals = torch.zeros(2, dtype=torch.float64)
+        for batch in shard.iter_torch_batches(batch_size=batch_size, dtypes=torch.float32, device=device,
+                                              local_shuffle_buffer_size=4 * batch_size):
+            logits = model((batch["x"] - mean) / scale).squeeze(-1)
+            loss = loss_fn(logits, batch["y"])
+            optimizer.zero_grad()
+            (loss / batch["y"].shape[0]).backward()
+            optimizer.step()
+            totals += torch.tensor([loss.item(), batch["y"].shape[0]], dtype=torch.float64)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(totals)
+        metrics = {"epoch": epoch, "loss": float(totals[0] / totals[1]), "rows": rows,
+                   "seconds": time.perf_counter() - started}
+        history.append(metrics)
+        with tempfile.TemporaryDirectory() as directory:
+            saved = None
+            if ray.train.get_context().get_world_rank() == 0:
+                plain = model.module if hasattr(model, "module") else model
+                torch.save({"model": plain.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                            "history": history, "mean": mean.cpu(), "scale": scale.cpu()}, Path(directory) / CHECKPOINT_FILE)
+                saved = ray.train.Checkpoint.from_directory(directory)
+            ray.train.report(metrics, checkpoint=saved)
+
+
+def train_torch_probe(spec: TorchProbeSpec, features: Location, column: str, target: str, dim: int,
+                      storage: Location, seed: int = 0) -> dict[str, Any]:
+    """Fit the probe with a TorchTrainer; returns its linear parameters and the per-epoch history."""
+    import ray
+    import torch
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    use_gpu = spec.use_gpu if spec.use_gpu != "auto" else ray.cluster_resources().get("GPU", 0) >= spec.workers
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"dim": dim, "batch_size": spec.batch_size, "lr": spec.lr,
+                           "weight_decay": spec.weight_decay, "epochs": spec.epochs, "seed": seed},
+        scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=bool(use_gpu),
+                                     resources_per_worker={"CPU": spec.cpus_per_worker}),
+        run_config=RunConfig(name=f"torch-probe-{column}", storage_path=storage.path, storage_filesystem=storage.fs,
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets={"train": train_dataset(features, column, target).materialize()},
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as directory:
+        state = torch.load(Path(directory) / CHECKPOINT_FILE, weights_only=True)
+    return {
+        "weight": state["model"]["weight"].double().numpy().reshape(-1),
+        "bias": state["model"]["bias"].double().numpy().reshape(-1),
+        "mean": state["mean"].double().numpy(), "scale": state["scale"].double().numpy(),
+        "epochs": state["epoch"] + 1, "history": state["history"], "use_gpu": bool(use_gpu),
+    }
