@@ -30,5 +30,8 @@ def init_ray(spec: RaySpec) -> None:
             configure_logging=False,
         )
     else:
-        ray.init(address=spec.address, runtime_env=runtime_env if "RAY_JOB_ID" not in os.environ else None)
+        # A submitted job already has its runtime env (set at submission, storage variables included); Ray
+        # refuses a second one from ray.init, so it is only added when a driver attaches by itself.
+        submitted = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+        ray.init(address=spec.address, runtime_env=None if submitted else runtime_env)
     log.info("ray: %s", ray.cluster_resources())

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
@@ -120,31 +121,40 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
     ports = {name: _free_port() for name in ("gcs", "dashboard", "metrics", "agent", "client")}
     temp_dir = tmp_path_factory.mktemp("rayhead")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # as if the venv were activated: jobs run `python`
     command = [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--dashboard-host", "127.0.0.1",
                "--node-ip-address", "127.0.0.1", "--port", str(ports["gcs"]),
                "--dashboard-port", str(ports["dashboard"]), "--metrics-export-port", str(ports["metrics"]),
                "--dashboard-agent-listen-port", str(ports["agent"]),
-               "--ray-client-server-port", str(ports["client"]), "--temp-dir", str(temp_dir)]
+               "--ray-client-server-port", str(ports["client"]), "--temp-dir", str(temp_dir),
+               "--system-config", json.dumps({"metrics_report_interval_ms": 1000})]  # export every second
     log = (temp_dir / "head.log").open("w")
     head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     address = f"http://127.0.0.1:{ports['dashboard']}"
-    deadline = time.monotonic() + 120
+    try:
+        _wait_until_up(f"{address}/api/version", head, temp_dir / "head.log")
+        yield {"address": address, "metrics": f"http://127.0.0.1:{ports['metrics']}/metrics", "env": env}
+    finally:
+        head.send_signal(signal.SIGTERM)  # --block: ray stops the processes it started, nothing else
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        log.close()
+
+
+def _wait_until_up(url: str, head: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            urllib.request.urlopen(f"{address}/api/version", timeout=2)
-            break
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except urllib.error.HTTPError:  # 401 without a token: the dashboard is up and enforces auth
+            return
         except OSError:
-            assert head.poll() is None, (temp_dir / "head.log").read_text()[-2000:]
+            assert head.poll() is None, log.read_text()[-2000:]
             time.sleep(1)
-    else:
-        pytest.fail("the Ray head did not come up in 120 s")
-    yield {"address": address, "metrics": f"http://127.0.0.1:{ports['metrics']}/metrics", "env": env}
-    head.send_signal(signal.SIGTERM)  # --block: ray stops the processes it started, nothing else
-    try:
-        head.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
-    log.close()
+    pytest.fail(f"the Ray head did not come up in {timeout_s:.0f} s")
 
 
 SMALL = ["--set", "dataset.subsample.every=96", "--set", "extract.layers=[4]", "--set", "extract.actors=1",
@@ -179,22 +189,42 @@ def test_submit_to_a_real_head_with_both_commands(ray_head: dict[str, Any], tmp_
                             env=env, capture_output=True, text=True, timeout=60)
     assert status.returncode == 0 and f"{submission}: SUCCEEDED" in status.stdout
 
-    # plain Ray, as the README shows it (the CLI needs RAY_AUTH_MODE=token for a head with token auth)
+    # the actors' counters stay in Ray's Prometheus export after the job
+    exported = _metrics(ray_head["metrics"])
+    assert re.search(r'^ray_guardray_prompts_total\{.*model="smollm2-135m-instruct".*\} [1-9]', exported, re.M), exported[:3000]
+    assert re.search(r"^ray_guardray_tokens_total\{", exported, re.M)
+
+    # plain Ray, as the README shows it (the CLI needs RAY_AUTH_MODE=token for a head with token auth); this one
+    # runs with the guard and is watched while it runs: gauges live as long as the process that sets them
     plain_out = tmp_path / "ray-job-submit"
     plain = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", ray_head["address"], "--working-dir", ".",
+        [str(BIN / "ray"), "job", "submit", "--no-wait", "--address", ray_head["address"], "--working-dir", ".",
          "--runtime-env", "cluster/runtime_env.yaml", "--", "python", "-m", "guardray", "run",
-         "jobs/local-smoke.yaml", "--set", "ray.address=auto", "--output", str(plain_out), *SMALL],
-        cwd=REPO, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=900)
+         "jobs/local-smoke.yaml", "--set", "ray.address=auto", "--output", str(plain_out), *SMALL,
+         "--set", "guard.enabled=true", "--set", "guard.max_length=400"],
+        cwd=REPO, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=300)
     assert plain.returncode == 0, plain.stdout[-3000:] + plain.stderr[-3000:]
-    assert "succeeded" in plain.stdout.lower()
-    assert _check_outputs(plain_out)["test_rows"] == report["test_rows"]
+    plain_id = re.search(r"Job '(raysubmit_\w+)' submitted successfully", plain.stdout + plain.stderr).group(1)
+    live: set[str] = set()
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and not live >= {"tokens_per_second", "stage_done", "stage_total"}:
+        live |= set(re.findall(r"^ray_guardray_(tokens_per_second|stage_done|stage_total)\{", _metrics(ray_head["metrics"]), re.M))
+        if _status(ray_head, plain_id) in ("SUCCEEDED", "FAILED", "STOPPED"):
+            break
+        time.sleep(0.5)
+    logs = subprocess.run([str(BIN / "guardray"), "jobs", "logs", plain_id, "--follow", "--address", ray_head["address"]],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert logs.returncode == 0 and f"job {plain_id}: SUCCEEDED" in logs.stdout, logs.stdout[-3000:] + logs.stderr[-2000:]
+    assert live == {"tokens_per_second", "stage_done", "stage_total"}
+    plain_report = _check_outputs(plain_out)
+    assert plain_report["test_rows"] == report["test_rows"] and "guard" in plain_report
 
-    # the feature actors' custom metrics reach Ray's Prometheus export
-    deadline, exported = time.monotonic() + 60, ""
-    while time.monotonic() < deadline and "ray_guardray_prompts" not in exported:
-        exported = urllib.request.urlopen(ray_head["metrics"], timeout=5).read().decode()
-        time.sleep(2)
-    prompts = [line for line in exported.splitlines() if line.startswith("ray_guardray_prompts")]
-    assert prompts and any('model="smollm2-135m-instruct"' in line for line in prompts), exported[:2000]
-    assert "ray_guardray_stage_done" in exported
+
+def _metrics(url: str) -> str:
+    return urllib.request.urlopen(url, timeout=5).read().decode()
+
+
+def _status(ray_head: dict[str, Any], submission_id: str) -> str:
+    status = subprocess.run([str(BIN / "guardray"), "jobs", "status", submission_id, "--address", ray_head["address"]],
+                            env=ray_head["env"], capture_output=True, text=True, timeout=60)
+    return status.stdout.split(": ")[1].split()[0] if ": " in status.stdout else "?"
