@@ -2,6 +2,7 @@
 head started on 127.0.0.1, through `guardray submit` and through plain `ray job submit`."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -137,8 +138,10 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
     finally:
         head.send_signal(signal.SIGTERM)  # --block: ray stops the processes it started, nothing else
         try:
-            head.wait(timeout=60)
+            head.wait(timeout=15)
         except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):  # whatever is left of this head's process group
             os.killpg(head.pid, signal.SIGKILL)
         log.close()
 
@@ -165,6 +168,8 @@ SMALL = ["--set", "dataset.subsample.every=96", "--set", "extract.layers=[4]", "
 def _check_outputs(out: Path) -> dict[str, Any]:
     latest = json.loads((out / "latest.json").read_text())
     assert list(latest["stages"]) == ["dataset", "features", "probes", "report"]
+    features = Path(latest["stages"]["features"])
+    assert (features / "_SUCCESS").exists() and list((features / "parts").glob("part-*.parquet"))
     report_dir = Path(latest["stages"]["report"])
     assert (report_dir / "_SUCCESS").exists() and (report_dir / "report.md").exists()
     return json.loads((report_dir / "report.json").read_text())
@@ -194,14 +199,14 @@ def test_submit_to_a_real_head_with_both_commands(ray_head: dict[str, Any], tmp_
     assert re.search(r'^ray_guardray_prompts_total\{.*model="smollm2-135m-instruct".*\} [1-9]', exported, re.M), exported[:3000]
     assert re.search(r"^ray_guardray_tokens_total\{", exported, re.M)
 
-    # plain Ray, as the README shows it (the CLI needs RAY_AUTH_MODE=token for a head with token auth); this one
-    # runs with the guard and is watched while it runs: gauges live as long as the process that sets them
+    # plain Ray, as the README shows it (the CLI needs RAY_AUTH_MODE=token for a head with token auth), watched
+    # while it runs: gauges live as long as the process that sets them
     plain_out = tmp_path / "ray-job-submit"
     plain = subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--no-wait", "--address", ray_head["address"], "--working-dir", ".",
          "--runtime-env", "cluster/runtime_env.yaml", "--", "python", "-m", "guardray", "run",
-         "jobs/local-smoke.yaml", "--set", "ray.address=auto", "--output", str(plain_out), *SMALL,
-         "--set", "guard.enabled=true", "--set", "guard.max_length=400"],
+         "jobs/local-smoke.yaml", "--stages", "features", "--set", "ray.address=auto", "--output", str(plain_out),
+         *SMALL],
         cwd=REPO, env={**env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=300)
     assert plain.returncode == 0, plain.stdout[-3000:] + plain.stderr[-3000:]
     plain_id = re.search(r"Job '(raysubmit_\w+)' submitted successfully", plain.stdout + plain.stderr).group(1)
@@ -216,8 +221,9 @@ def test_submit_to_a_real_head_with_both_commands(ray_head: dict[str, Any], tmp_
                           env=env, capture_output=True, text=True, timeout=900)
     assert logs.returncode == 0 and f"job {plain_id}: SUCCEEDED" in logs.stdout, logs.stdout[-3000:] + logs.stderr[-2000:]
     assert live == {"tokens_per_second", "stage_done", "stage_total"}
-    plain_report = _check_outputs(plain_out)
-    assert plain_report["test_rows"] == report["test_rows"] and "guard" in plain_report
+    latest = json.loads((plain_out / "latest.json").read_text())
+    assert list(latest["stages"]) == ["dataset", "features"]
+    assert (Path(latest["stages"]["features"]) / "_SUCCESS").exists()
 
 
 def _metrics(url: str) -> str:

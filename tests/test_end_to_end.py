@@ -15,10 +15,11 @@ from tests.conftest import REPO
 def test_local_smoke_job_produces_the_report(tmp_path: Path) -> None:
     out = tmp_path / "run"
     command = [sys.executable, "-m", "guardray", "run", str(REPO / "jobs/local-smoke.yaml"), "--output", str(out),
-               "--set", "dataset.subsample.every=48", "--set", "extract.layers=[4, 8]",
+               "--set", "dataset.subsample.every=96", "--set", "extract.layers=[4, 8]",
                "--set", "model.max_length=128", "--set", "guard.max_length=420",
                "--set", "probes.cv.folds=3", "--set", "evaluate.bootstrap=20",
-               "--set", "probes.torch_probe.enabled=true", "--set", "probes.torch_probe.epochs=3"]
+               "--set", "probes.torch_probe.enabled=true", "--set", "probes.torch_probe.epochs=3",
+               "--set", "probes.grid=[{type: logistic_regression, params: {C: 0.1}}]"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| probe act_" in result.stdout and "| guard |" in result.stdout

@@ -81,22 +81,25 @@ def test_killed_run_resumes_without_redoing_shards(tmp_path: Path) -> None:
     raw = small_spec(str(tmp_path / "out"), model={"id": "smollm2-135m-instruct", "max_length": 128},
                      extract={"layers": [-1], "poolings": ["last"], "actors": 1, "batch_size": 4, "rows_per_shard": 4},
                      guard={"enabled": False})
+    raw["dataset"]["sources"] = [{"type": "advbench", "limit": 16}, {"type": "normal_instructions"},
+                                 {"type": "sharegpt", "limit": 16}]
     path = write_spec(tmp_path / "job.yaml", raw)
-    command = [sys.executable, "-m", "guardray", "run", str(path)]
+    command = [sys.executable, "-m", "guardray", "run", str(path), "--stages", "features"]
     first = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parts_glob = lambda: list((tmp_path / "out").glob("features-*/parts/part-*.parquet"))  # noqa: E731
     deadline = time.time() + 240
-    while len(parts_glob()) < 4 and time.time() < deadline and first.poll() is None:
+    while len(parts_glob()) < 2 and time.time() < deadline and first.poll() is None:
         time.sleep(0.2)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     done_before = len(parts_glob())
-    assert 4 <= done_before < 22, "the run should be killed part way through"
+    assert done_before >= 2
     assert not list((tmp_path / "out").glob("features-*/_SUCCESS"))
     second = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-2000:]
     stage = next((tmp_path / "out").glob("features-*"))
     summary = resolve(str(stage)).join("summary.json").read_json()
+    assert done_before < len(parts_glob()), "the first run should have been killed part way through"
     assert summary["shards_skipped"] >= done_before
     assert summary["processed_this_run"] < summary["rows"] + summary["errors"]
     table = resolve(str(stage)).join("parts").read_table(columns=["id"])

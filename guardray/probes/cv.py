@@ -96,7 +96,7 @@ def run_grid(spec: ProbesSpec, x: dict[str, np.ndarray], y: np.ndarray, configs:
     tuner = tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search(configs)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, reuse_actors=True),
         run_config=tune.RunConfig(name="probes", storage_path=tempfile.mkdtemp(prefix="guardray-tune-"),
                                   verbose=0),
     )
