@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
+import hashlib
 import importlib.util
 import logging
 import os
@@ -54,6 +55,14 @@ def resolve_model_path(model_id: str) -> str:
     return model_id
 
 
+def gguf_fingerprint(path: Path) -> str:
+    """Identifies a GGUF file by its size and first MiB (header, metadata, tensor index), not by where it is:
+    the same wheel installed in two venvs shares one converted copy."""
+    with path.open("rb") as f:
+        head = hashlib.sha256(f.read(1 << 20)).hexdigest()
+    return stable_hash([head, path.stat().st_size])
+
+
 def dequantized_gguf(path: Path) -> Path:
     """Dequantise a GGUF file once into `<cache>/models/<name>-<hash>/` (safetensors + tokenizer).
 
@@ -61,8 +70,7 @@ def dequantized_gguf(path: Path) -> Path:
     quantization config and the dequantised weights are loaded into it. A file lock keeps concurrent actors
     from converting twice; the directory appears atomically (rename) so a crash never leaves half of one.
     """
-    stat = path.stat()
-    target = cache_root() / "models" / f"{path.stem}-{stable_hash([str(path.resolve()), stat.st_size])}"
+    target = cache_root() / "models" / f"{path.stem}-{gguf_fingerprint(path)}"
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

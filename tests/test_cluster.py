@@ -129,6 +129,8 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
                "--dashboard-agent-listen-port", str(ports["agent"]),
                "--ray-client-server-port", str(ports["client"]), "--temp-dir", str(temp_dir),
                "--system-config", json.dumps({"metrics_report_interval_ms": 1000})]  # export every second
+    # the documented one-time set-up: a token in ~/.ray/auth_token, so `ray start --head` turns token auth on
+    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, capture_output=True, check=True)
     log = (temp_dir / "head.log").open("w")
     head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     address = f"http://127.0.0.1:{ports['dashboard']}"
@@ -178,6 +180,8 @@ def _check_outputs(out: Path) -> dict[str, Any]:
 @pytest.mark.slow
 def test_submit_to_a_real_head_with_both_commands(ray_head: dict[str, Any], tmp_path: Path) -> None:
     env = ray_head["env"]  # RAY_AUTH_MODE unset: `guardray submit` finds the head's token by itself
+    with pytest.raises(urllib.error.HTTPError, match="401"):  # the head enforces token auth
+        urllib.request.urlopen(f"{ray_head['address']}/api/jobs/", timeout=10)
     out = tmp_path / "guardray-submit"
     submitted = subprocess.run([str(BIN / "guardray"), "submit", "jobs/local-smoke.yaml", "--address",
                                 ray_head["address"], "--output", str(out), *SMALL],
