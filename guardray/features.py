@@ -329,6 +329,13 @@ def _schema_names(parts: Location) -> list[str]:
         return pq.ParquetFile(f).schema_arrow.names
 
 
+def matrix(table: pa.Table, column: str) -> np.ndarray:
+    """A fixed-size-list column as a float32 [rows, dim] array."""
+    col = table.column(column).combine_chunks()
+    dim = col.type.list_size
+    return np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
+
+
 def read_features(stage: Location, columns: list[str] | None = None) -> pa.Table:
     """All part files of a features stage as one table."""
     return stage.join(PARTS_DIR).read_table(columns=columns)

@@ -117,9 +117,9 @@ def guard_columns(logit_safe: np.ndarray, logit_unsafe: np.ndarray) -> dict[str,
 class HFGuard:
     """Scores prompts with a transformers model: one forward pass, logits at each row's last token.
 
-    Every guard input starts with the same tokens (the moderation prompt up to the user's text: about 230 of a
-    typical 330 tokens with the built-in prompt), so their key/value cache is computed once and each batch only
-    runs the tokens after it. `prefix_cache=False` runs the whole sequence (the tests compare both).
+    Every guard input starts with the same tokens (the moderation prompt up to the user's text: 208 tokens with
+    SmolLM2 and the built-in prompt), so their key/value cache is computed once and each batch only runs the
+    tokens after it (benchmarks/guard_prefix_cache.py). `prefix_cache=False` runs the whole sequence (the tests compare both).
     """
 
     loaded: LoadedModel

@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 ENV_DEFAULTS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 # CPU builds: a KV cache of this many GiB (vLLM's default is sized for servers).
 CPU_ENV_DEFAULTS = {"VLLM_CPU_KVCACHE_SPACE": "2"}
-# CPU builds: eager mode. torch.compile costs ~150 s of start-up on 2 cores (measured: engine ready in 181 s
-# compiled vs 29 s eager) for a one-token-per-prompt workload.
+# CPU builds: eager mode. torch.compile's start-up costs minutes on a small CPU (measured once on 2 cores:
+# engine ready in 181 s compiled vs 29 s eager) for a workload of one token per prompt.
 CPU_ENGINE_DEFAULTS = {"enforce_eager": True}
 
 

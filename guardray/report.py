@@ -17,9 +17,8 @@ import pyarrow as pa
 
 from guardray.evaluate import (at_threshold, by_source, fpr_at_recall, score_metrics, threshold_for_recall,
                                threshold_sweep)
-from guardray.features import read_features
+from guardray.features import matrix, read_features
 from guardray.probes import artifact
-from guardray.probes.cv import matrix
 from guardray.probes.torch_probe import TORCH_PROBE_TYPE
 from guardray.spec import JobSpec
 from guardray.storage import Location

@@ -11,7 +11,7 @@ import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -22,7 +22,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from guardray.errors import InputError
 from guardray.evaluate import recall_at_fpr
-from guardray.features import read_features
+from guardray.features import matrix, read_features
 from guardray.probes import artifact
 from guardray.probes.registry import build_probe, probe_scores
 from guardray.spec import JobSpec, ProbesSpec
@@ -31,13 +31,6 @@ from guardray.storage import Location
 log = logging.getLogger(__name__)
 
 CV_METRICS = ("roc_auc", "average_precision", "recall_at_fpr")
-
-
-def matrix(table: pa.Table, column: str) -> np.ndarray:
-    """A fixed-size-list column as a float32 [rows, dim] array."""
-    col = table.column(column).combine_chunks()
-    dim = col.type.list_size
-    return np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
 
 
 def expand_grid(spec: ProbesSpec, feature_columns: list[str]) -> list[dict[str, Any]]:
@@ -142,15 +135,12 @@ def run_probes(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dic
     selection = f"{spec.probes.cv.metric}_mean"
     best_per_feature = results.sort_values(selection, ascending=False).groupby("feature", sort=False).head(1)
     saved = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for row in best_per_feature.itertuples():
-            name = f"{row.feature}-{row.type}"
-            probe = build_probe(row.type, row.preprocessing, row.params, spec.probes.cv.seed).fit(x[row.feature], y)
-            meta = _probe_meta(spec, row, selection)
-            artifact.save(probe, meta, Path(tmp) / name)
-            for file in (Path(tmp) / name).iterdir():
-                out.join("artifacts", name, file.name).write_bytes(file.read_bytes())
-            saved.append({"name": name, "feature": row.feature, "type": row.type, selection: getattr(row, selection)})
+    for row in best_per_feature.itertuples():
+        name = f"{row.feature}-{row.type}"
+        probe = build_probe(row.type, row.preprocessing, row.params, spec.probes.cv.seed).fit(x[row.feature], y)
+        meta = _probe_meta(spec, row, selection)
+        store_artifact(out, name, lambda directory: artifact.save(probe, meta, directory))
+        saved.append({"name": name, "feature": row.feature, "type": row.type, selection: getattr(row, selection)})
     if spec.probes.torch_probe.enabled:
         saved.append(_torch_probe(spec, inputs["features"], x, saved[0]["feature"], out))
     best = saved[0]
@@ -173,11 +163,18 @@ def _torch_probe(spec: JobSpec, features: Location, x: dict[str, np.ndarray], be
     params = config.model_dump(include={"workers", "epochs", "lr", "weight_decay", "batch_size"})
     meta = {**probe_meta(spec, feature, TORCH_PROBE_TYPE, "standardize", params),
             "history": fitted["history"], "use_gpu": fitted["use_gpu"]}
+    store_artifact(out, name, lambda directory: artifact.save_linear(
+        directory, meta, fitted["weight"], fitted["bias"], fitted["mean"], fitted["scale"]))
+    return {"name": name, "feature": feature, "type": TORCH_PROBE_TYPE, "final_loss": fitted["history"][-1]["loss"]}
+
+
+def store_artifact(out: Location, name: str, write: Callable[[Path], None]) -> None:
+    """`write` saves into a local directory (safetensors needs local files); the files are then copied to
+    `<stage>/artifacts/<name>/`, local or gs://."""
     with tempfile.TemporaryDirectory() as tmp:
-        artifact.save_linear(Path(tmp), meta, fitted["weight"], fitted["bias"], fitted["mean"], fitted["scale"])
+        write(Path(tmp))
         for file in Path(tmp).iterdir():
             out.join("artifacts", name, file.name).write_bytes(file.read_bytes())
-    return {"name": name, "feature": feature, "type": TORCH_PROBE_TYPE, "final_loss": fitted["history"][-1]["loss"]}
 
 
 def probe_meta(spec: JobSpec, feature: str, probe_type: str, preprocessing: str, params: dict[str, Any]) -> dict[str, Any]:

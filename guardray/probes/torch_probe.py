@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from guardray.features import PARTS_DIR
+from guardray.features import PARTS_DIR, matrix
 from guardray.spec import TorchProbeSpec
 from guardray.storage import Location
 
@@ -31,10 +31,7 @@ CHECKPOINT_FILE = "probe.pt"
 def train_rows(batch: pa.Table, column: str, target: str) -> dict[str, np.ndarray]:
     """A parquet batch → {"x": float32 [rows, dim], "y": float32 [rows]} for the train split only."""
     train = batch.filter(pc.equal(batch.column("split"), "train"))
-    features = train.column(column).combine_chunks()
-    x = np.asarray(features.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
-    return {"x": x.reshape(-1, features.type.list_size),
-            "y": np.asarray(train.column(target).to_pylist(), dtype=np.float32)}
+    return {"x": matrix(train, column), "y": np.asarray(train.column(target).to_pylist(), dtype=np.float32)}
 
 
 def train_dataset(features: Location, column: str, target: str) -> Any:
