@@ -11,7 +11,7 @@ import logging
 import sys
 from typing import Callable
 
-from guardray.errors import InputError, SpecError
+from guardray.errors import InputError, SpecError, StageError
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
@@ -177,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return EXIT_INVALID
+    except StageError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except Exception as e:  # noqa: BLE001 - the CLI's last line of defence: one readable line
         if args.debug:
             raise

@@ -1,7 +1,7 @@
 """Error types that the CLI maps to exit codes.
 
 `InputError` (exit 2) is the user's to fix: a bad spec, a missing file, a wrong column.
-Anything else raised while running is a failure (exit 1).
+Anything else raised while running is a failure (exit 1); `StageError` is such a failure with a one-line reason.
 """
 from __future__ import annotations
 
@@ -16,3 +16,7 @@ class SpecError(InputError):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("\n".join(problems))
+
+
+class StageError(RuntimeError):
+    """A stage failed for a reason it can state in one line (error budget, exactly-once check); exit 1."""

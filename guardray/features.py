@@ -1,13 +1,18 @@
 """The features stage: Ray Data actors run the chat model (activation hooks) and the guard model.
 
-Data flow: the dataset stage's parquet is cut into shards of `rows_per_shard` prompts with deterministic names;
-a Ray Data dataset of the shards still missing goes through `map_batches(FeatureActor, ActorPoolStrategy)`;
-each actor processes one shard per call and writes `parts/part-<shard>.parquet` itself, so results stream to
-disk or GCS while the job runs and the driver only sees a one-row summary per shard (never activations).
+Data flow: the dataset stage's parquet is cut into row-range shards (`guardray.shards`); a Ray Data dataset of
+the ranges still missing goes through `map_batches(FeatureActor, ActorPoolStrategy)`; each actor reads its own
+rows from the parquet, processes them and writes `parts/part-<start>-<end>.parquet` itself, so results stream
+to disk or GCS while the job runs and the driver only sees a one-row summary per shard (never prompts or
+activations).
 
-Resume: a shard is finished when its part file exists (written in one go, last). A rerun after a crash lists
-`parts/` and submits only the missing shards. Prompts that fail are written to `errors/` with the reason, so
-every input id lands exactly once in parts ∪ errors; the stage checks that before it commits.
+Crash safety: every file is written atomically (storage.Location.write_bytes); a part is written last, so its
+existence means the shard is done. On resume, leftover parts are verified against the dataset (in Ray tasks)
+and any that cannot be read or do not hold exactly their range are redone. Actor restarts and task retries are
+bounded by the spec; a CUDA error kills the actor so that Ray restarts it and retries the shard. Prompts that
+fail are written to `errors/` with the reason, under an error budget: past `max_error_fraction` the stage stops
+and never commits. Before committing, every part is checked to hold exactly the ids of its range and the ranges
+are checked to tile the dataset: every input id lands exactly once in parts ∪ errors.
 
 Chat model and guard share one actor (one model after the other on the same batch): with the guard being the
 chat model itself it is one load, and otherwise both fit on one 80 GB GPU for 7–8B models, which keeps a
@@ -18,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -27,15 +33,16 @@ import pyarrow.parquet as pq
 
 from guardray.activations import Batch, capture, resolve_layers
 from guardray.datasets.assemble import DATASET_FILE
-from guardray.errors import InputError
+from guardray.errors import StageError
 from guardray.guard import GUARD_BACKENDS, GUARD_COLUMNS, Guard, guard_renderer, resolve_label_tokens
 from guardray.models import Encoded, LoadedModel, PromptRenderer, chat_renderer, load_model
+from guardray.shards import (ERRORS_DIR, PARTS_DIR, RangeReader, Shard, as_descriptors, dataset_rows,
+                             finished_shards, overlap_problem, part_schema, plan_shards, tiling_problem, verify_all)
 from guardray.spec import ExtractSpec, JobSpec
 from guardray.storage import Location, resolve
 
 log = logging.getLogger(__name__)
 
-PARTS_DIR, ERRORS_DIR = "parts", "errors"
 META_COLUMNS = ["id", "harmful", "source", "split"]
 STORE_DTYPES = {"float16": (np.float16, pa.float16()), "float32": (np.float32, pa.float32())}
 
@@ -125,11 +132,13 @@ class FeatureExtractor:
             rows = [keys[b] for b in batch]
             try:
                 self._store(rows, step([encoded[r] for r in rows]), results)
-            except Exception:  # noqa: BLE001 - isolate the prompt that fails
+            except Exception as e:  # noqa: BLE001 - isolate the prompt that fails
+                raise_device_failure(e)
                 for r in rows:
                     try:
                         self._store([r], step([encoded[r]]), results)
                     except Exception as e:  # noqa: BLE001
+                        raise_device_failure(e)
                         errors[r] = f"{step.__name__.strip('_')}: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
 
     @staticmethod
@@ -152,6 +161,24 @@ class FeatureExtractor:
         return self.guard.score(encoded)
 
 
+class DeviceFailure(RuntimeError):
+    """The accelerator itself failed (CUDA error, device-side assert): not the prompt's fault."""
+
+
+#: Messages of errors after which a CUDA context is unusable for every later batch.
+DEVICE_FAILURE_MARKERS = ("CUDA error", "device-side assert", "CUBLAS_STATUS", "CUDNN_STATUS", "NCCL error",
+                          "an illegal memory access")
+
+
+def raise_device_failure(error: Exception) -> None:
+    """Turn an accelerator failure into DeviceFailure; a bad prompt's error (shape, index) passes through."""
+    import torch
+
+    accelerator_error = getattr(torch, "AcceleratorError", ())
+    if isinstance(error, accelerator_error) or any(m in str(error) for m in DEVICE_FAILURE_MARKERS):
+        raise DeviceFailure(f"{type(error).__name__}: {' '.join(str(error).split())[:300]}") from error
+
+
 def _encode(renderer: PromptRenderer, prompts: Sequence[str], indices: Sequence[int], errors: dict[int, str],
             what: str) -> dict[int, Encoded]:
     """Render the given prompts; a prompt that cannot be rendered is recorded in `errors`, never dropped."""
@@ -164,13 +191,11 @@ def _encode(renderer: PromptRenderer, prompts: Sequence[str], indices: Sequence[
     return encoded
 
 
-def to_table(meta: dict[str, list[Any]], columns: dict[str, Any], store_dtype: str) -> pa.Table:
-    """The public column layout: meta columns, n_tokens, truncated, act_* as fixed-size lists, guard_*."""
-    # explicit types: an empty shard (every prompt failed) must still match the other parts' schema
-    arrays: dict[str, pa.Array] = {
-        name: pa.array(values, pa.string() if name in ("id", "source", "split") else pa.bool_())
-        for name, values in meta.items()
-    }
+def to_table(meta: pa.Table, columns: dict[str, Any], store_dtype: str) -> pa.Table:
+    """The public column layout: meta columns (as the dataset types them, extra labels nullable), n_tokens,
+    truncated, act_* as fixed-size lists, guard_*. Explicit types, so a shard where every prompt failed still
+    matches the other parts' schema."""
+    arrays: dict[str, pa.Array] = {name: meta.column(name) for name in meta.column_names}
     arrays["n_tokens"] = pa.array(columns["n_tokens"], pa.int32())
     arrays["truncated"] = pa.array(columns["truncated"], pa.bool_())
     np_dtype, arrow_dtype = STORE_DTYPES[store_dtype]
@@ -184,45 +209,69 @@ def to_table(meta: dict[str, list[Any]], columns: dict[str, Any], store_dtype: s
 
 
 class FeatureActor:
-    """Ray Data UDF: one actor per model replica; each call gets one shard and writes its part file."""
+    """Ray Data UDF: one actor per model replica; each call gets shard descriptors and writes their parts.
 
-    def __init__(self, spec_json: dict[str, Any], out_uri: str, threads: int):
+    The actor reads its own rows from `dataset.parquet` (prompts never pass through the driver), checks that a
+    GPU it was given is usable, and returns one small summary per shard (node, device, counts, timings).
+    """
+
+    def __init__(self, spec_json: dict[str, Any], dataset_uri: str, out_uri: str, threads: int):
+        import ray
         import torch
 
-        torch.set_num_threads(max(1, threads))
-        spec = JobSpec.model_validate(spec_json)
-        self.extractor = FeatureExtractor.from_spec(spec)
-        self.out = resolve(out_uri)
-        self.store_dtype = spec.extract.store_dtype
+        from guardray.accelerators import check_actor_device
         from guardray.metrics import ActorMetrics
 
+        torch.set_num_threads(max(1, threads))
+        self.device = check_actor_device()
+        spec = JobSpec.model_validate(spec_json)
+        if self.device == "cpu" and spec.model.device == "auto":  # a fake GPU node: keep the model off "cuda"
+            spec = spec.model_copy(update={"model": spec.model.model_copy(update={"device": "cpu"})})
+        self.extractor = FeatureExtractor.from_spec(spec)
+        self.reader = RangeReader(resolve(dataset_uri))
+        self.out = resolve(out_uri)
+        self.store_dtype = spec.extract.store_dtype
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         self.metrics = ActorMetrics(model=spec.model.id)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
-        summaries = [self.process_shard(batch, k) for k in range(len(batch["shard"]))]
+        summaries = [self.run_shard(Shard(int(s), int(e))) for s, e in zip(batch["start"], batch["end"])]
         return {key: [s[key] for s in summaries] for key in summaries[0]}
 
-    def process_shard(self, batch: dict[str, np.ndarray], k: int) -> dict[str, Any]:
-        shard = int(batch["shard"][k])
-        extra = sorted(name for name in batch if name not in (*META_COLUMNS, "shard", "prompt"))
-        meta = {name: list(batch[name][k]) for name in [*META_COLUMNS, *extra]}
-        prompts = list(batch["prompt"][k])
+    def run_shard(self, shard: Shard) -> dict[str, Any]:
+        try:
+            return self.process_shard(shard)
+        except DeviceFailure as e:
+            # The CUDA context is poisoned for every later batch: die, so Ray restarts the actor (a fresh
+            # context) and retries this shard, instead of recording every remaining prompt as an error.
+            log.error("shard %s: device failure, restarting the actor: %s", shard.part_name, e)
+            os._exit(1)
+
+    def process_shard(self, shard: Shard) -> dict[str, Any]:
+        rows = self.reader.read(shard)
+        extra = [name for name in rows.column_names if name not in (*META_COLUMNS, "prompt")]
+        prompts = rows.column("prompt").to_pylist()
         before = (self.extractor.stats.tokens, time.perf_counter())
         columns, errors = self.extractor.process(prompts)
         ok = columns.pop("_index")
-        table = to_table({name: [values[i] for i in ok] for name, values in meta.items()}, columns, self.store_dtype)
+        meta = rows.select([*META_COLUMNS, *extra])
+        table = to_table(meta.take(pa.array(ok, pa.int64())), columns, self.store_dtype)
+        failed = sorted(errors)
         error_table = pa.table({
-            "id": [meta["id"][i] for i in sorted(errors)],
-            "source": [meta["source"][i] for i in sorted(errors)],
-            "reason": [errors[i] for i in sorted(errors)],
-        }, schema=pa.schema([("id", pa.string()), ("source", pa.string()), ("reason", pa.string())]))
-        # errors first, part last: an existing part file means the whole shard (errors included) is done.
-        self.out.join(ERRORS_DIR, f"errors-{shard:05d}.parquet").write_table(error_table)
-        self.out.join(PARTS_DIR, f"part-{shard:05d}.parquet").write_table(table)
+            "id": rows.column("id").take(pa.array(failed, pa.int64())),
+            "source": rows.column("source").take(pa.array(failed, pa.int64())),
+            "reason": pa.array([errors[i] for i in failed], pa.string()),
+        })
+        # errors first, part last (each atomic): an existing part file means the whole shard is done.
+        self.out.join(ERRORS_DIR, shard.errors_name).write_table(error_table)
+        self.out.join(PARTS_DIR, shard.part_name).write_table(table)
         tokens = self.extractor.stats.tokens - before[0]
         seconds = time.perf_counter() - before[1]
-        self.metrics.record(len(prompts), tokens, seconds)
-        return {"shard": shard, "rows": table.num_rows, "errors": len(errors), "tokens": tokens, "seconds": seconds}
+        self.metrics.record(shard.rows, tokens, seconds)
+        return {"start": shard.start, "end": shard.end, "rows": table.num_rows, "errors": len(errors),
+                "tokens": tokens, "seconds": seconds, "node_id": self.node_id, "device": self.device,
+                "gpu_ids": ",".join(self.gpu_ids), "first_error": errors[failed[0]] if failed else ""}
 
 
 def preflight(spec: JobSpec) -> None:
@@ -240,93 +289,189 @@ def preflight(spec: JobSpec) -> None:
         resolve_label_tokens(tokenizer, spec.guard)
 
 
-def shard_name(shard: int) -> str:
-    return f"part-{shard:05d}.parquet"
-
-
 def run_features(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dict[str, Any]:
-    """The features stage: submit the missing shards to the actor pool, then check exactly-once output."""
+    """The features stage: verify what an earlier run left, run the missing row ranges, check exactly-once.
+
+    The driver holds shard descriptors and per-shard summaries only; rows are read by the actors and the
+    exactly-once check runs next to the data (`shards.verify_all`).
+    """
     preflight(spec)
-    dataset = inputs["dataset"].join(DATASET_FILE).read_table().to_pandas()
-    rows_per_shard = spec.extract.rows_per_shard
-    label_columns = [c for c in dataset.columns if c not in ("id", "prompt", "source", "split")]
-    n_shards = (len(dataset) + rows_per_shard - 1) // rows_per_shard
-    done = set(out.join(PARTS_DIR).list(".parquet"))
-    todo = []
-    for shard in range(n_shards):
-        if shard_name(shard) in done:
-            continue
-        chunk = dataset.iloc[shard * rows_per_shard : (shard + 1) * rows_per_shard]
-        item = {"shard": shard, "id": list(chunk["id"]), "prompt": list(chunk["prompt"]),
-                "source": list(chunk["source"]), "split": list(chunk["split"])}
-        item.update({c: [bool(v) for v in chunk[c]] for c in label_columns})
-        todo.append(item)
-    log.info("features: %d prompts in %d shards, %d already done, %d to run",
-             len(dataset), n_shards, n_shards - len(todo), len(todo))
+    dataset = inputs["dataset"].join(DATASET_FILE)
+    total, _ = dataset_rows(dataset)
+    done = _keep_valid_parts(dataset, out, finished_shards(out))
+    todo = plan_shards(done, total, spec.extract.rows_per_shard)
+    log.info("features: %d prompts, %d rows already done in %d parts, %d shards to run",
+             total, sum(s.rows for s in done), len(done), len(todo))
+    budget = ErrorBudget(total, spec.extract.max_error_fraction)
     started = time.perf_counter()
-    summaries = _run_actor_pool(spec, out, todo, n_shards) if todo else []
+    run = _run_actor_pool(spec, dataset, out, todo, budget, len(done)) if todo else RunTally()
     wall = time.perf_counter() - started
-    return _finish(spec, dataset, out, summaries, n_shards - len(todo), wall)
+    return _finish(dataset, out, total, run, len(done), wall, budget)
 
 
-def _run_actor_pool(spec: JobSpec, out: Location, todo: list[dict[str, Any]], n_shards: int) -> list[dict[str, Any]]:
+def _keep_valid_parts(dataset: Location, out: Location, found: list[Shard]) -> list[Shard]:
+    """Parts an earlier run left that hold exactly their range; the others are deleted and redone."""
+    if not found:
+        return []
+    valid = []
+    for check in verify_all(dataset, out, found):
+        if check.problem is None:
+            valid.append(check.shard)
+        else:
+            log.warning("features: redoing %s: %s", check.shard.part_name, check.problem)
+            out.join(PARTS_DIR, check.shard.part_name).delete_file()
+    valid.sort()
+    problem = overlap_problem(valid)
+    if problem:  # overlapping parts cannot come from this code; refuse to guess which one is right
+        raise StageError(f"features: the parts in {out.uri} overlap ({problem}); rerun with --force features")
+    return valid
+
+
+@dataclass
+class ErrorBudget:
+    """At most `fraction` of all prompts may fail; past that the stage stops and never commits."""
+
+    total: int
+    fraction: float
+    failed: int = 0
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def allowed(self) -> int:
+        return int(self.total * self.fraction)
+
+    def add(self, failed: int, reasons: list[str]) -> None:
+        self.failed += failed
+        self.reasons.extend(r for r in reasons if r and len(self.reasons) < 3)
+
+    @property
+    def exceeded(self) -> bool:
+        return self.failed > self.allowed
+
+    def message(self) -> str:
+        first = "; ".join(dict.fromkeys(self.reasons)) or "-"
+        return (f"features: {self.failed} of {self.total} prompts failed, over the error budget of {self.allowed} "
+                f"(extract.max_error_fraction={self.fraction:g}); first reasons: {first}")
+
+
+@dataclass
+class RunTally:
+    """What the driver keeps of a run: sums and a node histogram, never per-prompt data."""
+
+    shards: int = 0
+    processed: int = 0
+    tokens: int = 0
+    nodes: dict[str, int] = field(default_factory=dict)
+    devices: dict[str, int] = field(default_factory=dict)
+
+    def add(self, summary: dict[str, Any]) -> None:
+        self.shards += 1
+        self.processed += int(summary["rows"]) + int(summary["errors"])
+        self.tokens += int(summary["tokens"])
+        node = f"{summary['node_id']}" + (f" gpu:{summary['gpu_ids']}" if summary["gpu_ids"] else "")
+        self.nodes[node] = self.nodes.get(node, 0) + 1
+        self.devices[summary["device"]] = self.devices.get(summary["device"], 0) + 1
+
+
+def actor_resources(spec: ExtractSpec, accelerator: str) -> dict[str, float]:
+    """What each actor asks Ray for. GPUs are requested even when none are up, so the autoscaler adds them."""
+    if accelerator == "gpu":
+        return {"num_gpus": spec.num_gpus_per_actor, "num_cpus": spec.num_cpus_per_actor}
+    return {"num_cpus": spec.num_cpus_per_actor}
+
+
+def pool_size(spec: ExtractSpec, accelerator: str, shards: int) -> tuple[int, int]:
+    """(min, max) actors. 'auto' on GPUs grows from 1 to what the cluster has or can launch."""
+    if spec.actors != "auto":
+        return max(1, min(spec.actors, shards)), max(1, min(spec.actors, shards))
+    from guardray.accelerators import gpu_capacity
+
+    most = int(gpu_capacity() / spec.num_gpus_per_actor) if accelerator == "gpu" else 1
+    return 1, max(1, min(most, shards))
+
+
+def _run_actor_pool(spec: JobSpec, dataset: Location, out: Location, todo: list[Shard], budget: ErrorBudget,
+                    done: int) -> RunTally:
+    """Stream the shards through the actor pool; stop as soon as the error budget is spent."""
     import ray
 
+    from guardray.accelerators import resolve_accelerator
     from guardray.metrics import StageProgress
 
-    gpus = int(ray.cluster_resources().get("GPU", 0))
     extract = spec.extract
-    actors = (gpus or 1) if extract.actors == "auto" else extract.actors
-    actors = max(1, min(actors, len(todo)))
-    resources = {"num_gpus": extract.num_gpus_per_actor} if gpus else {"num_cpus": extract.num_cpus_per_actor}
-    threads = int(extract.num_cpus_per_actor) if not gpus else 1
-    ds = ray.data.from_items(todo, override_num_blocks=len(todo))
-    ds = ds.map_batches(
-        FeatureActor,
-        fn_constructor_kwargs={"spec_json": spec.model_dump(mode="json"), "out_uri": out.uri, "threads": threads},
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        **resources,
-    )
-    progress = StageProgress("features", total=n_shards, done=n_shards - len(todo))
-    summaries = []
+    accelerator = resolve_accelerator(extract.accelerator, "features")
+    smallest, largest = pool_size(extract, accelerator, len(todo))
+    threads = int(extract.num_cpus_per_actor) if accelerator == "cpu" else 1
+    ds = ray.data.from_items(as_descriptors(todo), override_num_blocks=len(todo))
+    with warnings.catch_warnings():  # restarts/retries are only accepted as plain remote args (Ray 2.60)
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+        ds = _map_shards(ds, spec, dataset, out, accelerator, threads, smallest, largest)
+    log.info("features: %d-%d actors, each %s", smallest, largest, actor_resources(extract, accelerator))
+    progress = StageProgress("features", total=done + len(todo), done=done)
+    tally = RunTally()
     for summary in ds.iter_rows():  # one row per finished shard, as they finish
-        summaries.append(summary)
+        tally.add(summary)
+        budget.add(int(summary["errors"]), [summary["first_error"]])
         progress.advance()
-    return summaries
+        if budget.exceeded:  # stop spending GPU time on a job that cannot commit
+            raise StageError(budget.message())
+    return tally
 
 
-def _finish(spec: JobSpec, dataset: Any, out: Location, summaries: list[dict[str, Any]], skipped: int,
-            wall: float) -> dict[str, Any]:
-    """Merge the per-shard error files and check that every input id appears exactly once."""
-    parts = out.join(PARTS_DIR)
-    ids = parts.read_table(columns=["id"]).column("id").to_pylist() if parts.list(".parquet") else []
-    errors_dir = out.join(ERRORS_DIR)
-    errors = errors_dir.read_table() if errors_dir.list(".parquet") else pa.table({"id": [], "source": [], "reason": []})
-    out.join("errors.parquet").write_table(errors)
-    seen = ids + errors.column("id").to_pylist()
-    missing = set(dataset["id"]) - set(seen)
-    if len(seen) != len(set(seen)) or missing:
-        raise RuntimeError(f"features: exactly-once check failed: {len(seen) - len(set(seen))} repeated ids, "
-                           f"{len(missing)} missing")
-    processed = sum(s["rows"] + s["errors"] for s in summaries)
-    tokens = sum(s["tokens"] for s in summaries)
+def _map_shards(ds: Any, spec: JobSpec, dataset: Location, out: Location, accelerator: str, threads: int,
+                smallest: int, largest: int) -> Any:
+    import ray
+
+    extract = spec.extract
+    return ds.map_batches(
+        FeatureActor,
+        fn_constructor_kwargs={"spec_json": spec.model_dump(mode="json"), "dataset_uri": dataset.uri,
+                               "out_uri": out.uri, "threads": threads},
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(min_size=smallest, max_size=largest),
+        max_restarts=extract.max_actor_restarts,
+        max_task_retries=extract.max_task_retries,
+        **actor_resources(extract, accelerator),
+    )
+
+
+def _finish(dataset: Location, out: Location, total: int, run: RunTally, skipped: int, wall: float,
+            budget: ErrorBudget) -> dict[str, Any]:
+    """Verify every part against the dataset (in Ray tasks), check the ranges tile it, merge the errors."""
+    checks = sorted(verify_all(dataset, out, finished_shards(out)), key=lambda c: c.shard)
+    bad = [c for c in checks if c.problem]
+    problem = tiling_problem([c.shard for c in checks], total)
+    if bad or problem:
+        detail = f"{bad[0].shard.part_name}: {bad[0].problem}" if bad else problem
+        raise StageError(f"features: exactly-once check failed: {len(bad)} bad parts; {detail}")
+    rows, errors = sum(c.rows for c in checks), sum(c.errors for c in checks)
+    budget.failed, budget.reasons = errors, [r for c in checks for r in c.first_reasons][:3]
+    if budget.exceeded:
+        raise StageError(budget.message())
+    _merge_errors(out, [c.shard for c in checks if c.errors])
     return {
-        "rows": len(ids),
-        "errors": errors.num_rows,
-        "processed_this_run": processed,
+        "rows": rows,
+        "errors": errors,
+        "processed_this_run": run.processed,
         "shards_skipped": skipped,
-        "tokens": tokens,
-        "prompts_per_s": round(processed / wall, 2) if wall and processed else None,
-        "tokens_per_s": round(tokens / wall, 1) if wall and tokens else None,
-        "columns": _schema_names(parts) if ids else [],
+        "shards_run": run.shards,
+        "tokens": run.tokens,
+        "prompts_per_s": round(run.processed / wall, 2) if wall and run.processed else None,
+        "tokens_per_s": round(run.tokens / wall, 1) if wall and run.tokens else None,
+        "nodes": run.nodes,
+        "devices": run.devices,
+        "columns": part_schema(out, checks[0].shard) if checks else [],
     }
 
 
-def _schema_names(parts: Location) -> list[str]:
-    first = parts.join(parts.list(".parquet")[0])
-    with first.fs.open_input_file(first.path) as f:
-        return pq.ParquetFile(f).schema_arrow.names
+def _merge_errors(out: Location, shards: list[Shard]) -> None:
+    """errors.parquet: every failed prompt with its reason, streamed one shard's errors at a time."""
+    schema = pa.schema([("id", pa.string()), ("source", pa.string()), ("reason", pa.string())])
+    sink = pa.BufferOutputStream()
+    with pq.ParquetWriter(sink, schema) as writer:
+        for shard in shards:
+            writer.write_table(out.join(ERRORS_DIR, shard.errors_name).read_table().cast(schema))
+    out.join("errors.parquet").write_bytes(sink.getvalue().to_pybytes())
 
 
 def matrix(table: pa.Table, column: str) -> np.ndarray:
@@ -334,6 +479,13 @@ def matrix(table: pa.Table, column: str) -> np.ndarray:
     col = table.column(column).combine_chunks()
     dim = col.type.list_size
     return np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
+
+
+def labelled(table: pa.Table, target: str) -> pa.Table:
+    """The rows whose `target` label is known: a label that some source lacks is null, never False."""
+    import pyarrow.compute as pc
+
+    return table.filter(pc.is_valid(table.column(target)))
 
 
 def read_features(stage: Location, columns: list[str] | None = None) -> pa.Table:

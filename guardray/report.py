@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from guardray.evaluate import (at_threshold, by_source, fpr_at_recall, score_metrics, threshold_for_recall,
                                threshold_sweep)
-from guardray.features import matrix, read_features
+from guardray.features import labelled, matrix, read_features
 from guardray.probes import artifact
 from guardray.probes.torch_probe import TORCH_PROBE_TYPE
 from guardray.spec import JobSpec
@@ -45,7 +45,7 @@ def score_rows(spec: JobSpec, inputs: dict[str, Location]) -> pd.DataFrame:
     features = sorted({p["feature"] for p in summary["probes"]})
     has_guard = spec.guard.enabled
     columns = ["id", "split", "source", spec.probes.target, *features] + (["guard_score"] if has_guard else [])
-    table = read_features(inputs["features"], columns)
+    table = labelled(read_features(inputs["features"], columns), spec.probes.target)
     frame = pd.DataFrame({"id": table.column("id").to_pylist(), "split": table.column("split").to_pylist(),
                           "source": table.column("source").to_pylist(),
                           "label": np.asarray(table.column(spec.probes.target).to_pylist(), dtype=bool)})

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from guardray.cache import StageDir
-from guardray.errors import InputError
+from guardray.errors import InputError, StageError
 from guardray.spec import JobSpec
 from guardray.storage import Location, resolve
 
@@ -29,6 +29,9 @@ class Stage:
     needs_ray: bool = False
     #: A resumable stage keeps what an interrupted run left in its directory; others start over.
     resumable: bool = False
+    #: Runs in a Ray task (next to the data, off the driver) whenever this job uses Ray anyway, so the driver
+    #: of a cluster job never holds the prompts; inline when the job runs only such stages (no Ray start-up).
+    offload: bool = False
 
 
 def _dataset_stage(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dict[str, Any]:
@@ -66,7 +69,7 @@ def _report_key(spec: JobSpec) -> dict[str, Any]:
 
 
 STAGES: dict[str, Stage] = {
-    "dataset": Stage("dataset", (), lambda s: s.dataset.cache_payload(), _dataset_stage),
+    "dataset": Stage("dataset", (), lambda s: s.dataset.cache_payload(), _dataset_stage, offload=True),
     "features": Stage("features", ("dataset",), _features_key, _features_stage, needs_ray=True, resumable=True),
     "probes": Stage("probes", ("features",), lambda s: s.probes.cache_payload(), _probes_stage, needs_ray=True),
     "report": Stage("report", ("features", "probes"), _report_key, _report_stage),
@@ -109,24 +112,26 @@ def run_job(spec: JobSpec, stages: list[str] | None = None, force: tuple[str, ..
             raise InputError(f"unknown stage '{name}'; stages are: {', '.join(STAGES)}")
     dirs = plan(spec)
     order = _closure(stages or list(STAGES))
+    to_run = [name for name in order if name in force or not dirs[name].done]
+    uses_ray = any(STAGES[name].needs_ray for name in to_run)
     results: dict[str, Any] = {}
-    ray_started = False
     for name in order:
         stage, stage_dir = STAGES[name], dirs[name]
-        if stage_dir.done and name not in force:
+        if name not in to_run:
             log.info("stage %s: done, reusing %s", name, stage_dir.location.uri)
             results[name] = {"status": "cached", "dir": stage_dir.location.uri, **stage_dir.summary()}
             continue
-        if stage.needs_ray and not ray_started:
+        remote = stage.offload and uses_ray
+        if stage.needs_ray or remote:
             from guardray.cluster import init_ray
 
             init_ray(spec.ray)
-            ray_started = True
-        log.info("stage %s: running into %s", name, stage_dir.location.uri)
+        log.info("stage %s: running into %s%s", name, stage_dir.location.uri, " (in a Ray task)" if remote else "")
         resume = stage.resumable and name not in force and stage_dir.state == "incomplete"
         stage_dir.begin(fresh=not resume)
         started = time.perf_counter()
-        summary = stage.run(spec, {dep: dirs[dep].location for dep in stage.inputs}, stage_dir.location)
+        inputs = {dep: dirs[dep].location for dep in stage.inputs}
+        summary = _run_remote(stage, spec, inputs, stage_dir.location) if remote else stage.run(spec, inputs, stage_dir.location)
         summary["wall_s"] = round(time.perf_counter() - started, 2)
         stage_dir.commit(summary)
         results[name] = {"status": "ran", "dir": stage_dir.location.uri, **summary}
@@ -134,6 +139,19 @@ def run_job(spec: JobSpec, stages: list[str] | None = None, force: tuple[str, ..
         {"job": spec.name, "stages": {name: dirs[name].location.uri for name in order}}
     )
     return results
+
+
+def _run_remote(stage: Stage, spec: JobSpec, inputs: dict[str, Location], out: Location) -> dict[str, Any]:
+    """Run a stage function in a Ray task; its one-line errors (bad input, failed stage) reach the CLI as such."""
+    import ray
+
+    task = ray.remote(num_cpus=1, max_retries=0)(stage.run)
+    try:
+        return ray.get(task.remote(spec, inputs, out))
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, (InputError, StageError)):
+            raise e.cause from None
+        raise
 
 
 def stage_states(spec: JobSpec) -> list[tuple[str, str, str]]:

@@ -200,14 +200,27 @@ class ExtractSpec(Section):
     layers: tuple[int, ...] = Field((-1,), min_length=1, description="Decoder blocks (0-based, negative from end).")
     poolings: tuple[Literal["last", "mean", "mean_all"], ...] = Field(("last", "mean"), min_length=1)
     store_dtype: Literal["float16", "float32"] = "float16"
-    actors: int | Literal["auto"] = Field(1, description="Actor pool size; 'auto' = the cluster's GPU count.")
+    accelerator: Literal["auto", "gpu", "cpu"] = Field(
+        "auto", description="What each actor asks Ray for. 'gpu' requests GPUs even before GPU nodes are up (so "
+        "the autoscaler launches them); 'auto' = gpu when the cluster has or declares GPU nodes, else cpu.")
+    actors: int | Literal["auto"] = Field(
+        1, description="Actor pool size; 'auto' = 1 up to the GPUs the cluster has or can launch.")
     batch_size: int = Field(16, ge=1, description="Prompts per forward pass.")
     max_tokens_per_batch: int | None = Field(None, ge=1, description="Padded-token budget per forward pass.")
-    rows_per_shard: int = Field(256, ge=1, description="Rows per output parquet shard (the unit of resume).")
-    num_gpus_per_actor: float = Field(1.0, ge=0, description="Used when the cluster has GPUs.")
-    num_cpus_per_actor: float = Field(1.0, gt=0, description="Used when it has none.")
+    rows_per_shard: int = Field(
+        256, ge=1, description="Rows per output part (the unit of work and resume). Parts are named by row range, "
+        "so changing it before a resume is safe.")
+    num_gpus_per_actor: float = Field(1.0, gt=0, description="GPUs per actor when the accelerator is gpu.")
+    num_cpus_per_actor: float = Field(1.0, gt=0, description="CPUs per actor (its torch threads on the CPU).")
+    max_error_fraction: float = Field(
+        0.01, ge=0, le=1, description="Error budget: the stage fails (no _SUCCESS) when more prompts than this fail.")
+    max_actor_restarts: int = Field(3, ge=0, description="Restarts of a crashed actor (e.g. after a CUDA error).")
+    max_task_retries: int = Field(3, ge=0, description="Retries of a shard whose actor died while running it.")
+    # How the stage runs, not what it computes: the accelerator class belongs to the model path's numerics
+    # (dtype, device) and is hashed there, not here.
     runtime_fields: ClassVar[frozenset[str]] = frozenset(
-        {"actors", "batch_size", "max_tokens_per_batch", "rows_per_shard", "num_gpus_per_actor", "num_cpus_per_actor"}
+        {"accelerator", "actors", "batch_size", "max_tokens_per_batch", "rows_per_shard", "num_gpus_per_actor",
+         "num_cpus_per_actor", "max_error_fraction", "max_actor_restarts", "max_task_retries"}
     )
 
 
@@ -257,7 +270,8 @@ class TorchProbeSpec(Section):
     lr: float = Field(0.01, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(256, ge=1)
-    use_gpu: bool | Literal["auto"] = "auto"
+    use_gpu: bool | Literal["auto"] = Field(
+        "auto", description="'auto' = GPUs when the cluster has or declares GPU nodes (as extract.accelerator).")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per training worker.")
     feature: str | None = Field(None, description="Feature column to train on (default: the best CV feature).")
     runtime_fields: ClassVar[frozenset[str]] = frozenset({"cpus_per_worker"})
@@ -320,15 +334,67 @@ class JobSpec(Section):
 
 
 # ----------------------------------------------------------------------------------- load/override
+class DuplicateKeyError(yaml.YAMLError):
+    """A key written twice in one mapping; the lines are 1-based, as editors show them."""
+
+    def __init__(self, key: Any, first_line: int, line: int):
+        self.key, self.first_line, self.line = key, first_line, line
+        lines = f"line {line}" if first_line == line else f"lines {first_line} and {line}"  # {a: 1, a: 2}
+        super().__init__(f"duplicate key {key!r} at {lines}")
+
+
+class StrictSafeLoader(yaml.SafeLoader):
+    """yaml's safe loader, except that a repeated key is an error.
+
+    Plain `safe_load` keeps the last value, so a second `sources:` would silently replace the first.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        _check_duplicate_keys(self, node)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check_duplicate_keys(loader: yaml.SafeLoader, node: yaml.MappingNode) -> None:
+    """Raise DuplicateKeyError at the second occurrence of a key among the mapping's own keys.
+
+    Keys brought in by a merge (`<<: *base`) are left out: overriding those is what merges are for.
+    """
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        try:
+            if key in seen:
+                raise DuplicateKeyError(key, seen[key], line)
+            seen[key] = line
+        except TypeError:  # an unhashable key (a list): the base constructor reports it
+            continue
+
+
+def _read_yaml(path: Path) -> Any:
+    """Parse a spec file as UTF-8 YAML; every way it can be unreadable becomes one SpecError line."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise SpecError([f"{path}: file not found"]) from None
+    except UnicodeDecodeError as e:
+        raise SpecError([f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})"]) from None
+    except OSError as e:  # a directory, no permission
+        raise SpecError([f"{path}: cannot read: {e.strerror or e}"]) from None
+    try:
+        return yaml.load(text, Loader=StrictSafeLoader)  # noqa: S506 - a SafeLoader subclass
+    except DuplicateKeyError as e:
+        raise SpecError([f"{path}: {e}"]) from None
+    except yaml.YAMLError as e:
+        raise SpecError([f"{path}: not valid YAML: {' '.join(str(e).split())}"]) from None
+
+
 def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = (), output: str | None = None) -> JobSpec:
     """Read, override and validate a job spec. Raises SpecError listing every problem, one line each."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise SpecError([f"{path}: file not found"]) from None
-    except yaml.YAMLError as e:
-        raise SpecError([f"{path}: not valid YAML: {' '.join(str(e).split())}"]) from None
+    raw = _read_yaml(path)
     if not isinstance(raw, dict):
         raise SpecError([f"{path}: the spec must be a mapping of sections, got {type(raw).__name__}"])
     problems = []

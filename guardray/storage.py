@@ -6,11 +6,13 @@ Everything that reads or writes stage outputs goes through `Location`, so a stag
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
 import os
 import posixpath
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,9 +85,29 @@ class Location:
             self.fs.delete_dir(self.path)
 
     def write_bytes(self, data: bytes) -> None:
+        """Write the whole file atomically: a reader (or a resumed run) sees the old file, the new one, or none.
+
+        Local disk: a temporary name in the same directory, then `os.replace` (atomic within one filesystem), so
+        a process killed mid-write leaves only a `.tmp-*` file that no listing of `*.parquet` picks up. GCS
+        objects only appear once their upload completes, so they are written directly.
+        """
         self.fs.create_dir(posixpath.dirname(self.path), recursive=True)
-        with self.fs.open_output_stream(self.path) as f:
-            f.write(data)
+        if self.is_gcs or not isinstance(self.fs, pafs.LocalFileSystem):
+            with self.fs.open_output_stream(self.path) as f:
+                f.write(data)
+            return
+        directory, name = os.path.split(self.path)
+        fd, temporary = tempfile.mkstemp(prefix=f".tmp-{name}-", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temporary, self.path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+            raise
 
     def read_bytes(self) -> bytes:
         with self.fs.open_input_stream(self.path) as f:
@@ -103,10 +125,16 @@ class Location:
     def read_json(self) -> Any:
         return json.loads(self.read_text())
 
-    def write_table(self, table: pa.Table) -> None:
+    def write_table(self, table: pa.Table, row_group_size: int | None = None) -> None:
+        """One parquet file, written atomically; `row_group_size` bounds what a ranged read has to decode."""
         buf = io.BytesIO()
-        pq.write_table(table, buf)
+        pq.write_table(table, buf, row_group_size=row_group_size)
         self.write_bytes(buf.getvalue())
+
+    def delete_file(self) -> None:
+        """Remove one file if it exists (a part that failed validation)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.delete_file(self.path)
 
     def read_table(self, columns: list[str] | None = None) -> pa.Table:
         """Read a parquet file, or every parquet file of a directory."""

@@ -35,6 +35,8 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Never uploaded: results, virtual environments, caches, VCS metadata (the working_dir limit is 500 MiB).
 EXCLUDES = ["runs/", ".venv/", ".venv-*/", ".git/", "__pycache__/", ".pytest_cache/", "*.egg-info/", "*.pyc"]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+# What a head's Jobs API answers (HTTP 500) when it has no dashboard agent to hand the job to.
+NO_AGENT = "No available agent to submit job"
 
 
 def default_address() -> str:
@@ -102,17 +104,34 @@ def submit(spec_path: str, address: str, overrides: list[str], output: str | Non
                     "use gs://... (or an absolute path on a shared disk) to keep the results", spec.output)
     jobs = client(address)
     submission_id = f"guardray-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-    jobs.submit_job(
-        entrypoint=entrypoint(str(path.relative_to(project)), overrides, output),
-        runtime_env=build_runtime_env(project, runtime_env_file),
-        submission_id=submission_id,
-        metadata={"guardray_job": spec.name, "output": spec.output},
-    )
+    submit_job(jobs, address,
+               entrypoint=entrypoint(str(path.relative_to(project)), overrides, output),
+               runtime_env=build_runtime_env(project, runtime_env_file),
+               submission_id=submission_id,
+               metadata={"guardray_job": spec.name, "output": spec.output})
     print(f"submitted {submission_id}")
     print(f"dashboard: {address.rstrip('/')}/#/jobs/{submission_id}")
     if not wait:
         return 0
     return follow(jobs, submission_id)
+
+
+def submit_job(jobs: Any, address: str, **request: Any) -> None:
+    """`jobs.submit_job(**request)`, with a head that cannot take jobs explained in one line.
+
+    Ray reports that case as a bare HTTP 500 ("No available agent to submit job, please try again later"), which
+    does not say that retrying will not help: the head's dashboard agent is not running, typically because a
+    second head on the same machine found the agent's port already taken by the first.
+    """
+    try:
+        jobs.submit_job(**request)
+    except RuntimeError as e:
+        if NO_AGENT not in str(e):
+            raise
+        raise InputError(
+            f"--address {address}: the head answered {NO_AGENT!r}: its dashboard agent is not running, often because "
+            "another Ray head on this machine holds the agent's port; stop that head with `ray stop`, or start "
+            "this one with a free --dashboard-agent-listen-port") from e
 
 
 def follow(jobs: Any, submission_id: str) -> int:

@@ -58,3 +58,20 @@ def test_datasets_lists_sources() -> None:
     result = guardray("datasets")
     assert result.returncode == 0
     assert "advbench" in result.stdout and "huggingface:alpaca" in result.stdout and "yes" in result.stdout
+
+
+def test_duplicate_key_is_exit_2_one_line(tmp_path: Path) -> None:
+    spec = tmp_path / "job.yaml"
+    spec.write_text("name: tiny\noutput: out\ndataset:\n  sources:\n    - type: advbench\n"
+                    "  sources:\n    - type: dan\n")
+    result = guardray("validate", str(spec))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {spec}: duplicate key 'sources' at lines 4 and 6"
+
+
+def test_non_utf8_spec_is_exit_2_one_line(tmp_path: Path) -> None:
+    spec = tmp_path / "job.yaml"
+    spec.write_bytes(b"name: caf\xe9\noutput: out\n")
+    result = guardray("validate", str(spec))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {spec}: not UTF-8 text (byte 0xe9 at offset 9)"

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet  # noqa: F401 - pa.parquet
 import pytest
 
 from guardray.runner import run_job
@@ -59,7 +60,8 @@ def test_failing_prompts_go_to_errors(ray_local: None, tmp_path: Path) -> None:
     # GPT-2 has learned positions: with 48 of them, prompts rendering to more tokens fail inside the model.
     model = build_tiny(tmp_path / "gpt2", kind="gpt2", n_positions=48)
     spec = validate_spec(small_spec(str(tmp_path / "out"), model={"id": model, "max_length": 128},
-                                    extract={"layers": [-1], "rows_per_shard": 16}, guard={"enabled": False}))
+                                    extract={"layers": [-1], "rows_per_shard": 16, "max_error_fraction": 1.0},
+                                    guard={"enabled": False}))
     results = run_job(spec, ["features"])
     table = _check_contract(results["features"], results["dataset"]["dir"])
     errors = resolve(results["features"]["dir"]).join("errors.parquet").read_table().to_pylist()
@@ -77,7 +79,9 @@ def test_features_stream_to_gcs(ray_local: None, gcs_bucket: str, tiny_llama: st
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_without_redoing_shards(tmp_path: Path) -> None:
+def test_killed_run_resumes_with_another_rows_per_shard(tmp_path: Path) -> None:
+    """Kill the whole job mid-stage, resume with a different `rows_per_shard` (outside the stage hash): the
+    finished row ranges are kept, only the gaps run, and every id still lands exactly once."""
     raw = small_spec(str(tmp_path / "out"), model={"id": "smollm2-135m-instruct", "max_length": 128},
                      extract={"layers": [-1], "poolings": ["last"], "actors": 1, "batch_size": 4, "rows_per_shard": 4},
                      guard={"enabled": False})
@@ -95,16 +99,20 @@ def test_killed_run_resumes_without_redoing_shards(tmp_path: Path) -> None:
     done_before = len(parts_glob())
     assert done_before >= 2
     assert not list((tmp_path / "out").glob("features-*/_SUCCESS"))
-    second = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    second = subprocess.run([*command, "--set", "extract.rows_per_shard=3"], capture_output=True, text=True,
+                            timeout=600)
     assert second.returncode == 0, second.stderr[-2000:]
-    stage = next((tmp_path / "out").glob("features-*"))
+    (stage,) = (tmp_path / "out").glob("features-*")  # same directory: rows_per_shard is not in the hash
     summary = resolve(str(stage)).join("summary.json").read_json()
     assert done_before < len(parts_glob()), "the first run should have been killed part way through"
     assert summary["shards_skipped"] >= done_before
     assert summary["processed_this_run"] < summary["rows"] + summary["errors"]
+    sizes = {int(p.name[18:30]) - int(p.name[5:17]) for p in parts_glob()}
+    assert 4 in sizes and 3 in sizes, sizes  # both runs' shards, tiling the dataset
     table = resolve(str(stage)).join("parts").read_table(columns=["id"])
-    ids = table.column("id").to_pylist()
-    assert len(ids) == len(set(ids)) == summary["rows"]
+    ids = table.column("id").to_pylist() + resolve(str(stage)).join("errors.parquet").read_table().column("id").to_pylist()
+    dataset = next((tmp_path / "out").glob("dataset-*")) / "dataset.parquet"
+    assert len(ids) == len(set(ids)) and sorted(ids) == sorted(pa.parquet.read_table(dataset).column("id").to_pylist())
 
 
 def test_a_shard_where_every_prompt_fails_keeps_the_schema(tmp_path: Path) -> None:
@@ -116,8 +124,10 @@ def test_a_shard_where_every_prompt_fails_keeps_the_schema(tmp_path: Path) -> No
                                         extract={"layers": [-1]}, guard={"enabled": False}))
         columns, errors = FeatureExtractor.from_spec(spec).process(["hi", "hello there"])
         ok = columns.pop("_index")
-        meta = {"id": [f"id{i}" for i in ok], "harmful": [True for _ in ok], "source": ["s" for _ in ok],
-                "split": ["train" for _ in ok]}
+        meta = pa.table({"id": [f"id{i}" for i in ok], "harmful": [True for _ in ok],
+                         "source": ["s" for _ in ok], "split": ["train" for _ in ok]},
+                        schema=pa.schema([("id", pa.string()), ("harmful", pa.bool_()), ("source", pa.string()),
+                                          ("split", pa.string())]))
         return to_table(meta, columns, "float16"), errors
 
     failed, errors = table_for(16)  # the chat template alone is longer than 16 positions

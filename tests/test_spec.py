@@ -120,3 +120,63 @@ def test_dump_roundtrip() -> None:
     spec = validate_spec(small_spec("out"))
     again = validate_spec(yaml.safe_load(yaml.safe_dump(spec.model_dump(mode="json"))))
     assert again == spec
+
+
+def _load_problems(path: Path) -> list[str]:
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    return info.value.problems
+
+
+def test_duplicate_key_names_key_and_both_lines(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text("name: tiny\n"            # 1
+                    "output: out\n"           # 2
+                    "dataset:\n"              # 3
+                    "  sources:\n"            # 4
+                    "    - type: advbench\n"  # 5
+                    "  split:\n"              # 6
+                    "    seed: 0\n"           # 7
+                    "  sources:\n"            # 8
+                    "    - type: dan\n")      # 9
+    assert _load_problems(path) == [f"{path}: duplicate key 'sources' at lines 4 and 8"]
+
+
+def test_duplicate_top_level_key_and_flow_mapping(tmp_path: Path) -> None:
+    top = tmp_path / "top.yaml"
+    top.write_text(yaml.safe_dump(small_spec("out"), sort_keys=False) + "name: other\n")
+    (line,) = _load_problems(top)
+    assert line.startswith(f"{top}: duplicate key 'name' at lines 1 and ")
+    flow = tmp_path / "flow.yaml"
+    flow.write_text("name: tiny\noutput: out\nextract: {layers: [1], layers: [2]}\n")
+    assert _load_problems(flow) == [f"{flow}: duplicate key 'layers' at line 3"]
+
+
+def test_merge_keys_may_be_overridden(tmp_path: Path) -> None:
+    """`<<: *anchor` then the same key is an override, not a duplicate."""
+    path = tmp_path / "job.yaml"
+    path.write_text("name: tiny\noutput: out\n"
+                    "dataset:\n  sources:\n    - &adv {type: advbench, limit: 40}\n    - <<: *adv\n      type: dan\n")
+    spec = load_spec(path)
+    assert [s.source_name for s in spec.dataset.sources] == ["advbench", "dan"]
+
+
+def test_duplicate_check_constructs_keys_safely(tmp_path: Path) -> None:
+    """The duplicate check builds each key before the mapping is built: a python tag there is still refused."""
+    marker = tmp_path / "pwned"
+    path = tmp_path / "job.yaml"
+    path.write_text(f"name: tiny\n? !!python/object/apply:os.system ['touch {marker}']\n: 1\n")
+    (line,) = _load_problems(path)
+    assert "not valid YAML" in line and not marker.exists()
+
+
+@pytest.mark.parametrize("data, offset", [(b"name: caf\xe9\noutput: out\n", 9), (b"\x00\x01PK\x03\x04\xff\xfe\x80", 6)],
+                         ids=["latin-1", "binary"])
+def test_non_utf8_file_is_one_line(tmp_path: Path, data: bytes, offset: int) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_bytes(data)
+    assert _load_problems(path) == [f"{path}: not UTF-8 text (byte 0x{data[offset]:02x} at offset {offset})"]
+
+
+def test_directory_instead_of_spec_is_one_line(tmp_path: Path) -> None:
+    assert _load_problems(tmp_path) == [f"{tmp_path}: cannot read: Is a directory"]

@@ -22,7 +22,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from guardray.errors import InputError
 from guardray.evaluate import recall_at_fpr
-from guardray.features import matrix, read_features
+from guardray.features import labelled, matrix, read_features
 from guardray.probes import artifact
 from guardray.probes.registry import build_probe, probe_scores
 from guardray.spec import JobSpec, ProbesSpec
@@ -120,7 +120,7 @@ def run_probes(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dic
         if unknown:
             raise InputError(f"probes.features: {', '.join(unknown)} not extracted; available: {', '.join(feature_columns)}")
         feature_columns = list(spec.probes.features)
-    train = table.filter(pc.equal(table.column("split"), "train"))
+    train = labelled(table.filter(pc.equal(table.column("split"), "train")), target)
     y = np.asarray(train.column(target).to_pylist(), dtype=bool)
     if len(np.unique(y)) < 2 or min(y.sum(), (~y).sum()) < spec.probes.cv.folds:
         raise InputError(f"probes: the train split needs at least {spec.probes.cv.folds} rows of each class "

@@ -18,7 +18,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from guardray.features import PARTS_DIR, matrix
+from guardray.features import labelled, matrix
+from guardray.shards import PARTS_DIR
+from guardray.accelerators import resolve_accelerator
 from guardray.spec import TorchProbeSpec
 from guardray.storage import Location
 
@@ -30,7 +32,7 @@ CHECKPOINT_FILE = "probe.pt"
 
 def train_rows(batch: pa.Table, column: str, target: str) -> dict[str, np.ndarray]:
     """A parquet batch → {"x": float32 [rows, dim], "y": float32 [rows]} for the train split only."""
-    train = batch.filter(pc.equal(batch.column("split"), "train"))
+    train = labelled(batch.filter(pc.equal(batch.column("split"), "train")), target)
     return {"x": matrix(train, column), "y": np.asarray(train.column(target).to_pylist(), dtype=np.float32)}
 
 
@@ -117,12 +119,11 @@ def train_loop(config: dict[str, Any]) -> None:
 def train_torch_probe(spec: TorchProbeSpec, features: Location, column: str, target: str, dim: int,
                       storage: Location, seed: int = 0) -> dict[str, Any]:
     """Fit the probe with a TorchTrainer; returns its linear parameters and the per-epoch history."""
-    import ray
     import torch
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    use_gpu = spec.use_gpu if spec.use_gpu != "auto" else ray.cluster_resources().get("GPU", 0) >= spec.workers
+    use_gpu = spec.use_gpu if spec.use_gpu != "auto" else resolve_accelerator("auto", "torch probe") == "gpu"
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"dim": dim, "batch_size": spec.batch_size, "lr": spec.lr,

@@ -1,0 +1,182 @@
+"""Row-range shards of the dataset: the unit of work, of output and of resume for the features stage.
+
+A shard is a half-open row range `[start, end)` of the dataset stage's `dataset.parquet`, whose row order is
+fixed by the dataset stage's hash. Its output is named after the range (`part-<start>-<end>.parquet`, plus
+`errors-<start>-<end>.parquet` for the prompts that failed), so what a file holds never depends on a setting
+outside the stage hash: a resume with another `rows_per_shard` keeps the finished ranges and cuts only the gaps.
+
+Workers read their own rows (`read_rows`: only the row groups that cover the range, only the columns asked
+for), so prompts never pass through the driver. `verify_parts` is the exactly-once check, run in Ray tasks next
+to the data: for every part it checks that the ids in the part and its errors file are exactly the dataset's ids
+of that range, once each. The driver then only checks that the verified ranges tile `[0, rows)`.
+"""
+from __future__ import annotations
+
+import bisect
+import re
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from guardray.storage import Location, resolve
+
+PARTS_DIR, ERRORS_DIR = "parts", "errors"
+_PART = re.compile(r"^part-(\d{12})-(\d{12})\.parquet$")
+#: Verification tasks each take this many parts (a few MB of ids), so a 10M-row stage is ~100 small tasks.
+PARTS_PER_CHECK = 512
+
+
+@dataclass(frozen=True, order=True)
+class Shard:
+    """Rows `[start, end)` of the dataset."""
+
+    start: int
+    end: int
+
+    @property
+    def rows(self) -> int:
+        return self.end - self.start
+
+    @property
+    def part_name(self) -> str:
+        return f"part-{self.start:012d}-{self.end:012d}.parquet"
+
+    @property
+    def errors_name(self) -> str:
+        return f"errors-{self.start:012d}-{self.end:012d}.parquet"
+
+    @classmethod
+    def from_part_name(cls, name: str) -> "Shard | None":
+        m = _PART.match(name)
+        return cls(int(m.group(1)), int(m.group(2))) if m else None
+
+
+def dataset_rows(dataset: Location) -> tuple[int, pa.Schema]:
+    """Row count and schema from the parquet footer: the driver never reads the rows themselves."""
+    dataset.refresh()
+    with dataset.fs.open_input_file(dataset.path) as f:
+        meta = pq.ParquetFile(f)
+        return meta.metadata.num_rows, meta.schema_arrow
+
+
+def finished_shards(out: Location) -> list[Shard]:
+    """Ranges whose part file exists (not yet verified), sorted; stray names are ignored."""
+    shards = [Shard.from_part_name(n) for n in out.join(PARTS_DIR).list(".parquet")]
+    return sorted(s for s in shards if s is not None)
+
+
+def gaps(done: Sequence[Shard], total: int) -> list[Shard]:
+    """The ranges of `[0, total)` not covered by `done` (sorted, non-overlapping)."""
+    missing, cursor = [], 0
+    for shard in done:
+        if shard.start > cursor:
+            missing.append(Shard(cursor, shard.start))
+        cursor = max(cursor, shard.end)
+    if cursor < total:
+        missing.append(Shard(cursor, total))
+    return missing
+
+
+def plan_shards(done: Sequence[Shard], total: int, rows_per_shard: int) -> list[Shard]:
+    """The shards still to run: every gap cut into pieces of at most `rows_per_shard` rows."""
+    todo = []
+    for gap in gaps(done, total):
+        todo.extend(Shard(s, min(s + rows_per_shard, gap.end)) for s in range(gap.start, gap.end, rows_per_shard))
+    return todo
+
+
+def tiling_problem(shards: Sequence[Shard], total: int) -> str | None:
+    """Why sorted `shards` do not cover `[0, total)` exactly once, or None when they do."""
+    cursor = 0
+    for shard in shards:
+        if shard.start != cursor:
+            kind = "overlap" if shard.start < cursor else "gap"
+            return f"{kind} at row {min(cursor, shard.start)} (next part starts at {shard.start})"
+        cursor = shard.end
+    return None if cursor == total else f"parts end at row {cursor}, the dataset has {total} rows"
+
+
+def overlap_problem(shards: Sequence[Shard]) -> str | None:
+    """Why sorted `shards` overlap, or None (gaps are fine: they are what a resume still has to run)."""
+    for before, after in zip(shards, shards[1:]):
+        if after.start < before.end:
+            return f"{before.part_name} and {after.part_name}"
+    return None
+
+
+class RangeReader:
+    """Reads row ranges of one parquet file, decoding only the row groups that overlap each range."""
+
+    def __init__(self, location: Location):
+        location.refresh()
+        self._file = pq.ParquetFile(location.fs.open_input_file(location.path))
+        sizes = [self._file.metadata.row_group(i).num_rows for i in range(self._file.num_row_groups)]
+        self._starts = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+
+    def read(self, shard: Shard, columns: list[str] | None = None) -> pa.Table:
+        first = bisect.bisect_right(self._starts, shard.start) - 1
+        last = bisect.bisect_left(self._starts, shard.end)
+        table = self._file.read_row_groups(list(range(first, last)), columns=columns)
+        return table.slice(shard.start - self._starts[first], shard.rows)
+
+
+def read_rows(dataset: Location, shard: Shard, columns: list[str] | None = None) -> pa.Table:
+    return RangeReader(dataset).read(shard, columns)
+
+
+@dataclass(frozen=True)
+class PartCheck:
+    """What `verify_parts` found for one part: its counts, or why it cannot be trusted."""
+
+    shard: Shard
+    rows: int = 0
+    errors: int = 0
+    problem: str | None = None
+    first_reasons: tuple[str, ...] = ()
+
+
+def verify_parts(dataset_uri: str, out_uri: str, shards: Sequence[Shard]) -> list[PartCheck]:
+    """Check each shard's part + errors files against the dataset's ids of that range (runs in a Ray task)."""
+    dataset, out = resolve(dataset_uri), resolve(out_uri)
+    reader = RangeReader(dataset)
+    return [_check_one(reader, out, shard) for shard in shards]
+
+
+def _check_one(reader: RangeReader, out: Location, shard: Shard) -> PartCheck:
+    try:
+        part = out.join(PARTS_DIR, shard.part_name).read_table(columns=["id"])
+        errors = out.join(ERRORS_DIR, shard.errors_name).read_table(columns=["id", "reason"])
+    except (OSError, pa.ArrowException) as e:  # truncated, half-written by an old run, or missing its errors file
+        return PartCheck(shard, problem=f"unreadable: {type(e).__name__}: {' '.join(str(e).split())[:200]}")
+    written = np.concatenate([part.column("id").to_numpy(zero_copy_only=False),
+                              errors.column("id").to_numpy(zero_copy_only=False)])
+    expected = reader.read(shard, ["id"]).column("id").to_numpy(zero_copy_only=False)
+    if len(written) != len(expected) or not np.array_equal(np.sort(written), np.sort(expected)):
+        return PartCheck(shard, problem=f"holds {len(written)} ids that are not the range's {len(expected)}")
+    reasons = tuple(errors.column("reason").slice(0, 3).to_pylist())
+    return PartCheck(shard, rows=part.num_rows, errors=errors.num_rows, first_reasons=reasons)
+
+
+def verify_all(dataset: Location, out: Location, shards: Sequence[Shard]) -> Iterator[PartCheck]:
+    """`verify_parts` over many shards as Ray tasks (one per PARTS_PER_CHECK parts), results as they finish."""
+    import ray
+
+    task = ray.remote(num_cpus=0.5, max_retries=3)(verify_parts)
+    pending = [task.remote(dataset.uri, out.uri, list(shards[i : i + PARTS_PER_CHECK]))
+               for i in range(0, len(shards), PARTS_PER_CHECK)]
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        yield from ray.get(ready[0])
+
+
+def part_schema(out: Location, shard: Shard) -> list[str]:
+    first = out.join(PARTS_DIR, shard.part_name)
+    with first.fs.open_input_file(first.path) as f:
+        return pq.ParquetFile(f).schema_arrow.names
+
+
+def as_descriptors(shards: Sequence[Shard]) -> list[dict[str, Any]]:
+    return [{"start": s.start, "end": s.end} for s in shards]
