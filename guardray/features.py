@@ -381,12 +381,12 @@ def actor_resources(spec: ExtractSpec, accelerator: str) -> dict[str, float]:
 
 
 def pool_size(spec: ExtractSpec, accelerator: str, shards: int) -> tuple[int, int]:
-    """(min, max) actors. 'auto' on GPUs grows from 1 to what the cluster has or can launch."""
+    """(min, max) actors. 'auto' grows from 1 to `max_actors`, else to the GPUs the cluster has or declares."""
     if spec.actors != "auto":
         return max(1, min(spec.actors, shards)), max(1, min(spec.actors, shards))
     from guardray.accelerators import gpu_capacity
 
-    most = int(gpu_capacity() / spec.num_gpus_per_actor) if accelerator == "gpu" else 1
+    most = spec.max_actors or (int(gpu_capacity() / spec.num_gpus_per_actor) if accelerator == "gpu" else 1)
     return 1, max(1, min(most, shards))
 
 

@@ -204,7 +204,10 @@ class ExtractSpec(Section):
         "auto", description="What each actor asks Ray for. 'gpu' requests GPUs even before GPU nodes are up (so "
         "the autoscaler launches them); 'auto' = gpu when the cluster has or declares GPU nodes, else cpu.")
     actors: int | Literal["auto"] = Field(
-        1, description="Actor pool size; 'auto' = 1 up to the GPUs the cluster has or can launch.")
+        1, description="Fixed actor pool size, or 'auto': a pool that starts at 1 and grows to `max_actors`.")
+    max_actors: int | None = Field(
+        None, ge=1, description="Upper bound of an 'auto' pool (default: the GPUs the cluster has or its autoscaler "
+        "declares; give it when the autoscaler does not publish its node types).")
     batch_size: int = Field(16, ge=1, description="Prompts per forward pass.")
     max_tokens_per_batch: int | None = Field(None, ge=1, description="Padded-token budget per forward pass.")
     rows_per_shard: int = Field(
@@ -219,7 +222,7 @@ class ExtractSpec(Section):
     # How the stage runs, not what it computes: the accelerator class belongs to the model path's numerics
     # (dtype, device) and is hashed there, not here.
     runtime_fields: ClassVar[frozenset[str]] = frozenset(
-        {"accelerator", "actors", "batch_size", "max_tokens_per_batch", "rows_per_shard", "num_gpus_per_actor",
+        {"accelerator", "actors", "max_actors", "batch_size", "max_tokens_per_batch", "rows_per_shard", "num_gpus_per_actor",
          "num_cpus_per_actor", "max_error_fraction", "max_actor_restarts", "max_task_retries"}
     )
 
