@@ -141,13 +141,22 @@ def run_job(spec: JobSpec, stages: list[str] | None = None, force: tuple[str, ..
     return results
 
 
+def _with_peak_rss(run: StageFn, spec: JobSpec, inputs: dict[str, Location], out: Location) -> dict[str, Any]:
+    """Run a stage and add the worker's peak RSS to its summary (a worker may have run tasks before: an upper bound)."""
+    import resource
+
+    summary = run(spec, inputs, out)
+    summary["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return summary
+
+
 def _run_remote(stage: Stage, spec: JobSpec, inputs: dict[str, Location], out: Location) -> dict[str, Any]:
     """Run a stage function in a Ray task; its one-line errors (bad input, failed stage) reach the CLI as such."""
     import ray
 
-    task = ray.remote(num_cpus=1, max_retries=0)(stage.run)
+    task = ray.remote(num_cpus=1, max_retries=0)(_with_peak_rss)
     try:
-        return ray.get(task.remote(spec, inputs, out))
+        return ray.get(task.remote(stage.run, spec, inputs, out))
     except ray.exceptions.RayTaskError as e:
         if isinstance(e.cause, (InputError, StageError)):
             raise e.cause from None

@@ -107,6 +107,12 @@ def test_full_size_job_specs_validate() -> None:
     assert sweep.guard_model.id == "meta-llama/Llama-Guard-3-8B" and sweep.guard.prefix == "\n\n"
     assert len({entry.type for entry in sweep.probes.grid}) >= 3
     assert specs["local-smoke"].ray.address == "local"
+    # GPU jobs ask for GPUs whether or not GPU nodes are up yet (the GPU groups start at zero workers), so the
+    # autoscaler sees the request; only the laptop job leaves it to `auto`.
+    for name in ("krnel-guardrail", "llama3-layer-sweep"):
+        assert specs[name].extract.accelerator == "gpu" and specs[name].extract.max_actors, name
+    assert sweep.probes.torch_probe.use_gpu is True
+    assert specs["local-smoke"].extract.accelerator == "auto"
 
 
 # ------------------------------------------------------------------------------ a real head on 127.0.0.1

@@ -23,8 +23,8 @@ def test_file_source_on_gcs(gcs_bucket: str, fmt: str) -> None:
     resolve(f"{gcs_bucket}/in/part-0.{fmt}").write_bytes(buf.getvalue())
     spec = DatasetSpec.model_validate({"sources": [
         {"type": "file", "name": "g", "path": f"{gcs_bucket}/in", "text_column": "text", "label_column": "is_bad"}]})
-    rows = load_source(spec.sources[0])
-    assert [(r["prompt"], r["harmful"]) for r in rows] == [("a", True), ("b", False), ("c", True)]
+    table = load_source(spec.sources[0])
+    assert list(zip(table["prompt"].to_pylist(), table["harmful"].to_pylist())) == [("a", True), ("b", False), ("c", True)]
 
 
 def test_dataset_stage_writes_to_gcs_and_is_cached(gcs_bucket: str) -> None:

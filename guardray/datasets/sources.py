@@ -1,8 +1,10 @@
-"""The source registry: spec type name → loader returning raw rows.
+"""The source registry: spec type name → loader returning an Arrow table of prompts.
 
-A loader returns a list of dicts with at least `prompt` (any value; validated later) and `harmful`
-(bool or None), optionally extra label columns, `split`, and `reject` (a reason the row cannot be used).
-Adding a source kind is one function registered in `LOADERS`.
+A loader returns a `pa.Table` with columns `prompt` (string; missing or blank prompts are judged later),
+`harmful` (bool, null when unknown), any extra label columns (bool, nullable), optionally `split` (string)
+and `reject` (string: why the row cannot be used, null when it is fine). Files stay columnar from reader to
+table; only the small packaged corpora are built from Python lists. Adding a source kind is one function
+registered in `LOADERS`.
 """
 from __future__ import annotations
 
@@ -11,39 +13,39 @@ import posixpath
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from guardray.datasets import huggingface, packaged
-from guardray.datasets.tables import FORMATS, read_table, table_rows
+from guardray.datasets.tables import FORMATS, read_table, source_table, text_table, wanted_columns
 from guardray.errors import InputError
 from guardray.spec import FileSource, HuggingFaceSource, PackagedSource
 from guardray.storage import Location, resolve
 
-Rows = list[dict[str, Any]]
+def load_packaged(spec: PackagedSource) -> pa.Table:
+    corpus = packaged.CORPORA[spec.type]
+    return text_table([row["prompt"] for row in corpus.rows()], corpus.harmful)
 
 
-def load_packaged(spec: PackagedSource) -> Rows:
-    return packaged.CORPORA[spec.type].rows()
-
-
-def load_file(spec: FileSource) -> Rows:
+def load_file(spec: FileSource) -> pa.Table:
     try:
         root = resolve(spec.path)
     except ValueError as e:
         raise InputError(f"source '{spec.source_name}': path: {e}") from None
-    return _rows_from_files(_expand(root), spec)
+    return _table_from_files(_expand(root), spec)
 
 
-def load_huggingface(spec: HuggingFaceSource) -> Rows:
-    return _rows_from_files(huggingface.dataset_files(spec), spec)
+def load_huggingface(spec: HuggingFaceSource) -> pa.Table:
+    return _table_from_files(huggingface.dataset_files(spec), spec)
 
 
-def _rows_from_files(files: list[Location], spec: FileSource | HuggingFaceSource) -> Rows:
-    rows: Rows = []
+def _table_from_files(files: list[Location], spec: FileSource | HuggingFaceSource) -> pa.Table:
+    """Each file read and turned into prompt columns on its own (its errors name it), then concatenated
+    without copying."""
     fmt = getattr(spec, "format", "auto")
-    for location in files:
-        rows.extend(table_rows(read_table(location, fmt), spec, origin=location.uri))
-    return rows
+    wanted = wanted_columns(spec)
+    tables = [source_table(read_table(f, fmt, wanted), spec, origin=f.uri) for f in files]
+    return pa.concat_tables(tables, promote_options="permissive")
 
 
 def _expand(root: Location) -> list[Location]:
@@ -66,7 +68,7 @@ def _expand(root: Location) -> list[Location]:
 class SourceKind:
     """How to load one kind of source and what it is expected to hold."""
 
-    load: Callable[[Any], Rows]
+    load: Callable[[Any], pa.Table]
     expected: Callable[[Any], int | None]
 
 
@@ -85,7 +87,7 @@ LOADERS: dict[str, SourceKind] = {
 }
 
 
-def load_source(spec: Any) -> Rows:
+def load_source(spec: Any) -> pa.Table:
     return LOADERS[spec.type].load(spec)
 
 

@@ -1,17 +1,22 @@
-"""Turning a table (from a file or a Hugging Face dataset) into raw prompt rows.
+"""Turning a data file (from a file source or a Hugging Face dataset) into a columnar prompt table.
 
-Shared by the file and Hugging Face sources: column lookup with a clear error naming the file and the
-columns that exist, label parsing (bool, 0/1, strings, or a `label_map`), list-valued text columns.
-Values that cannot be used are kept with a `reject` reason, so the assembly accounts for every row.
+Shared by the file and Hugging Face sources. Everything stays in Arrow columns (a million-row file never
+becomes a million Python dicts): column lookup with a clear error naming the file and the columns that exist,
+label parsing (bool, 0/1, strings, or a `label_map`), list-valued text columns, split values.
+
+A bad value never fails the file and never takes its neighbours with it: invalid UTF-8 in a CSV cell, a JSON
+line that does not parse (e.g. a lone surrogate escape), an unparseable label or split all become a `reject`
+reason on that row only, so the assembly accounts for every row.
 """
 from __future__ import annotations
 
 import json
 import posixpath
 import re
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
@@ -22,125 +27,457 @@ from guardray.storage import Location
 
 FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "json", ".csv": "csv"}
 _INDEXED = re.compile(r"^(?P<column>.+)\[(?P<index>-?\d+)\]$")
-_TRUE = {"true", "1", "yes", "y", "t"}
-_FALSE = {"false", "0", "no", "n", "f"}
+_TRUE = ["true", "1", "yes", "y", "t"]
+_FALSE = ["false", "0", "no", "n", "f"]
+_SPLITS = ["train", "test"]
+#: First try at the CSV/JSON reader's block size; a row larger than a block is retried with one block.
+_BLOCK_BYTES = 16 << 20
+_MAX_BLOCK_BYTES = (1 << 31) - 1
+#: When a column fails UTF-8 validation, it is re-checked in slices this long before going cell by cell.
+_UTF8_SLICE_ROWS = 1024
+
+AnyArray = pa.Array | pa.ChunkedArray
 
 
-def read_table(location: Location, fmt: str) -> pa.Table:
-    """Read one parquet / jsonl / csv file."""
+class RawTable(NamedTuple):
+    """The columns a source uses, as read, plus why rows could not be read at all (null where they could)."""
+
+    table: pa.Table
+    problems: pa.Array | None = None
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def wanted_columns(spec: LabelledColumns) -> dict[str, str]:
+    """Spec field → file column, for every column the source reads (so errors can name the field)."""
+    text = _INDEXED.match(spec.text_column)
+    wanted = {
+        "text_column": text.group("column") if text else spec.text_column,
+        "extra_text_column": spec.extra_text_column,
+        "label_column": spec.label_column,
+        "split_column": spec.split_column,
+        **{f"extra_labels[{i}]": c for i, c in enumerate(spec.extra_labels)},
+    }
+    return {field: column for field, column in wanted.items() if column}
+
+
+def read_table(location: Location, fmt: str, wanted: dict[str, str]) -> RawTable:
+    """Read the `wanted` columns of one parquet / jsonl / json / csv file (CSV columns come back as binary)."""
     fmt = fmt if fmt != "auto" else FORMATS.get(posixpath.splitext(location.path)[1].lower(), "")
     if not fmt:
         raise InputError(f"{location.uri}: cannot tell the format from the extension; set `format:`")
     try:
         with location.fs.open_input_file(location.path) as f:
             if fmt == "parquet":
-                return pq.read_table(f)
-            if fmt == "csv":
-                return pacsv.read_csv(f)
-            if fmt == "json":
-                return _json_table(f.read())
-            return pajson.read_json(f)
+                _check_columns(pq.ParquetFile(f).schema_arrow.names, wanted, location.uri)
+                return RawTable(pq.read_table(f, columns=_unique(wanted.values())))
+            data = f.read()
+        if fmt == "csv":
+            return _read_csv(data, wanted, location.uri)
+        raw = _read_json(data) if fmt == "json" else _read_json_lines(data)
+        _check_columns(raw.table.column_names, wanted, location.uri)
+        return RawTable(raw.table.select(_unique(wanted.values())), raw.problems)
     except FileNotFoundError:
         raise InputError(f"{location.uri}: file not found") from None
-    except (pa.ArrowInvalid, OSError, ValueError) as e:
+    except (pa.ArrowException, OSError, ValueError) as e:
         raise InputError(f"{location.uri}: cannot read as {fmt}: {' '.join(str(e).split())[:200]}") from None
 
 
-def _json_table(data: bytes) -> pa.Table:
-    """A `.json` file: an array of records, an object holding one such array, or (fallback) JSON lines."""
-    text = data.decode("utf-8").lstrip()
+def _check_columns(names: list[str], wanted: dict[str, str], origin: str) -> None:
+    for field, column in wanted.items():
+        if column not in names:
+            raise InputError(f"{origin}: {field} '{column}' not found; columns are: {', '.join(names)}")
+
+
+def _unique(columns: Any) -> list[str]:
+    return list(dict.fromkeys(columns))
+
+
+def _with_block_size(read: Callable[[int], pa.Table], size: int) -> pa.Table:
+    """Run `read(block_size)`; if a row straddles blocks (a row over 16 MB), retry with the file as one block."""
+    try:
+        return read(_BLOCK_BYTES)
+    except pa.ArrowInvalid as e:
+        if "straddl" not in str(e) or size < _BLOCK_BYTES:
+            raise
+        return read(min(size + 1, _MAX_BLOCK_BYTES))
+
+
+def _read_csv(data: bytes, wanted: dict[str, str], origin: str) -> RawTable:
+    """Read the wanted columns as binary: pyarrow fails a whole file on invalid UTF-8 in a string column,
+    so decoding (and rejecting the bad cells only) happens afterwards, in `decode_text`."""
+    parse = pacsv.ParseOptions(newlines_in_values=True)  # prompts are often multi-line (quoted) text
+    header = _with_block_size(
+        lambda block: pacsv.open_csv(pa.BufferReader(data), read_options=pacsv.ReadOptions(block_size=block),
+                                     parse_options=parse).schema,
+        len(data),
+    )
+    _check_columns(header.names, wanted, origin)
+    columns = _unique(wanted.values())
+    convert = pacsv.ConvertOptions(include_columns=columns, column_types={c: pa.binary() for c in columns})
+    table = _with_block_size(
+        lambda block: pacsv.read_csv(pa.BufferReader(data), read_options=pacsv.ReadOptions(block_size=block),
+                                     parse_options=parse, convert_options=convert),
+        len(data),
+    )
+    return RawTable(table)
+
+
+def _read_json(data: bytes) -> RawTable:
+    """A `.json` file: an array of records, an object holding one such array, or (fallback) JSON lines.
+
+    A JSON document has to be parsed whole, so this path goes through Python objects; the records are written
+    back as JSON lines and read by the same columnar reader as `.jsonl`, which gives the same types and
+    per-row rejects (a lone surrogate, re-escaped by `json.dumps`, rejects that record only).
+    """
+    text = data.decode("utf-8", "surrogateescape").lstrip()  # invalid bytes become lone surrogates: rejected
     if not text.startswith(("[", "{")):
         raise ValueError("not JSON")
     try:
         value = json.loads(text)
     except json.JSONDecodeError:  # several objects, one per line
-        return pajson.read_json(pa.BufferReader(data))
+        return _read_json_lines(data)
     if isinstance(value, dict):
         arrays = [v for v in value.values() if isinstance(v, list)]
         value = arrays[0] if len(arrays) == 1 else [value]
     if not all(isinstance(record, dict) for record in value):
         raise ValueError("expected an array of objects")
-    return pa.Table.from_pylist(value)
+    return _read_json_lines("\n".join(json.dumps(record) for record in value).encode())
 
 
-def table_rows(table: pa.Table, spec: LabelledColumns, origin: str) -> list[dict[str, Any]]:
-    """Rows {prompt, harmful, [extra labels], [split], reject?} from a table, per the source's column spec."""
-    _check_columns(table, spec, origin)
-    columns = table.to_pydict()
-    n = table.num_rows
-    texts = _text_values(columns, spec.text_column, n)
-    if spec.extra_text_column:
-        extra = columns[spec.extra_text_column]
-        texts = [_join(t, x) for t, x in zip(texts, extra)]
-    rows = []
-    for i in range(n):
-        row: dict[str, Any] = {"prompt": texts[i]}
-        problems = []
-        if spec.label_column:
-            row["harmful"], problem = parse_label(columns[spec.label_column][i], spec.label_map)
-            if problem:
-                problems.append(f"{spec.label_column}: {problem}")
+def _read_json_lines(data: bytes) -> RawTable:
+    """JSON lines, columnar; only when the fast path fails, bisect the file to find and reject the bad lines."""
+    try:
+        return RawTable(_parse_json(pa.py_buffer(data)))
+    except pa.ArrowInvalid as first_error:
+        pieces: list[pa.Table | str] = []
+        _parse_span(data, 0, len(data), pieces, first_error)
+        if not any(isinstance(p, pa.Table) and p.num_rows for p in pieces):
+            raise first_error  # not a JSON lines file at all
+        return _assemble_pieces(pieces)
+
+
+def _parse_json(buffer: pa.Buffer) -> pa.Table:
+    return _with_block_size(
+        lambda block: pajson.read_json(pa.BufferReader(buffer), read_options=pajson.ReadOptions(block_size=block)),
+        buffer.size,
+    )
+
+
+def _parse_span(
+    data: bytes, start: int, end: int, pieces: list[pa.Table | str], error: pa.ArrowInvalid | None = None
+) -> None:
+    """Parse data[start:end] (whole lines; `error` if that already failed); a span that fails is halved at a
+    line break until one line is left, which becomes a problem string in `pieces` (blank ones are skipped,
+    as the JSON reader does). Cost: about one more parse of the file per bad line's log2(lines) levels."""
+    if error is None:
+        try:
+            pieces.append(_parse_json(pa.py_buffer(data)[start:end]))
+            return
+        except pa.ArrowInvalid as e:
+            error = e
+    cut = _line_break_near_middle(data, start, end)
+    if cut is None:
+        if data[start:end].strip():
+            pieces.append(f"invalid JSON line: {_json_message(error)}")
+        return
+    _parse_span(data, start, cut, pieces)
+    _parse_span(data, cut, end, pieces)
+
+
+def _line_break_near_middle(data: bytes, start: int, end: int) -> int | None:
+    """A position just after a newline, strictly inside (start, end), or None for a single line."""
+    middle = (start + end) // 2
+    after = data.find(b"\n", middle, end - 1)
+    if after != -1:
+        return after + 1
+    before = data.rfind(b"\n", start, middle)
+    return before + 1 if before != -1 else None
+
+
+def _json_message(error: Exception) -> str:
+    text = " ".join(str(error).split()).removeprefix("JSON parse error: ")
+    return re.sub(r"\s*in row \d+$", "", text)[:200]
+
+
+def _assemble_pieces(pieces: list[pa.Table | str]) -> RawTable:
+    """Good spans and bad lines (one all-null row each), in file order, under one promoted schema.
+
+    Spans whose types cannot be merged (a column of numbers in one, strings in another: the reason the fast
+    path failed) are merged as text; labels and splits are parsed from text as well.
+    """
+    tables = [p for p in pieces if isinstance(p, pa.Table)]
+    try:
+        schema = pa.concat_tables(tables, promote_options="permissive").schema
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        pieces = [p if isinstance(p, str) else _scalars_as_text(p) for p in pieces]
+        tables = [p for p in pieces if isinstance(p, pa.Table)]
+        schema = pa.concat_tables(tables, promote_options="permissive").schema
+    parts, problems = [], []
+    for piece in pieces:
+        if isinstance(piece, str):
+            parts.append(pa.table([pa.nulls(1, f.type) for f in schema], schema=schema))
+            problems.append(pa.array([piece], pa.string()))
         else:
-            row["harmful"] = spec.harmful
-        for name in spec.extra_labels:
-            row[name], problem = parse_label(columns[name][i], spec.label_map)
-            if problem:
-                problems.append(f"{name}: {problem}")
-        if spec.split_column:
-            row["split"] = _split_value(columns[spec.split_column][i])
-            if row["split"] is None:
-                problems.append(f"{spec.split_column}: {columns[spec.split_column][i]!r} is not 'train' or 'test'")
-        if problems:
-            row["reject"] = "; ".join(problems)
-        rows.append(row)
-    return rows
+            parts.append(piece)
+            problems.append(pa.nulls(piece.num_rows, pa.string()))
+    table = pa.concat_tables(parts, promote_options="permissive")
+    return RawTable(table, pa.concat_arrays(problems))
 
 
-def _check_columns(table: pa.Table, spec: LabelledColumns, origin: str) -> None:
-    text_col = _INDEXED.match(spec.text_column)
-    wanted = {
-        "text_column": text_col.group("column") if text_col else spec.text_column,
-        "extra_text_column": spec.extra_text_column,
-        "label_column": spec.label_column,
-        "split_column": spec.split_column,
-        **{f"extra_labels[{i}]": c for i, c in enumerate(spec.extra_labels)},
-    }
-    for field, column in wanted.items():
-        if column and column not in table.column_names:
-            raise InputError(f"{origin}: {field} '{column}' not found; columns are: {', '.join(table.column_names)}")
+def _scalars_as_text(table: pa.Table) -> pa.Table:
+    """Every non-nested column cast to string (booleans become 'true'/'false', numbers their digits)."""
+    columns = [c if pa.types.is_nested(c.type) else c.cast(pa.string()) for c in table.columns]
+    return pa.table(columns, names=table.column_names)
 
 
-def _text_values(columns: dict[str, list[Any]], text_column: str, n: int) -> list[Any]:
-    m = _INDEXED.match(text_column)
-    if not m:
-        return columns[text_column]
-    index = int(m.group("index"))
-    out = []
-    for value in columns[m.group("column")]:
-        ok = isinstance(value, list) and -len(value) <= index < len(value)
-        out.append(value[index] if ok else None)
-    return out
+# --------------------------------------------------------------------------------------- the prompt table
 
 
-def _join(text: Any, extra: Any) -> Any:
-    if isinstance(text, str) and isinstance(extra, str) and extra.strip():
-        return f"{text}\n\n{extra}"
-    return text
+def source_table(raw: RawTable, spec: LabelledColumns, origin: str) -> pa.Table:
+    """Columns prompt, harmful, [extra labels], [split], reject from a raw table, per the source's column spec.
+
+    `reject` holds why a row cannot be used (read problem, bad UTF-8, label or split value), else null; the
+    prompt itself (missing, empty) is judged later, by the assembly, for every source alike.
+    """
+    table, problems = raw.table, [raw.problems]
+    prompt, text_problems = _text_column(table, spec)
+    problems += text_problems
+    columns: dict[str, AnyArray] = {"prompt": prompt}
+    if spec.label_column:
+        columns["harmful"] = _label_column(table, spec.label_column, spec.label_map, problems)
+    else:
+        columns["harmful"] = _constant_label(spec.harmful, table.num_rows)
+    for name in spec.extra_labels:
+        columns[name] = _label_column(table, name, spec.label_map, problems)
+    if spec.split_column:
+        values, problem = decode_text(table[spec.split_column], spec.split_column)
+        columns["split"], split_problem = parse_splits(values)
+        problems += [problem, _prefixed(spec.split_column, split_problem)]
+    columns["reject"] = join_problems(problems, table.num_rows)
+    return pa.table(columns)
 
 
-def parse_label(value: Any, mapping: dict[str, bool] | None) -> tuple[bool | None, str | None]:
-    """(label, problem): bools, 0/1, 'true'/'false'-like strings, or values looked up in `mapping`."""
-    if mapping is not None and value is not None and str(value) in mapping:
-        return mapping[str(value)], None
-    if isinstance(value, bool):
+def _text_column(table: pa.Table, spec: LabelledColumns) -> tuple[AnyArray, list[AnyArray | None]]:
+    """The prompt column as strings (+ problems): a list item for 'col[i]', joined with extra_text_column."""
+    m = _INDEXED.match(spec.text_column)
+    column = m.group("column") if m else spec.text_column
+    values = table[column]
+    if m and not (pa.types.is_list(values.type) or pa.types.is_large_list(values.type)):
+        problem = f"{spec.text_column}: column '{column}' is {values.type}, not a list"
+        return pa.nulls(len(values), pa.string()), [pa.repeat(pa.scalar(problem), len(values))]
+    if m:
+        values = list_item(values, int(m.group("index")))
+    if not _is_text(values.type):  # every row is rejected; its value, as text, goes to rejects.parquet
+        problem = pa.repeat(pa.scalar(f"{spec.text_column}: prompt is {values.type}, not a string"), len(values))
+        try:
+            return values.cast(pa.string()), [problem]
+        except pa.ArrowException:
+            return pa.nulls(len(values), pa.string()), [problem]
+    text, problem = decode_text(values, spec.text_column)
+    if not spec.extra_text_column:
+        return text, [problem]
+    extra, extra_problem = decode_text(table[spec.extra_text_column], spec.extra_text_column)
+    return join_extra_text(text, extra), [problem, extra_problem]
+
+
+def _label_column(table: pa.Table, column: str, mapping: dict[str, bool] | None, problems: list) -> AnyArray:
+    values, problem = decode_text(table[column], column)  # CSV labels arrive as bytes
+    problems.append(problem)
+    labels, problem = parse_labels(values, mapping)
+    problems.append(_prefixed(column, problem))
+    return labels
+
+
+def _constant_label(value: bool | None, n: int) -> pa.Array:
+    return pa.nulls(n, pa.bool_()) if value is None else pa.repeat(pa.scalar(value, pa.bool_()), n)
+
+
+def text_table(prompts: list[Any], harmful: bool) -> pa.Table:
+    """A prompt table from a Python list (the small packaged corpora): non-strings and strings that are not
+    valid Unicode (lone surrogates) are rejected one by one."""
+    try:
+        prompt = pa.array(prompts, pa.string())
+        reject = pa.nulls(len(prompts), pa.string())
+    except (pa.ArrowException, UnicodeEncodeError):
+        texts, reasons = zip(*(_python_text(p) for p in prompts)) if prompts else ((), ())
+        prompt, reject = pa.array(texts, pa.string()), pa.array(reasons, pa.string())
+    return pa.table({"prompt": prompt, "harmful": _constant_label(harmful, len(prompts)), "reject": reject})
+
+
+def _python_text(value: Any) -> tuple[str | None, str | None]:
+    if value is None:
+        return None, None
+    if not isinstance(value, str):
+        return repr(value), f"prompt is {type(value).__name__}, not a string"
+    try:
+        value.encode("utf-8")
         return value, None
-    if isinstance(value, (int, float)) and value in (0, 1):
-        return bool(value), None
-    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-        return value.strip().lower() in _TRUE, None
-    return None, f"label {value!r} is not boolean" + (" and not in label_map" if mapping else "")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "replace").decode(), "prompt is not valid Unicode (lone surrogate)"
 
 
-def _split_value(value: Any) -> str | None:
-    text = str(value).strip().lower()
-    return {"train": "train", "test": "test"}.get(text)
+# ------------------------------------------------------------------------------------- column operations
+
+
+_TEXT_TYPES = tuple(
+    getattr(pa.types, name) for name in
+    ("is_string", "is_large_string", "is_string_view", "is_binary", "is_large_binary", "is_binary_view", "is_null")
+    if hasattr(pa.types, name)  # the *_view types exist from pyarrow 16
+)
+
+
+def _is_text(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):  # e.g. a pandas categorical written to parquet
+        t = t.value_type
+    return any(check(t) for check in _TEXT_TYPES)
+
+
+def decode_text(values: AnyArray, name: str) -> tuple[AnyArray, AnyArray | None]:
+    """Strings (`pa.string()`) from a string or binary column, UTF-8 validated: parquet and CSV bytes are not
+    checked on read. Invalid cells get their text with U+FFFD replacements and a problem ('<name>: invalid
+    UTF-8'); columns that are not text pass unchanged.
+
+    The whole-chunk cast is the fast path; only a chunk that fails is looked at in slices, then cell by cell.
+    """
+    if pa.types.is_null(values.type):
+        return values.cast(pa.string()), None
+    if not _is_text(values.type):
+        return values, None
+    if pa.types.is_dictionary(values.type):
+        values = values.cast(values.type.value_type)
+    chunks = values.chunks if isinstance(values, pa.ChunkedArray) else [values]
+    decoded, problems = zip(*(_decode_chunk(c, name) for c in chunks)) if chunks else ((), ())
+    if all(p is None for p in problems):
+        return pa.chunked_array(decoded, pa.string()), None
+    problems = [pa.nulls(len(c), pa.string()) if p is None else p for c, p in zip(decoded, problems)]
+    return pa.chunked_array(decoded, pa.string()), pa.chunked_array(problems, pa.string())
+
+
+def _decode_chunk(chunk: pa.Array, name: str) -> tuple[pa.Array, pa.Array | None]:
+    wide = pa.types.is_large_string(chunk.type) or pa.types.is_large_binary(chunk.type)
+    raw, target = chunk.cast(pa.large_binary() if wide else pa.binary()), pa.string()
+    try:
+        return raw.cast(target), None
+    except pa.ArrowInvalid:
+        pass
+    texts, problems = [], []
+    for start in range(0, len(raw), _UTF8_SLICE_ROWS):
+        part = raw.slice(start, _UTF8_SLICE_ROWS)
+        try:
+            texts.append(part.cast(target))
+            problems.append(pa.nulls(len(part), pa.string()))
+        except pa.ArrowInvalid:
+            cells = [_decode_cell(b, name) for b in part.to_pylist()]
+            texts.append(pa.array([c[0] for c in cells], target))
+            problems.append(pa.array([c[1] for c in cells], pa.string()))
+    return pa.concat_arrays(texts), pa.concat_arrays(problems)
+
+
+def _decode_cell(value: bytes | None, name: str) -> tuple[str | None, str | None]:
+    if value is None:
+        return None, None
+    try:
+        return value.decode("utf-8"), None
+    except UnicodeDecodeError:
+        return value.decode("utf-8", "replace"), f"{name}: invalid UTF-8"
+
+
+def list_item(values: AnyArray, index: int) -> AnyArray:
+    """values[i][index] of a list column (negative from the end); null where a list is null or too short."""
+    chunks = values.chunks if isinstance(values, pa.ChunkedArray) else [values]
+    return pa.chunked_array([_list_item_chunk(c, index) for c in chunks], values.type.value_type)
+
+
+def _list_item_chunk(chunk: pa.Array, index: int) -> pa.Array:
+    # `offsets` honour the chunk's slice offset and index into `values`, the whole child array.
+    lengths = pc.fill_null(pc.list_value_length(chunk), 0).cast(pa.int64())
+    starts = chunk.offsets.slice(0, len(chunk)).cast(pa.int64())
+    position = pc.add(lengths, index) if index < 0 else pa.repeat(pa.scalar(index, pa.int64()), len(chunk))
+    ok = pc.and_(pc.greater_equal(position, 0), pc.less(position, lengths))
+    return pc.take(chunk.values, pc.if_else(ok, pc.add(starts, position), None))
+
+
+def join_extra_text(text: AnyArray, extra: AnyArray) -> AnyArray:
+    """'text\\n\\nextra' where the extra text is non-blank, else the text alone."""
+    blank = pc.or_(pc.equal(pc.binary_length(extra), 0), pc.utf8_is_space(extra))
+    use = pc.fill_null(pc.invert(blank), False)
+    return pc.if_else(use, pc.binary_join_element_wise(text, extra, "\n\n"), text)
+
+
+def parse_labels(values: AnyArray, mapping: dict[str, bool] | None) -> tuple[AnyArray, AnyArray]:
+    """(labels, problems): bools, 0/1, 'true'/'false'-like strings, or values looked up in `mapping`;
+    an unusable value gives a null label and a problem ("label 'x' is not boolean")."""
+    labels = _plain_labels(values)
+    if mapping is not None:
+        keys = pa.array(list(mapping), pa.string())
+        found = pc.index_in(_label_text(values), value_set=keys)
+        labels = pc.coalesce(pc.take(pa.array(list(mapping.values()), pa.bool_()), found), labels)
+    suffix = " and not in label_map" if mapping else ""
+    message = pc.binary_join_element_wise("label ", _python_repr(values), f" is not boolean{suffix}", "")
+    return labels, pc.if_else(pc.is_null(labels), message, pa.scalar(None, pa.string()))
+
+
+def _plain_labels(values: AnyArray) -> AnyArray:
+    t = values.type
+    if pa.types.is_boolean(t):
+        return values
+    if pa.types.is_integer(t) or pa.types.is_floating(t):
+        return pc.if_else(pc.is_in(values, pa.array([0, 1], t)), pc.not_equal(values, pa.scalar(0, t)), None)
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        norm = pc.utf8_lower(pc.utf8_trim_whitespace(values))
+        norm = pc.replace_substring_regex(norm, r"^([01])\.0*$", r"\1")  # '1.0' from a float column in a CSV
+        false = pc.if_else(pc.is_in(norm, pa.array(_FALSE)), False, None)
+        return pc.if_else(pc.is_in(norm, pa.array(_TRUE)), True, false)
+    return pa.nulls(len(values), pa.bool_())
+
+
+def _label_text(values: AnyArray) -> AnyArray:
+    """Values as `str(value)` spells them in Python, the form label_map keys are written in."""
+    if pa.types.is_boolean(values.type):
+        return pc.if_else(values, "True", "False")
+    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+        return values
+    if pa.types.is_integer(values.type) or pa.types.is_floating(values.type):
+        return values.cast(pa.string())
+    return pa.nulls(len(values), pa.string())
+
+
+def _python_repr(values: AnyArray) -> AnyArray:
+    """An approximation of repr(value) for messages: 'text' quoted, None for nulls."""
+    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+        text = pc.binary_join_element_wise("'", values.cast(pa.string()), "'", "")
+    elif pa.types.is_boolean(values.type) or pa.types.is_integer(values.type) or pa.types.is_floating(values.type):
+        text = _label_text(values)
+    else:
+        text = pa.repeat(pa.scalar(f"<{values.type}>"), len(values))
+    return pc.fill_null(text, "None")
+
+
+def parse_splits(values: AnyArray) -> tuple[AnyArray, AnyArray]:
+    """(split, problems): 'train' or 'test' (any case and padding), else null and a problem."""
+    text = values if pa.types.is_string(values.type) or pa.types.is_large_string(values.type) else _label_text(values)
+    norm = pc.utf8_lower(pc.utf8_trim_whitespace(text)).cast(pa.string())
+    split = pc.if_else(pc.is_in(norm, pa.array(_SPLITS)), norm, None)
+    message = pc.binary_join_element_wise(_python_repr(values), " is not 'train' or 'test'", "")
+    return split, pc.if_else(pc.is_null(split), message, pa.scalar(None, pa.string()))
+
+
+def _prefixed(column: str, problems: AnyArray) -> AnyArray:
+    return pc.binary_join_element_wise(f"{column}: ", problems, "")
+
+
+def join_problems(problems: list[AnyArray | None], n: int) -> AnyArray:
+    """Per row, the non-null problems joined with '; ' (null when there are none).
+
+    Folded pairwise: `binary_join_element_wise(null_handling='skip')` returns a short array in pyarrow 26.
+    """
+    result: AnyArray = pa.nulls(n, pa.string())
+    for problem in problems:
+        if problem is None:
+            continue
+        problem = problem.cast(pa.string())
+        both = pc.binary_join_element_wise(result, problem, "; ")
+        result = pc.if_else(pc.is_null(result), problem, pc.coalesce(both, result))
+    return result
