@@ -17,7 +17,7 @@ from guardray.storage import Location
 
 MARKER = "_SUCCESS"
 #: Bumped when a stage's output format changes, so old directories are not reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: features parts named by row range, dataset.parquet with 1,024-row row groups
 
 
 def stable_hash(payload: Any, length: int = 12) -> str:

@@ -11,7 +11,7 @@ import logging
 import sys
 from typing import Callable
 
-from guardray.errors import InputError, SpecError, StageError
+from guardray.errors import InputError, SpecError, StageError, one_line
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
@@ -172,20 +172,15 @@ def main(argv: list[str] | None = None) -> int:
         for line in e.problems:
             print(f"error: {line}", file=sys.stderr)
         return EXIT_INVALID
-    except InputError as e:
+    except (InputError, StageError) as e:  # one line the user can act on; exit 2 for bad input, 1 for a failure
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_INVALID
-    except StageError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_FAILED
+        return EXIT_INVALID if isinstance(e, InputError) else EXIT_FAILED
     except Exception as e:  # noqa: BLE001 - the CLI's last line of defence: one readable line
         if args.debug:
             raise
-        print(f"error: {type(e).__name__}: {' '.join(str(e).split())[:500]}", file=sys.stderr)
+        print(f"error: {type(e).__name__}: {one_line(e, 500)}", file=sys.stderr)
         return EXIT_FAILED
 
 

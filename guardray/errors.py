@@ -6,6 +6,11 @@ Anything else raised while running is a failure (exit 1); `StageError` is such a
 from __future__ import annotations
 
 
+def one_line(error: BaseException | str, limit: int = 300) -> str:
+    """An error's message on one line (whitespace collapsed), cut to `limit` characters, for logs and reasons."""
+    return " ".join(str(error).split())[:limit]
+
+
 class InputError(Exception):
     """Invalid user input. The message is one line per problem, naming the field, file or row."""
 

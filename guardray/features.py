@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -33,10 +35,10 @@ import pyarrow.parquet as pq
 
 from guardray.activations import Batch, capture, resolve_layers
 from guardray.datasets.assemble import DATASET_FILE
-from guardray.errors import StageError
+from guardray.errors import StageError, one_line
 from guardray.guard import GUARD_BACKENDS, GUARD_COLUMNS, Guard, guard_renderer, resolve_label_tokens
 from guardray.models import Encoded, LoadedModel, PromptRenderer, chat_renderer, load_model
-from guardray.shards import (ERRORS_DIR, PARTS_DIR, RangeReader, Shard, as_descriptors, dataset_rows,
+from guardray.shards import (ERRORS_DIR, ERRORS_SCHEMA, PARTS_DIR, PartCheck, RangeReader, Shard, as_descriptors, dataset_rows,
                              finished_shards, overlap_problem, part_schema, plan_shards, tiling_problem, verify_all)
 from guardray.spec import ExtractSpec, JobSpec
 from guardray.storage import Location, resolve
@@ -139,7 +141,7 @@ class FeatureExtractor:
                         self._store([r], step([encoded[r]]), results)
                     except Exception as e:  # noqa: BLE001
                         raise_device_failure(e)
-                        errors[r] = f"{step.__name__.strip('_')}: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
+                        errors[r] = f"{step.__name__.strip('_')}: {type(e).__name__}: {one_line(e)}"
 
     @staticmethod
     def _store(rows: list[int], columns: dict[str, np.ndarray], results: dict[int, dict[str, Any]]) -> None:
@@ -176,7 +178,7 @@ def raise_device_failure(error: Exception) -> None:
 
     accelerator_error = getattr(torch, "AcceleratorError", ())
     if isinstance(error, accelerator_error) or any(m in str(error) for m in DEVICE_FAILURE_MARKERS):
-        raise DeviceFailure(f"{type(error).__name__}: {' '.join(str(error).split())[:300]}") from error
+        raise DeviceFailure(f"{type(error).__name__}: {one_line(error)}") from error
 
 
 def _encode(renderer: PromptRenderer, prompts: Sequence[str], indices: Sequence[int], errors: dict[int, str],
@@ -293,35 +295,41 @@ def run_features(spec: JobSpec, inputs: dict[str, Location], out: Location) -> d
     """The features stage: verify what an earlier run left, run the missing row ranges, check exactly-once.
 
     The driver holds shard descriptors and per-shard summaries only; rows are read by the actors and the
-    exactly-once check runs next to the data (`shards.verify_all`).
+    exactly-once check runs in Ray tasks (`shards.verify_all`).
     """
     preflight(spec)
     dataset = inputs["dataset"].join(DATASET_FILE)
     total, _ = dataset_rows(dataset)
-    done = _keep_valid_parts(dataset, out, finished_shards(out))
+    for directory in (PARTS_DIR, ERRORS_DIR):  # what writers killed mid-write left (never a finished file)
+        out.join(directory).remove_temporaries()
+    kept = _keep_valid_parts(dataset, out, finished_shards(out))
+    done = [c.shard for c in kept]
     todo = plan_shards(done, total, spec.extract.rows_per_shard)
     log.info("features: %d prompts, %d rows already done in %d parts, %d shards to run",
              total, sum(s.rows for s in done), len(done), len(todo))
     budget = ErrorBudget(total, spec.extract.max_error_fraction)
+    budget.add(sum(c.errors for c in kept), [r for c in kept for r in c.first_reasons])  # failures of earlier runs
+    if budget.exceeded:
+        raise StageError(budget.message())
     started = time.perf_counter()
     run = _run_actor_pool(spec, dataset, out, todo, budget, len(done)) if todo else RunTally()
     wall = time.perf_counter() - started
     return _finish(dataset, out, total, run, len(done), wall, budget)
 
 
-def _keep_valid_parts(dataset: Location, out: Location, found: list[Shard]) -> list[Shard]:
+def _keep_valid_parts(dataset: Location, out: Location, found: list[Shard]) -> list[PartCheck]:
     """Parts an earlier run left that hold exactly their range; the others are deleted and redone."""
     if not found:
         return []
     valid = []
-    for check in verify_all(dataset, out, found):
+    for check in (check for checks, _ in verify_all(dataset, out, found) for check in checks):
         if check.problem is None:
-            valid.append(check.shard)
+            valid.append(check)
         else:
             log.warning("features: redoing %s: %s", check.shard.part_name, check.problem)
             out.join(PARTS_DIR, check.shard.part_name).delete_file()
-    valid.sort()
-    problem = overlap_problem(valid)
+    valid.sort(key=lambda c: c.shard)
+    problem = overlap_problem([c.shard for c in valid])
     if problem:  # overlapping parts cannot come from this code; refuse to guess which one is right
         raise StageError(f"features: the parts in {out.uri} overlap ({problem}); rerun with --force features")
     return valid
@@ -387,6 +395,9 @@ def pool_size(spec: ExtractSpec, accelerator: str, shards: int) -> tuple[int, in
     from guardray.accelerators import gpu_capacity
 
     most = spec.max_actors or (int(gpu_capacity() / spec.num_gpus_per_actor) if accelerator == "gpu" else 1)
+    if accelerator == "gpu" and not spec.max_actors and most < 2:
+        log.warning("features: actors: auto found no GPU capacity to grow into (none up, none declared by the "
+                    "autoscaler): the pool stays at 1 actor; set extract.max_actors")
     return 1, max(1, min(most, shards))
 
 
@@ -409,12 +420,21 @@ def _run_actor_pool(spec: JobSpec, dataset: Location, out: Location, todo: list[
     log.info("features: %d-%d actors, each %s", smallest, largest, actor_resources(extract, accelerator))
     progress = StageProgress("features", total=done + len(todo), done=done)
     tally = RunTally()
-    for summary in ds.iter_rows():  # one row per finished shard, as they finish
-        tally.add(summary)
-        budget.add(int(summary["errors"]), [summary["first_error"]])
-        progress.advance()
-        if budget.exceeded:  # stop spending GPU time on a job that cannot commit
-            raise StageError(budget.message())
+    rows = ds.iter_rows()
+    try:
+        for summary in rows:  # one row per finished shard, as they finish
+            tally.add(summary)
+            budget.add(int(summary["errors"]), [summary["first_error"]])
+            progress.advance()
+            if budget.exceeded:  # stop spending GPU time on a job that cannot commit
+                raise StageError(budget.message())
+    except Exception as e:  # noqa: BLE001 - an actor's one-line device error, not Ray's wrapped traceback
+        device_error = re.search(r"DeviceError: (node .*)", str(e))
+        if device_error:
+            raise StageError(f"features: {device_error.group(1).strip()}") from None
+        raise
+    finally:
+        getattr(rows, "close", lambda: None)()  # shut the executor (and its GPU actors) down now, not at GC
     return tally
 
 
@@ -438,17 +458,27 @@ def _map_shards(ds: Any, spec: JobSpec, dataset: Location, out: Location, accele
 def _finish(dataset: Location, out: Location, total: int, run: RunTally, skipped: int, wall: float,
             budget: ErrorBudget) -> dict[str, Any]:
     """Verify every part against the dataset (in Ray tasks), check the ranges tile it, merge the errors."""
-    checks = sorted(verify_all(dataset, out, finished_shards(out)), key=lambda c: c.shard)
-    bad = [c for c in checks if c.problem]
-    problem = tiling_problem([c.shard for c in checks], total)
-    if bad or problem:
-        detail = f"{bad[0].shard.part_name}: {bad[0].problem}" if bad else problem
-        raise StageError(f"features: exactly-once check failed: {len(bad)} bad parts; {detail}")
-    rows, errors = sum(c.rows for c in checks), sum(c.errors for c in checks)
-    budget.failed, budget.reasons = errors, [r for c in checks for r in c.first_reasons][:3]
-    if budget.exceeded:
-        raise StageError(budget.message())
-    _merge_errors(out, [c.shard for c in checks if c.errors])
+    for directory in (PARTS_DIR, ERRORS_DIR):  # a killed actor's half-written temporary, now that all are done
+        out.join(directory).remove_temporaries()
+    checks: list[PartCheck] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        merged = os.path.join(tmp, "errors.parquet")
+        with pq.ParquetWriter(merged, ERRORS_SCHEMA) as writer:  # one verify batch's error rows at a time
+            for batch, errors in verify_all(dataset, out, finished_shards(out)):
+                checks.extend(batch)
+                writer.write_table(errors)
+        checks.sort(key=lambda c: c.shard)
+        bad = [c for c in checks if c.problem]
+        problem = tiling_problem([c.shard for c in checks], total)
+        if bad or problem:
+            detail = f"{bad[0].shard.part_name}: {bad[0].problem}" if bad else problem
+            raise StageError(f"features: exactly-once check failed: {len(bad)} bad parts; {detail}")
+        rows, errors = sum(c.rows for c in checks), sum(c.errors for c in checks)
+        budget.failed, budget.reasons = errors, [r for c in checks for r in c.first_reasons][:3]
+        if budget.exceeded:
+            raise StageError(budget.message())
+        with open(merged, "rb") as f:
+            out.join("errors.parquet").write_bytes(f.read())
     return {
         "rows": rows,
         "errors": errors,
@@ -462,16 +492,6 @@ def _finish(dataset: Location, out: Location, total: int, run: RunTally, skipped
         "devices": run.devices,
         "columns": part_schema(out, checks[0].shard) if checks else [],
     }
-
-
-def _merge_errors(out: Location, shards: list[Shard]) -> None:
-    """errors.parquet: every failed prompt with its reason, streamed one shard's errors at a time."""
-    schema = pa.schema([("id", pa.string()), ("source", pa.string()), ("reason", pa.string())])
-    sink = pa.BufferOutputStream()
-    with pq.ParquetWriter(sink, schema) as writer:
-        for shard in shards:
-            writer.write_table(out.join(ERRORS_DIR, shard.errors_name).read_table().cast(schema))
-    out.join("errors.parquet").write_bytes(sink.getvalue().to_pybytes())
 
 
 def matrix(table: pa.Table, column: str) -> np.ndarray:

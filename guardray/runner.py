@@ -141,12 +141,20 @@ def run_job(spec: JobSpec, stages: list[str] | None = None, force: tuple[str, ..
     return results
 
 
+def peak_rss_mb() -> int | None:
+    """Peak RSS of this process's address space (Linux VmHWM; `ru_maxrss` would include a parent's RSS at fork)."""
+    try:
+        with open("/proc/self/status") as status:
+            line = next(line for line in status if line.startswith("VmHWM:"))
+        return round(int(line.split()[1]) / 1024)
+    except (OSError, StopIteration):
+        return None
+
+
 def _with_peak_rss(run: StageFn, spec: JobSpec, inputs: dict[str, Location], out: Location) -> dict[str, Any]:
     """Run a stage and add the worker's peak RSS to its summary (a worker may have run tasks before: an upper bound)."""
-    import resource
-
     summary = run(spec, inputs, out)
-    summary["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    summary["peak_rss_mb"] = peak_rss_mb()
     return summary
 
 
@@ -154,7 +162,11 @@ def _run_remote(stage: Stage, spec: JobSpec, inputs: dict[str, Location], out: L
     """Run a stage function in a Ray task; its one-line errors (bad input, failed stage) reach the CLI as such."""
     import ray
 
-    task = ray.remote(num_cpus=1, max_retries=0)(_with_peak_rss)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # On the driver's node: local source paths and a local output directory mean the same files there.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    task = ray.remote(num_cpus=1, max_retries=0, scheduling_strategy=here)(_with_peak_rss)
     try:
         return ray.get(task.remote(stage.run, spec, inputs, out))
     except ray.exceptions.RayTaskError as e:

@@ -5,9 +5,9 @@ fixed by the dataset stage's hash. Its output is named after the range (`part-<s
 `errors-<start>-<end>.parquet` for the prompts that failed), so what a file holds never depends on a setting
 outside the stage hash: a resume with another `rows_per_shard` keeps the finished ranges and cuts only the gaps.
 
-Workers read their own rows (`read_rows`: only the row groups that cover the range, only the columns asked
-for), so prompts never pass through the driver. `verify_parts` is the exactly-once check, run in Ray tasks next
-to the data: for every part it checks that the ids in the part and its errors file are exactly the dataset's ids
+Workers read their own rows (`RangeReader`: only the row groups that cover the range, only the columns asked
+for), so prompts never pass through the driver. `verify_parts` is the exactly-once check, run in Ray tasks
+(not on the driver): for every part it checks that the ids in the part and its errors file are exactly the dataset's ids
 of that range, once each. The driver then only checks that the verified ranges tile `[0, rows)`.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from guardray.errors import one_line
 from guardray.storage import Location, resolve
 
 PARTS_DIR, ERRORS_DIR = "parts", "errors"
@@ -81,10 +82,13 @@ def gaps(done: Sequence[Shard], total: int) -> list[Shard]:
 
 
 def plan_shards(done: Sequence[Shard], total: int, rows_per_shard: int) -> list[Shard]:
-    """The shards still to run: every gap cut into pieces of at most `rows_per_shard` rows."""
+    """The shards still to run: every gap cut on the grid of multiples of `rows_per_shard`, so shards line up
+    with the dataset's row groups (1,024 rows) when one size divides the other."""
     todo = []
     for gap in gaps(done, total):
-        todo.extend(Shard(s, min(s + rows_per_shard, gap.end)) for s in range(gap.start, gap.end, rows_per_shard))
+        first_cut = (gap.start // rows_per_shard + 1) * rows_per_shard
+        cuts = [gap.start, *range(first_cut, gap.end, rows_per_shard), gap.end]
+        todo.extend(Shard(a, b) for a, b in zip(cuts, cuts[1:]))
     return todo
 
 
@@ -123,10 +127,6 @@ class RangeReader:
         return table.slice(shard.start - self._starts[first], shard.rows)
 
 
-def read_rows(dataset: Location, shard: Shard, columns: list[str] | None = None) -> pa.Table:
-    return RangeReader(dataset).read(shard, columns)
-
-
 @dataclass(frozen=True)
 class PartCheck:
     """What `verify_parts` found for one part: its counts, or why it cannot be trusted."""
@@ -138,38 +138,51 @@ class PartCheck:
     first_reasons: tuple[str, ...] = ()
 
 
-def verify_parts(dataset_uri: str, out_uri: str, shards: Sequence[Shard]) -> list[PartCheck]:
-    """Check each shard's part + errors files against the dataset's ids of that range (runs in a Ray task)."""
+ERRORS_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("reason", pa.string())])
+
+
+def verify_parts(dataset_uri: str, out_uri: str, shards: Sequence[Shard]) -> tuple[list[PartCheck], pa.Table]:
+    """Check each shard's part + errors files against the dataset's ids of that range (runs in a Ray task).
+
+    Also returns the good shards' error rows, so the driver can merge `errors.parquet` without reading every
+    errors file itself (their size is bounded by the error budget)."""
     dataset, out = resolve(dataset_uri), resolve(out_uri)
     reader = RangeReader(dataset)
-    return [_check_one(reader, out, shard) for shard in shards]
+    checks, errors = [], []
+    for shard in shards:
+        check, error_rows = _check_one(reader, out, shard)
+        checks.append(check)
+        if error_rows is not None and error_rows.num_rows:
+            errors.append(error_rows)
+    return checks, pa.concat_tables(errors) if errors else ERRORS_SCHEMA.empty_table()
 
 
-def _check_one(reader: RangeReader, out: Location, shard: Shard) -> PartCheck:
+def _check_one(reader: RangeReader, out: Location, shard: Shard) -> tuple[PartCheck, pa.Table | None]:
     try:
         part = out.join(PARTS_DIR, shard.part_name).read_table(columns=["id"])
-        errors = out.join(ERRORS_DIR, shard.errors_name).read_table(columns=["id", "reason"])
-    except (OSError, pa.ArrowException) as e:  # truncated, half-written by an old run, or missing its errors file
-        return PartCheck(shard, problem=f"unreadable: {type(e).__name__}: {' '.join(str(e).split())[:200]}")
+        errors = out.join(ERRORS_DIR, shard.errors_name).read_table().select(ERRORS_SCHEMA.names).cast(ERRORS_SCHEMA)
+    except (FileNotFoundError, pa.ArrowInvalid) as e:  # truncated, half-written by an old run, or no errors file
+        return PartCheck(shard, problem=f"unreadable: {type(e).__name__}: {one_line(e, 200)}"), None
+    # Any other error (a network error from GCS) fails the task, which Ray retries: never delete a good part.
     written = np.concatenate([part.column("id").to_numpy(zero_copy_only=False),
                               errors.column("id").to_numpy(zero_copy_only=False)])
     expected = reader.read(shard, ["id"]).column("id").to_numpy(zero_copy_only=False)
     if len(written) != len(expected) or not np.array_equal(np.sort(written), np.sort(expected)):
-        return PartCheck(shard, problem=f"holds {len(written)} ids that are not the range's {len(expected)}")
+        return PartCheck(shard, problem=f"holds {len(written)} ids that are not the range's {len(expected)}"), None
     reasons = tuple(errors.column("reason").slice(0, 3).to_pylist())
-    return PartCheck(shard, rows=part.num_rows, errors=errors.num_rows, first_reasons=reasons)
+    return PartCheck(shard, rows=part.num_rows, errors=errors.num_rows, first_reasons=reasons), errors
 
 
-def verify_all(dataset: Location, out: Location, shards: Sequence[Shard]) -> Iterator[PartCheck]:
+def verify_all(dataset: Location, out: Location, shards: Sequence[Shard]) -> Iterator[tuple[list[PartCheck], pa.Table]]:
     """`verify_parts` over many shards as Ray tasks (one per PARTS_PER_CHECK parts), results as they finish."""
     import ray
 
-    task = ray.remote(num_cpus=0.5, max_retries=3)(verify_parts)
+    task = ray.remote(num_cpus=0.5, max_retries=3, retry_exceptions=[OSError])(verify_parts)
     pending = [task.remote(dataset.uri, out.uri, list(shards[i : i + PARTS_PER_CHECK]))
                for i in range(0, len(shards), PARTS_PER_CHECK)]
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
-        yield from ray.get(ready[0])
+        yield ray.get(ready[0])
 
 
 def part_schema(out: Location, shard: Shard) -> list[str]:

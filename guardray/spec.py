@@ -219,8 +219,8 @@ class ExtractSpec(Section):
         0.01, ge=0, le=1, description="Error budget: the stage fails (no _SUCCESS) when more prompts than this fail.")
     max_actor_restarts: int = Field(3, ge=0, description="Restarts of a crashed actor (e.g. after a CUDA error).")
     max_task_retries: int = Field(3, ge=0, description="Retries of a shard whose actor died while running it.")
-    # How the stage runs, not what it computes: the accelerator class belongs to the model path's numerics
-    # (dtype, device) and is hashed there, not here.
+    # How the stage runs, not what it computes. (The device class does change the numerics; like
+    # `model.device` it is still outside the hash: the GPU model-path issue adds it with dtype.)
     runtime_fields: ClassVar[frozenset[str]] = frozenset(
         {"accelerator", "actors", "max_actors", "batch_size", "max_tokens_per_batch", "rows_per_shard", "num_gpus_per_actor",
          "num_cpus_per_actor", "max_error_fraction", "max_actor_restarts", "max_task_retries"}

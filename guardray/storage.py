@@ -25,6 +25,11 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.fs as pafs  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
+#: Temporary files of atomic writes start with this (hidden from `*.parquet` listings and parquet datasets).
+TEMPORARY_PREFIX = ".tmp-"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 #: Environment variables a Ray worker needs to reach the same storage as the driver.
 STORAGE_ENV_VARS = ("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS")
 
@@ -96,11 +101,16 @@ class Location:
             with self.fs.open_output_stream(self.path) as f:
                 f.write(data)
             return
+        self._replace_atomically(lambda f: f.write(data))
+
+    def _replace_atomically(self, write: Any) -> None:
+        """Local disk: `write(file)` into a temporary name beside the target, fsync, then `os.replace`."""
         directory, name = os.path.split(self.path)
-        fd, temporary = tempfile.mkstemp(prefix=f".tmp-{name}-", dir=directory)
+        fd, temporary = tempfile.mkstemp(prefix=f"{TEMPORARY_PREFIX}{name}-", dir=directory)
         try:
+            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs keep the usual permissions
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                write(f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(temporary, self.path)
@@ -108,6 +118,16 @@ class Location:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
             raise
+
+    def remove_temporaries(self) -> int:
+        """Delete the `.tmp-*` files a killed writer left in this directory; returns how many."""
+        if self.is_gcs or not self.exists():
+            return 0
+        stale = [i.path for i in self.fs.get_file_info(pafs.FileSelector(self.path))
+                 if posixpath.basename(i.path).startswith(TEMPORARY_PREFIX)]
+        for path in stale:
+            self.fs.delete_file(path)
+        return len(stale)
 
     def read_bytes(self) -> bytes:
         with self.fs.open_input_stream(self.path) as f:
@@ -126,10 +146,15 @@ class Location:
         return json.loads(self.read_text())
 
     def write_table(self, table: pa.Table, row_group_size: int | None = None) -> None:
-        """One parquet file, written atomically; `row_group_size` bounds what a ranged read has to decode."""
-        buf = io.BytesIO()
-        pq.write_table(table, buf, row_group_size=row_group_size)
-        self.write_bytes(buf.getvalue())
+        """One parquet file, written atomically; `row_group_size` bounds what a ranged read has to decode.
+        On local disk it is written straight to the temporary file (no second copy of the file in memory)."""
+        if self.is_gcs or not isinstance(self.fs, pafs.LocalFileSystem):
+            buf = io.BytesIO()
+            pq.write_table(table, buf, row_group_size=row_group_size)
+            self.write_bytes(buf.getbuffer())
+            return
+        self.fs.create_dir(posixpath.dirname(self.path), recursive=True)
+        self._replace_atomically(lambda f: pq.write_table(table, f, row_group_size=row_group_size))
 
     def delete_file(self) -> None:
         """Remove one file if it exists (a part that failed validation)."""

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from guardray.errors import InputError
+from guardray.errors import InputError, one_line
 from guardray.storage import storage_env
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def client(address: str) -> Any:
     try:
         return JobSubmissionClient(address)
     except Exception as e:  # noqa: BLE001 - connection and auth errors become one line
-        raise InputError(f"--address {address}: cannot reach the Ray Jobs API: {' '.join(str(e).split())[:300]}") from e
+        raise InputError(f"--address {address}: cannot reach the Ray Jobs API: {one_line(e)}") from e
 
 
 def build_runtime_env(project: Path = PROJECT_ROOT, env_file: Path | None = RUNTIME_ENV_FILE) -> dict[str, Any]:

@@ -109,8 +109,8 @@ def _kill_leftovers(marker: str) -> None:
 def test_gpu_actors_make_the_autoscaler_launch_gpu_workers(fake_gpu_cluster: dict[str, Any], tmp_path: Path) -> None:
     model = build_tiny(tmp_path / "llama")
     spec = small_spec(str(tmp_path / "out"), model={"id": model, "max_length": 64},
-                      extract={"layers": [-1], "poolings": ["last"], "accelerator": "gpu", "actors": 2,
-                               "rows_per_shard": 8},
+                      extract={"layers": [-1], "poolings": ["last"], "accelerator": "gpu", "actors": "auto",
+                               "max_actors": 2, "rows_per_shard": 8},  # as the shipped GPU jobs
                       guard={"enabled": False})
     spec["dataset"]["sources"] = [{"type": "advbench", "limit": 16}, {"type": "sharegpt", "limit": 16}]
     path = write_spec(tmp_path / "job.yaml", spec)

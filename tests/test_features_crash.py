@@ -26,7 +26,7 @@ def _exactly_once(result: dict[str, Any], dataset_dir: str) -> None:
     expected = resolve(dataset_dir).join("dataset.parquet").read_table(columns=["id"]).column("id").to_pylist()
     assert len(ids) == len(set(ids)) and sorted(ids) == sorted(expected)
     for part in Path(result["dir"]).glob("parts/*"):  # every file whole, no temporary left behind
-        assert part.name.startswith("part-") and pq.ParquetFile(part).metadata.num_rows >= 0
+        assert part.name.startswith("part-") and pq.ParquetFile(part).metadata.num_rows >= 0, part.name
 
 
 def _feature_actor_pids() -> dict[str, int]:
@@ -94,3 +94,23 @@ def test_every_prompt_failing_exits_1_over_the_error_budget(ray_local: None, tmp
     assert "prompts failed, over the error budget of" in errors[0] and "activations: IndexError" in errors[0]
     stage = next((tmp_path / "out").glob("features-*"))
     assert not (stage / "_SUCCESS").exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine where torch sees no GPU")
+def test_a_gpu_that_torch_cannot_see_fails_in_one_line(tmp_path: Path) -> None:
+    """Ray advertises a GPU (`ray.num_gpus: 1`) on this CPU-only machine: the actor gets it, torch sees no CUDA
+    device, and the job fails with one line naming the node instead of silently running on the CPU."""
+    import subprocess
+    import sys
+
+    model = build_tiny(tmp_path / "llama")
+    path = write_spec(tmp_path / "job.yaml", small_spec(
+        str(tmp_path / "out"), ray={"address": "local", "num_cpus": 2, "num_gpus": 1},
+        model={"id": model, "max_length": 64},
+        extract={"layers": [-1], "poolings": ["last"], "accelerator": "gpu"}, guard={"enabled": False}))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_FAKE_CLUSTER"}
+    run = subprocess.run([sys.executable, "-m", "guardray", "run", str(path), "--stages", "features"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert run.returncode == 1 and len(errors) == 1, run.stderr[-3000:]
+    assert "Ray assigned GPU" in errors[0] and "sees no CUDA device" in errors[0] and "node " in errors[0]

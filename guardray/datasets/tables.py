@@ -21,7 +21,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
-from guardray.errors import InputError
+from guardray.errors import InputError, one_line
 from guardray.spec import LabelledColumns
 from guardray.storage import Location
 
@@ -81,7 +81,7 @@ def read_table(location: Location, fmt: str, wanted: dict[str, str]) -> RawTable
     except FileNotFoundError:
         raise InputError(f"{location.uri}: file not found") from None
     except (pa.ArrowException, OSError, ValueError) as e:
-        raise InputError(f"{location.uri}: cannot read as {fmt}: {' '.join(str(e).split())[:200]}") from None
+        raise InputError(f"{location.uri}: cannot read as {fmt}: {one_line(e, 200)}") from None
 
 
 def _check_columns(names: list[str], wanted: dict[str, str], origin: str) -> None:
