@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -19,7 +20,7 @@ import ray
 
 from tests.conftest import REPO
 
-BIN = REPO / ".venv" / "bin"
+BIN = Path(sys.executable).parent  # the venv running the tests
 NO_AGENT = "No available agent to submit job, please try again later."
 
 
