@@ -225,10 +225,8 @@ class FeatureActor:
         from guardray.metrics import ActorMetrics
 
         torch.set_num_threads(max(1, threads))
-        self.device = check_actor_device()
+        self.device = check_actor_device()  # `model.device: auto` then picks cuda exactly when this says so
         spec = JobSpec.model_validate(spec_json)
-        if self.device == "cpu" and spec.model.device == "auto":  # a fake GPU node: keep the model off "cuda"
-            spec = spec.model_copy(update={"model": spec.model.model_copy(update={"device": "cpu"})})
         self.extractor = FeatureExtractor.from_spec(spec)
         self.reader = RangeReader(resolve(dataset_uri))
         self.out = resolve(out_uri)
