@@ -5,7 +5,8 @@ question: a stage that only asks for GPUs when it sees them never makes the auto
 says what an actor needs (`accelerator: gpu | cpu | auto`), and the request is made whether or not such nodes
 are up yet. `auto` means a GPU when the cluster has GPU nodes, or declares GPU node types in the cluster
 config the autoscaler publishes (autoscaler v2, KubeRay); otherwise (a laptop, embedded Ray) the CPU, with
-one log line saying why. The features actors, the vLLM guard inside them, and the torch probe all use this.
+one log line saying why. The features actors and the torch probe use this; the vLLM guard runs inside a
+feature actor and so on whatever device the actor was given.
 """
 from __future__ import annotations
 
@@ -38,21 +39,32 @@ def declared_gpus() -> tuple[float, float]:
 
 def resolve_accelerator(requested: str, what: str) -> Accelerator:
     """`gpu` / `cpu` as given; `auto` → gpu when the cluster has or declares GPUs, else cpu (logged once)."""
-    if requested in ("gpu", "cpu"):
-        return requested  # type: ignore[return-value]
+    if requested == "cpu":
+        return "cpu"
     now, declared = declared_gpus()
+    if requested == "gpu":
+        if not now:
+            log.info("%s: asking for GPUs while none are up (%g declared): waiting for the autoscaler to add GPU "
+                     "nodes", what, min(declared, UNBOUNDED_GPUS))
+        return "gpu"
     if now or declared:
-        log.info("%s: accelerator auto -> gpu (%g GPUs up, %g declared by the autoscaler)", what, now, declared)
+        log.info("%s: accelerator auto -> gpu (%g GPUs up, %g declared by the autoscaler)", what, now,
+                 min(declared, UNBOUNDED_GPUS))
         return "gpu"
     log.info("%s: accelerator auto -> cpu (no GPU nodes and no GPU node types declared; "
              "on an autoscaling cluster whose autoscaler does not publish its node types, set accelerator: gpu)", what)
     return "cpu"
 
 
+#: Ray reports an unbounded node group (no max count) as sys.maxsize GPUs: not a number to size a pool by.
+UNBOUNDED_GPUS = 1e6
+
+
 def gpu_capacity() -> int:
-    """How many one-GPU actors the cluster can eventually hold: its GPUs, or the autoscaler's maximum."""
+    """How many one-GPU actors the cluster can eventually hold: its GPUs, or the autoscaler's maximum
+    (an unbounded node group counts as unknown: only the GPUs up now)."""
     now, declared = declared_gpus()
-    return int(max(now, declared))
+    return int(max(now, declared if declared < UNBOUNDED_GPUS else 0))
 
 
 def is_fake_cluster() -> bool:

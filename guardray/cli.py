@@ -6,7 +6,6 @@ readable line each (no traceback unless --debug).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from typing import Callable

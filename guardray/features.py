@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -262,7 +261,7 @@ class FeatureActor:
             "id": rows.column("id").take(pa.array(failed, pa.int64())),
             "source": rows.column("source").take(pa.array(failed, pa.int64())),
             "reason": pa.array([errors[i] for i in failed], pa.string()),
-        })
+        }).cast(ERRORS_SCHEMA)
         # errors first, part last (each atomic): an existing part file means the whole shard is done.
         self.out.join(ERRORS_DIR, shard.errors_name).write_table(error_table)
         self.out.join(PARTS_DIR, shard.part_name).write_table(table)
@@ -297,7 +296,7 @@ def run_features(spec: JobSpec, inputs: dict[str, Location], out: Location) -> d
     """
     preflight(spec)
     dataset = inputs["dataset"].join(DATASET_FILE)
-    total, _ = dataset_rows(dataset)
+    total = dataset_rows(dataset)
     for directory in (PARTS_DIR, ERRORS_DIR):  # what writers killed mid-write left (never a finished file)
         out.join(directory).remove_temporaries()
     kept = _keep_valid_parts(dataset, out, finished_shards(out))
@@ -389,12 +388,13 @@ def actor_resources(spec: ExtractSpec, accelerator: str) -> dict[str, float]:
 def pool_size(spec: ExtractSpec, accelerator: str, shards: int) -> tuple[int, int]:
     """(min, max) actors. 'auto' grows from 1 to `max_actors`, else to the GPUs the cluster has or declares."""
     if spec.actors != "auto":
-        return max(1, min(spec.actors, shards)), max(1, min(spec.actors, shards))
+        fixed = max(1, min(spec.actors, shards))
+        return fixed, fixed
     from guardray.accelerators import gpu_capacity
 
     most = spec.max_actors or (int(gpu_capacity() / spec.num_gpus_per_actor) if accelerator == "gpu" else 1)
     if accelerator == "gpu" and not spec.max_actors and most < 2:
-        log.warning("features: actors: auto found no GPU capacity to grow into (none up, none declared by the "
+        log.warning("features: actors: auto found at most one GPU to grow into (up or declared by the "
                     "autoscaler): the pool stays at 1 actor; set extract.max_actors")
     return 1, max(1, min(most, shards))
 
@@ -426,7 +426,11 @@ def _run_actor_pool(spec: JobSpec, dataset: Location, out: Location, todo: list[
             progress.advance()
             if budget.exceeded:  # stop spending GPU time on a job that cannot commit
                 raise StageError(budget.message())
+    except StageError:
+        raise
     except Exception as e:  # noqa: BLE001 - an actor's one-line device error, not Ray's wrapped traceback
+        # A failed actor constructor reaches the driver as Ray's ActorDiedError holding the remote traceback as
+        # text (no exception object to walk), so the DeviceError's own line is found in that text.
         device_error = re.search(r"DeviceError: (node .*)", str(e))
         if device_error:
             raise StageError(f"features: {device_error.group(1).strip()}") from None
@@ -459,24 +463,24 @@ def _finish(dataset: Location, out: Location, total: int, run: RunTally, skipped
     for directory in (PARTS_DIR, ERRORS_DIR):  # a killed actor's half-written temporary, now that all are done
         out.join(directory).remove_temporaries()
     checks: list[PartCheck] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        merged = os.path.join(tmp, "errors.parquet")
-        with pq.ParquetWriter(merged, ERRORS_SCHEMA) as writer:  # one verify batch's error rows at a time
+
+    def merge_errors(f: Any) -> None:  # errors.parquet streamed: one verify batch's error rows at a time
+        with pq.ParquetWriter(f, ERRORS_SCHEMA) as writer:
             for batch, errors in verify_all(dataset, out, finished_shards(out)):
                 checks.extend(batch)
                 writer.write_table(errors)
-        checks.sort(key=lambda c: c.shard)
-        bad = [c for c in checks if c.problem]
-        problem = tiling_problem([c.shard for c in checks], total)
-        if bad or problem:
-            detail = f"{bad[0].shard.part_name}: {bad[0].problem}" if bad else problem
-            raise StageError(f"features: exactly-once check failed: {len(bad)} bad parts; {detail}")
-        rows, errors = sum(c.rows for c in checks), sum(c.errors for c in checks)
-        budget.failed, budget.reasons = errors, [r for c in checks for r in c.first_reasons][:3]
-        if budget.exceeded:
-            raise StageError(budget.message())
-        with open(merged, "rb") as f:
-            out.join("errors.parquet").write_bytes(f.read())
+
+    out.join("errors.parquet").write_with(merge_errors)  # no _SUCCESS yet: harmless if a check below fails
+    checks.sort(key=lambda c: c.shard)
+    bad = [c for c in checks if c.problem]
+    problem = tiling_problem([c.shard for c in checks], total)
+    if bad or problem:
+        detail = f"{bad[0].shard.part_name}: {bad[0].problem}" if bad else problem
+        raise StageError(f"features: exactly-once check failed: {len(bad)} bad parts; {detail}")
+    rows, errors = sum(c.rows for c in checks), sum(c.errors for c in checks)
+    budget.failed, budget.reasons = errors, [r for c in checks for r in c.first_reasons][:3]
+    if budget.exceeded:
+        raise StageError(budget.message())
     return {
         "rows": rows,
         "errors": errors,

@@ -29,8 +29,8 @@ class Stage:
     needs_ray: bool = False
     #: A resumable stage keeps what an interrupted run left in its directory; others start over.
     resumable: bool = False
-    #: Runs in a Ray task (next to the data, off the driver) whenever this job uses Ray anyway, so the driver
-    #: of a cluster job never holds the prompts; inline when the job runs only such stages (no Ray start-up).
+    #: Runs in a Ray task (off the driver process) whenever this job uses Ray anyway, so the driver of a
+    #: cluster job never holds the prompts; inline when the job runs only such stages (no Ray start-up).
     offload: bool = False
 
 
@@ -158,15 +158,23 @@ def _with_peak_rss(run: StageFn, spec: JobSpec, inputs: dict[str, Location], out
     return summary
 
 
+def uses_local_paths(spec: JobSpec) -> bool:
+    """Whether the job reads or writes paths on the driver's own disk (output, file sources, HF mirrors)."""
+    paths = [spec.output, *(getattr(s, "path", None) or getattr(s, "mirror", None) for s in spec.dataset.sources)]
+    return any(p is not None and not p.startswith(("gs://", "hf://")) for p in paths)
+
+
 def _run_remote(stage: Stage, spec: JobSpec, inputs: dict[str, Location], out: Location) -> dict[str, Any]:
     """Run a stage function in a Ray task; its one-line errors (bad input, failed stage) reach the CLI as such."""
     import ray
 
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    # On the driver's node: local source paths and a local output directory mean the same files there.
+    # Local source paths or a local output directory mean files on the driver's node: run there. With
+    # everything on gs:// (or packaged in the image) any node with a free CPU will do.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    task = ray.remote(num_cpus=1, max_retries=0, scheduling_strategy=here)(_with_peak_rss)
+    options = {"scheduling_strategy": here} if uses_local_paths(spec) else {}
+    task = ray.remote(num_cpus=1, max_retries=0, **options)(_with_peak_rss)
     try:
         return ray.get(task.remote(stage.run, spec, inputs, out))
     except ray.exceptions.RayTaskError as e:

@@ -55,12 +55,16 @@ class Shard:
         return cls(int(m.group(1)), int(m.group(2))) if m else None
 
 
-def dataset_rows(dataset: Location) -> tuple[int, pa.Schema]:
-    """Row count and schema from the parquet footer: the driver never reads the rows themselves."""
-    dataset.refresh()
-    with dataset.fs.open_input_file(dataset.path) as f:
-        meta = pq.ParquetFile(f)
-        return meta.metadata.num_rows, meta.schema_arrow
+def footer(location: Location) -> pq.FileMetaData:
+    """A parquet file's footer (row count, row groups, schema) without reading its rows."""
+    location.refresh()
+    with location.fs.open_input_file(location.path) as f:
+        return pq.ParquetFile(f).metadata
+
+
+def dataset_rows(dataset: Location) -> int:
+    """Row count from the parquet footer: the driver never reads the rows themselves."""
+    return footer(dataset).num_rows
 
 
 def finished_shards(out: Location) -> list[Shard]:
@@ -116,7 +120,7 @@ class RangeReader:
 
     def __init__(self, location: Location):
         location.refresh()
-        self._file = pq.ParquetFile(location.fs.open_input_file(location.path))
+        self._file = pq.ParquetFile(location.fs.open_input_file(location.path))  # kept open for the actor's reads
         sizes = [self._file.metadata.row_group(i).num_rows for i in range(self._file.num_row_groups)]
         self._starts = np.concatenate([[0], np.cumsum(sizes)]).tolist()
 
@@ -177,7 +181,7 @@ def verify_all(dataset: Location, out: Location, shards: Sequence[Shard]) -> Ite
     """`verify_parts` over many shards as Ray tasks (one per PARTS_PER_CHECK parts), results as they finish."""
     import ray
 
-    task = ray.remote(num_cpus=0.5, max_retries=3, retry_exceptions=[OSError])(verify_parts)
+    task = ray.remote(num_cpus=0.5, max_retries=3, retry_exceptions=True)(verify_parts)
     pending = [task.remote(dataset.uri, out.uri, list(shards[i : i + PARTS_PER_CHECK]))
                for i in range(0, len(shards), PARTS_PER_CHECK)]
     while pending:
@@ -186,9 +190,7 @@ def verify_all(dataset: Location, out: Location, shards: Sequence[Shard]) -> Ite
 
 
 def part_schema(out: Location, shard: Shard) -> list[str]:
-    first = out.join(PARTS_DIR, shard.part_name)
-    with first.fs.open_input_file(first.path) as f:
-        return pq.ParquetFile(f).schema_arrow.names
+    return footer(out.join(PARTS_DIR, shard.part_name)).schema.to_arrow_schema().names
 
 
 def as_descriptors(shards: Sequence[Shard]) -> list[dict[str, Any]]:

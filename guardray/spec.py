@@ -18,7 +18,7 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from guardray.errors import SpecError
+from guardray.errors import SpecError, one_line
 
 
 class Section(BaseModel):
@@ -391,7 +391,7 @@ def _read_yaml(path: Path) -> Any:
     except DuplicateKeyError as e:
         raise SpecError([f"{path}: {e}"]) from None
     except yaml.YAMLError as e:
-        raise SpecError([f"{path}: not valid YAML: {' '.join(str(e).split())}"]) from None
+        raise SpecError([f"{path}: not valid YAML: {one_line(e, 10_000)}"]) from None
 
 
 def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = (), output: str | None = None) -> JobSpec:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import io
 import json
 import os
 import posixpath
@@ -27,8 +26,18 @@ import pyarrow.parquet as pq  # noqa: E402
 
 #: Temporary files of atomic writes start with this (hidden from `*.parquet` listings and parquet datasets).
 TEMPORARY_PREFIX = ".tmp-"
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
+
+
+def _umask() -> int:
+    """The process umask, read without setting it (os.umask would change it for every thread meanwhile)."""
+    try:
+        with open("/proc/self/status") as status:
+            return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    except (OSError, StopIteration, ValueError):
+        return 0o022
+
+
+_UMASK = _umask()
 
 #: Environment variables a Ray worker needs to reach the same storage as the driver.
 STORAGE_ENV_VARS = ("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS")
@@ -59,6 +68,11 @@ class Location:
     @property
     def is_gcs(self) -> bool:
         return self.uri.startswith("gs://")
+
+    @property
+    def is_local(self) -> bool:
+        """On local disk, where writes need a temporary name and a rename to be atomic."""
+        return isinstance(self.fs, pafs.LocalFileSystem)
 
     def join(self, *parts: str) -> "Location":
         return Location(self.fs, posixpath.join(self.path, *parts), posixpath.join(self.uri, *parts))
@@ -96,12 +110,7 @@ class Location:
         a process killed mid-write leaves only a `.tmp-*` file that no listing of `*.parquet` picks up. GCS
         objects only appear once their upload completes, so they are written directly.
         """
-        self.fs.create_dir(posixpath.dirname(self.path), recursive=True)
-        if self.is_gcs or not isinstance(self.fs, pafs.LocalFileSystem):
-            with self.fs.open_output_stream(self.path) as f:
-                f.write(data)
-            return
-        self._replace_atomically(lambda f: f.write(data))
+        self.write_with(lambda f: f.write(data))
 
     def _replace_atomically(self, write: Any) -> None:
         """Local disk: `write(file)` into a temporary name beside the target, fsync, then `os.replace`."""
@@ -119,9 +128,19 @@ class Location:
                 os.unlink(temporary)
             raise
 
+    def write_with(self, write: Any) -> None:
+        """Stream a file through `write(file)`, atomically (a temporary then a rename on local disk; a GCS
+        object appears whole when its upload completes), never holding the whole file in memory."""
+        self.fs.create_dir(posixpath.dirname(self.path), recursive=True)
+        if self.is_local:
+            self._replace_atomically(write)
+            return
+        with self.fs.open_output_stream(self.path) as f:
+            write(f)
+
     def remove_temporaries(self) -> int:
         """Delete the `.tmp-*` files a killed writer left in this directory; returns how many."""
-        if self.is_gcs or not self.exists():
+        if not self.is_local or not self.exists():
             return 0
         stale = [i.path for i in self.fs.get_file_info(pafs.FileSelector(self.path))
                  if posixpath.basename(i.path).startswith(TEMPORARY_PREFIX)]
@@ -146,15 +165,9 @@ class Location:
         return json.loads(self.read_text())
 
     def write_table(self, table: pa.Table, row_group_size: int | None = None) -> None:
-        """One parquet file, written atomically; `row_group_size` bounds what a ranged read has to decode.
-        On local disk it is written straight to the temporary file (no second copy of the file in memory)."""
-        if self.is_gcs or not isinstance(self.fs, pafs.LocalFileSystem):
-            buf = io.BytesIO()
-            pq.write_table(table, buf, row_group_size=row_group_size)
-            self.write_bytes(buf.getbuffer())
-            return
-        self.fs.create_dir(posixpath.dirname(self.path), recursive=True)
-        self._replace_atomically(lambda f: pq.write_table(table, f, row_group_size=row_group_size))
+        """One parquet file, written atomically and streamed (no in-memory copy of the file); `row_group_size`
+        bounds what a ranged read has to decode."""
+        self.write_with(lambda f: pq.write_table(table, f, row_group_size=row_group_size))
 
     def delete_file(self) -> None:
         """Remove one file if it exists (a part that failed validation)."""

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from guardray.datasets.sources import expected_rows, load_source
+from guardray.datasets.tables import SPLITS
 from guardray.spec import DatasetSpec, SplitSpec, SubsampleSpec
 from guardray.storage import Location
 
@@ -32,7 +33,6 @@ DATASET_FILE = "dataset.parquet"
 REJECTS_FILE = "rejects.parquet"
 CONFLICTS_FILE = "conflicts.parquet"
 CORE_COLUMNS = ["id", "prompt", "harmful", "source", "split"]
-SPLITS = ["train", "test"]
 CONFLICTS_SCHEMA = pa.schema([("prompt", pa.string()), ("sources", pa.list_(pa.string())),
                               ("labels", pa.list_(pa.bool_())), ("kept_label", pa.bool_())])
 #: Small row groups: the features stage reads dataset.parquet by row ranges and decodes only what it needs.
@@ -174,8 +174,8 @@ def hash_prompts(loaded: pa.Table, mask: np.ndarray) -> tuple[np.ndarray, np.nda
     text only for the output); the digest is the first 16 bytes of the prompt's own sha256, the dedupe key
     (a collision is ~1e-27 likely at a million rows). Hashing is a Python loop (hashlib per prompt) over the
     prompts' UTF-8 bytes, read from Arrow a batch at a time. It is cheaper than Arrow's exact
-    `dictionary_encode`, whose hash table holds two more copies of the text (measured on a million
-    900-character prompts: 2.9 GB instead of 1.6 GB peak RSS, and slower).
+    `dictionary_encode`, whose hash table holds two more copies of the text (measured once by hand,
+    not by a repo benchmark, on a million 900-character prompts: 2.9 GB instead of 1.6 GB peak RSS, and slower).
     """
     keys = np.zeros(loaded.num_rows, dtype=np.uint64)
     digests = np.zeros(loaded.num_rows, dtype="V16")

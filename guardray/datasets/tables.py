@@ -29,7 +29,7 @@ FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "json", ".csv": "c
 _INDEXED = re.compile(r"^(?P<column>.+)\[(?P<index>-?\d+)\]$")
 _TRUE = ["true", "1", "yes", "y", "t"]
 _FALSE = ["false", "0", "no", "n", "f"]
-_SPLITS = ["train", "test"]
+SPLITS = ["train", "test"]
 #: First try at the CSV/JSON reader's block size; a row larger than a block is retried with one block.
 _BLOCK_BYTES = 16 << 20
 _MAX_BLOCK_BYTES = (1 << 31) - 1
@@ -459,7 +459,7 @@ def parse_splits(values: AnyArray) -> tuple[AnyArray, AnyArray]:
     """(split, problems): 'train' or 'test' (any case and padding), else null and a problem."""
     text = values if pa.types.is_string(values.type) or pa.types.is_large_string(values.type) else _label_text(values)
     norm = pc.utf8_lower(pc.utf8_trim_whitespace(text)).cast(pa.string())
-    split = pc.if_else(pc.is_in(norm, pa.array(_SPLITS)), norm, None)
+    split = pc.if_else(pc.is_in(norm, pa.array(SPLITS)), norm, None)
     message = pc.binary_join_element_wise(_python_repr(values), " is not 'train' or 'test'", "")
     return split, pc.if_else(pc.is_null(split), message, pa.scalar(None, pa.string()))
 

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 
 from guardray.features import labelled, matrix
 from guardray.shards import PARTS_DIR
-from guardray.accelerators import gpu_capacity, resolve_accelerator
+from guardray.accelerators import gpu_capacity
 from guardray.spec import TorchProbeSpec
 from guardray.storage import Location
 
@@ -123,8 +123,9 @@ def train_torch_probe(spec: TorchProbeSpec, features: Location, column: str, tar
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    use_gpu = spec.use_gpu if spec.use_gpu != "auto" else (
-        resolve_accelerator("auto", "torch probe") == "gpu" and gpu_capacity() >= spec.workers)
+    # auto: GPUs when the cluster has, or its autoscaler declares, one per training worker
+    use_gpu = spec.use_gpu if spec.use_gpu != "auto" else gpu_capacity() >= spec.workers
+    log.info("torch probe: use_gpu=%s (%s)", bool(use_gpu), spec.use_gpu)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"dim": dim, "batch_size": spec.batch_size, "lr": spec.lr,
