@@ -19,7 +19,8 @@ import torch
 from guardray.activations import resolve_layers
 from guardray.datasets.assemble import subsample
 from guardray.features import FeatureExtractor
-from guardray.models import LoadedModel, chat_renderer, load_model, load_tokenizer
+from guardray.models import LoadedModel, load_model, load_tokenizer
+from guardray.rendering import chat_renderer
 from guardray.spec import ExtractSpec, ModelSpec, SubsampleSpec
 
 
@@ -73,7 +74,7 @@ def guardray_path(loaded: LoadedModel, prompts: list[str], layers: list[int], ba
     spec = loaded.spec.model_copy(update={"max_length": max_length})
     loaded = LoadedModel(spec, loaded.model, loaded.tokenizer, loaded.device)
     extract = ExtractSpec(layers=tuple(layers), poolings=("last",), batch_size=batch_size)
-    extractor = FeatureExtractor(loaded, chat_renderer(loaded), layers, extract.poolings, extract)
+    extractor = FeatureExtractor(loaded, chat_renderer(loaded.tokenizer, loaded.spec), layers, extract.poolings, extract)
     start = time.perf_counter()
     extractor.process(prompts)
     _sync(loaded)

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 
 from guardray.errors import InputError
-from guardray.models import Encoded
+from guardray.rendering import Encoded
 
 #: Attribute paths of the decoder block list in common architectures (Llama/Mistral/Qwen/Gemma, GPT-2, NeoX...).
 LAYER_PATHS = ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers",

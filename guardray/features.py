@@ -36,7 +36,8 @@ from guardray.activations import Batch, capture, resolve_layers
 from guardray.datasets.assemble import DATASET_FILE
 from guardray.errors import StageError, one_line
 from guardray.guard import GUARD_BACKENDS, GUARD_COLUMNS, Guard, guard_renderer, resolve_label_tokens
-from guardray.models import Encoded, LoadedModel, PromptRenderer, chat_renderer, load_model
+from guardray.models import LoadedModel, load_model
+from guardray.rendering import Encoded, PromptRenderer, chat_renderer
 from guardray.shards import (ERRORS_DIR, ERRORS_SCHEMA, PARTS_DIR, PartCheck, RangeReader, Shard, as_descriptors, dataset_rows,
                              finished_shards, overlap_problem, part_schema, plan_shards, tiling_problem, verify_all)
 from guardray.spec import ExtractSpec, JobSpec
@@ -96,7 +97,7 @@ class FeatureExtractor:
         chat = load_model(spec.model)
         guard = GUARD_BACKENDS[spec.guard.backend](chat, spec) if spec.guard.enabled else None
         layers = resolve_layers(spec.extract.layers, chat.num_layers)
-        return cls(chat, chat_renderer(chat), layers, spec.extract.poolings, spec.extract, guard)
+        return cls(chat, chat_renderer(chat.tokenizer, chat.spec), layers, spec.extract.poolings, spec.extract, guard)
 
     @property
     def columns(self) -> list[str]:
@@ -280,10 +281,10 @@ def preflight(spec: JobSpec) -> None:
     from guardray.models import load_config, load_tokenizer
 
     resolve_layers(spec.extract.layers, int(load_config(spec.model).num_hidden_layers))
-    chat = LoadedModel(spec.model, None, load_tokenizer(spec.model), None)  # type: ignore[arg-type]
-    chat_renderer(chat)
+    chat_tokenizer = load_tokenizer(spec.model)
+    chat_renderer(chat_tokenizer, spec.model)
     if spec.guard.enabled:
-        tokenizer = chat.tokenizer if spec.guard_is_chat else load_tokenizer(spec.guard_model)
+        tokenizer = chat_tokenizer if spec.guard_is_chat else load_tokenizer(spec.guard_model)
         guard_renderer(tokenizer, spec.guard_model, spec.guard)
         resolve_label_tokens(tokenizer, spec.guard)
 

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from guardray.errors import InputError
-from guardray.models import Encoded, LoadedModel, PromptRenderer, chat_template, load_model, load_tokenizer
+from guardray.models import LoadedModel, load_model, load_tokenizer
+from guardray.rendering import Encoded, PromptRenderer, chat_template
 from guardray.spec import GuardSpec, JobSpec, ModelSpec
 
 HAZARDS = """S1: Violent Crimes.

@@ -19,7 +19,8 @@ import torch
 
 from guardray.errors import InputError
 from guardray.guard import guard_columns, guard_renderer, resolve_label_tokens
-from guardray.models import Encoded, PromptRenderer, resolve_model_path
+from guardray.models import resolve_model_path
+from guardray.rendering import Encoded, PromptRenderer
 from guardray.spec import GuardSpec, ModelSpec
 
 log = logging.getLogger(__name__)

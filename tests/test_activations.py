@@ -11,7 +11,8 @@ from guardray.activations import Batch, capture, decoder_layers, pool, resolve_l
 from guardray.errors import InputError
 from guardray.features import length_batches
 from guardray.guard import HFGuard, guard_columns, resolve_label_tokens
-from guardray.models import LoadedModel, chat_renderer, load_model
+from guardray.models import LoadedModel, load_model
+from guardray.rendering import chat_renderer
 from guardray.spec import GuardSpec, ModelSpec
 from tests.models import build_tiny
 
@@ -31,7 +32,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
 
 
 def _batch(loaded: LoadedModel, prompts: list[str]) -> tuple[Batch, list]:
-    renderer = chat_renderer(loaded)
+    renderer = chat_renderer(loaded.tokenizer, loaded.spec)
     encoded = [renderer.encode(p) for p in prompts]
     return Batch.build(encoded, loaded.tokenizer.pad_token_id, loaded.device), encoded
 
@@ -74,7 +75,7 @@ def test_early_stop_skips_upper_blocks(smol: LoadedModel) -> None:
 
 
 def test_long_prompt_still_ends_with_the_generation_prompt(smol: LoadedModel) -> None:
-    renderer = chat_renderer(load_model(ModelSpec(max_length=64)))
+    renderer = chat_renderer(smol.tokenizer, ModelSpec(max_length=64))
     text = " ".join(f"word{i}" for i in range(300))
     encoded = renderer.encode(text)
     assert len(encoded.ids) == 64 and encoded.truncated and encoded.n_tokens > 300
@@ -87,7 +88,7 @@ def test_long_prompt_still_ends_with_the_generation_prompt(smol: LoadedModel) ->
 
 
 def test_start_truncation_keeps_the_start(smol: LoadedModel) -> None:
-    renderer = chat_renderer(load_model(ModelSpec(max_length=64, truncation="start")))
+    renderer = chat_renderer(smol.tokenizer, ModelSpec(max_length=64, truncation="start"))
     encoded = renderer.encode(" ".join(f"word{i}" for i in range(300)))
     user = smol.tokenizer.decode(encoded.ids[encoded.user_start:encoded.user_end])
     assert user.startswith("word0") and "word299" not in user
@@ -95,7 +96,7 @@ def test_start_truncation_keeps_the_start(smol: LoadedModel) -> None:
 
 
 def test_rendering_matches_the_tokenizers_own_template(smol: LoadedModel) -> None:
-    renderer = chat_renderer(smol)
+    renderer = chat_renderer(smol.tokenizer, smol.spec)
     for prompt in PROMPTS:
         expected = smol.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
                                                       add_generation_prompt=True)
