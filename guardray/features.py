@@ -20,6 +20,7 @@ prompt's features and scores in one row written once. See README for when two ac
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -36,9 +37,9 @@ from guardray.activations import Batch, capture, resolve_layers
 from guardray.datasets.assemble import DATASET_FILE
 from guardray.errors import StageError, one_line
 from guardray.guard import GUARD_BACKENDS, GUARD_COLUMNS, Guard, guard_renderer, resolve_label_tokens
-from guardray.models import LoadedModel, load_model
+from guardray.models import LoadedModel, load_model, numerics
 from guardray.rendering import Encoded, PromptRenderer, chat_renderer
-from guardray.shards import (ERRORS_DIR, ERRORS_SCHEMA, PARTS_DIR, PartCheck, RangeReader, Shard, as_descriptors, dataset_rows,
+from guardray.shards import (ERRORS_DIR, ERRORS_SCHEMA, NUMERICS_KEY, PARTS_DIR, PartCheck, RangeReader, Shard, as_descriptors, dataset_rows,
                              finished_shards, overlap_problem, part_schema, plan_shards, tiling_problem, verify_all)
 from guardray.spec import ExtractSpec, JobSpec
 from guardray.storage import Location, resolve
@@ -103,6 +104,12 @@ class FeatureExtractor:
     def columns(self) -> list[str]:
         return [feature_column(p, layer) for layer in self.layers for p in self.poolings]
 
+    @property
+    def numerics(self) -> str:
+        """The resolved device, dtype and attention of the chat model and the guard, as one JSON string."""
+        resolved = {"chat": numerics(self.chat), "guard": self.guard.numerics() if self.guard else None}
+        return json.dumps(resolved, sort_keys=True)
+
     def process(self, prompts: Sequence[str]) -> tuple[dict[str, Any], dict[int, str]]:
         """Columns for every prompt that succeeded (in input order) and {index: reason} for the rest."""
         errors: dict[int, str] = {}
@@ -163,6 +170,10 @@ class FeatureExtractor:
         return self.guard.score(encoded)
 
 
+class NumericsMismatch(RuntimeError):
+    """An actor would compute with other numerics (device, dtype, attention) than the parts already kept."""
+
+
 class DeviceFailure(RuntimeError):
     """The accelerator itself failed (CUDA error, device-side assert): not the prompt's fault."""
 
@@ -217,7 +228,8 @@ class FeatureActor:
     GPU it was given is usable, and returns one small summary per shard (node, device, counts, timings).
     """
 
-    def __init__(self, spec_json: dict[str, Any], dataset_uri: str, out_uri: str, threads: int):
+    def __init__(self, spec_json: dict[str, Any], dataset_uri: str, out_uri: str, threads: int,
+                 expected_numerics: str | None = None):
         import ray
         import torch
 
@@ -232,6 +244,12 @@ class FeatureActor:
         self.out = resolve(out_uri)
         self.store_dtype = spec.extract.store_dtype
         self.node_id = ray.get_runtime_context().get_node_id()
+        self.numerics = self.extractor.numerics
+        if expected_numerics and self.numerics != expected_numerics:
+            raise NumericsMismatch(
+                f"node {self.node_id[:12]} computes with {self.numerics}, but the parts already in {out_uri} were "
+                f"computed with {expected_numerics}: pin model.dtype and model.device (or extract.accelerator) "
+                "to match them, or rerun with --force features")
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         self.metrics = ActorMetrics(model=spec.model.id)
 
@@ -257,6 +275,7 @@ class FeatureActor:
         ok = columns.pop("_index")
         meta = rows.select([*META_COLUMNS, *extra])
         table = to_table(meta.take(pa.array(ok, pa.int64())), columns, self.store_dtype)
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), NUMERICS_KEY: self.numerics})
         failed = sorted(errors)
         error_table = pa.table({
             "id": rows.column("id").take(pa.array(failed, pa.int64())),
@@ -310,9 +329,22 @@ def run_features(spec: JobSpec, inputs: dict[str, Location], out: Location) -> d
     if budget.exceeded:
         raise StageError(budget.message())
     started = time.perf_counter()
-    run = _run_actor_pool(spec, dataset, out, todo, budget, len(done)) if todo else RunTally()
+    expected = _one_numerics(kept, out) if kept else None
+    run = _run_actor_pool(spec, dataset, out, todo, budget, len(done), expected) if todo else RunTally()
     wall = time.perf_counter() - started
     return _finish(dataset, out, total, run, len(done), wall, budget)
+
+
+def _one_numerics(checks: list[PartCheck], out: Location) -> str:
+    """The numerics every part was computed with; parts computed differently must never sit side by side."""
+    counts: dict[str, int] = {}
+    for check in checks:
+        counts[check.numerics] = counts.get(check.numerics, 0) + 1
+    if len(counts) > 1:
+        found = "; ".join(f"{n} parts with {numerics or 'unrecorded numerics'}" for numerics, n in counts.items())
+        raise StageError(f"features: the parts in {out.uri} were computed with different numerics ({found}); "
+                         "pin model.dtype and model.device (or extract.accelerator) and rerun with --force features")
+    return next(iter(counts))
 
 
 def _keep_valid_parts(dataset: Location, out: Location, found: list[Shard]) -> list[PartCheck]:
@@ -401,7 +433,7 @@ def pool_size(spec: ExtractSpec, accelerator: str, shards: int) -> tuple[int, in
 
 
 def _run_actor_pool(spec: JobSpec, dataset: Location, out: Location, todo: list[Shard], budget: ErrorBudget,
-                    done: int) -> RunTally:
+                    done: int, expected_numerics: str | None) -> RunTally:
     """Stream the shards through the actor pool; stop as soon as the error budget is spent."""
     import ray
 
@@ -415,7 +447,7 @@ def _run_actor_pool(spec: JobSpec, dataset: Location, out: Location, todo: list[
     ds = ray.data.from_items(as_descriptors(todo), override_num_blocks=len(todo))
     with warnings.catch_warnings():  # restarts/retries are only accepted as plain remote args (Ray 2.60)
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
-        ds = _map_shards(ds, spec, dataset, out, accelerator, threads, smallest, largest)
+        ds = _map_shards(ds, spec, dataset, out, accelerator, threads, smallest, largest, expected_numerics)
     log.info("features: %d-%d actors, each %s", smallest, largest, actor_resources(extract, accelerator))
     progress = StageProgress("features", total=done + len(todo), done=done)
     tally = RunTally()
@@ -432,7 +464,7 @@ def _run_actor_pool(spec: JobSpec, dataset: Location, out: Location, todo: list[
     except Exception as e:  # noqa: BLE001 - an actor's one-line device error, not Ray's wrapped traceback
         # A failed actor constructor reaches the driver as Ray's ActorDiedError holding the remote traceback as
         # text (no exception object to walk), so the DeviceError's own line is found in that text.
-        device_error = re.search(r"DeviceError: (node .*)", str(e))
+        device_error = re.search(r"(?:DeviceError|NumericsMismatch): (node .*)", str(e))
         if device_error:
             raise StageError(f"features: {device_error.group(1).strip()}") from None
         raise
@@ -442,14 +474,14 @@ def _run_actor_pool(spec: JobSpec, dataset: Location, out: Location, todo: list[
 
 
 def _map_shards(ds: Any, spec: JobSpec, dataset: Location, out: Location, accelerator: str, threads: int,
-                smallest: int, largest: int) -> Any:
+                smallest: int, largest: int, expected_numerics: str | None) -> Any:
     import ray
 
     extract = spec.extract
     return ds.map_batches(
         FeatureActor,
         fn_constructor_kwargs={"spec_json": spec.model_dump(mode="json"), "dataset_uri": dataset.uri,
-                               "out_uri": out.uri, "threads": threads},
+                               "out_uri": out.uri, "threads": threads, "expected_numerics": expected_numerics},
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(min_size=smallest, max_size=largest),
         max_restarts=extract.max_actor_restarts,
@@ -478,6 +510,7 @@ def _finish(dataset: Location, out: Location, total: int, run: RunTally, skipped
     if bad or problem:
         detail = f"{bad[0].shard.part_name}: {bad[0].problem}" if bad else problem
         raise StageError(f"features: exactly-once check failed: {len(bad)} bad parts; {detail}")
+    numerics = _one_numerics(checks, out) if checks else ""
     rows, errors = sum(c.rows for c in checks), sum(c.errors for c in checks)
     budget.failed, budget.reasons = errors, [r for c in checks for r in c.first_reasons][:3]
     if budget.exceeded:
@@ -493,6 +526,7 @@ def _finish(dataset: Location, out: Location, total: int, run: RunTally, skipped
         "tokens_per_s": round(run.tokens / wall, 1) if wall and run.tokens else None,
         "nodes": run.nodes,
         "devices": run.devices,
+        "numerics": json.loads(numerics) if numerics else None,
         "columns": part_schema(out, checks[0].shard) if checks else [],
     }
 

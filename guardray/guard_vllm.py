@@ -19,7 +19,7 @@ import torch
 
 from guardray.errors import InputError
 from guardray.guard import guard_columns, guard_renderer, resolve_label_tokens
-from guardray.models import resolve_model_path
+from guardray.models import resolve_dtype, resolve_model_path
 from guardray.rendering import Encoded, PromptRenderer
 from guardray.spec import GuardSpec, ModelSpec
 
@@ -47,12 +47,14 @@ def _vllm() -> Any:
 
 
 def engine_args(model: ModelSpec, spec: GuardSpec, on_gpu: bool) -> dict[str, Any]:
-    """Keyword arguments for `vllm.LLM`: the model's dtype and revision, room for the prompt plus one token,
-    then the CPU defaults, then the spec's `vllm_engine_args` (which win)."""
+    """Keyword arguments for `vllm.LLM`: the model's dtype (resolved as the HF backend resolves it, so both
+    backends compute in the same precision) and revision, room for the prompt plus one token, then the CPU
+    defaults, then the spec's `vllm_engine_args` (which win)."""
+    device = torch.device("cuda" if on_gpu else "cpu")
     args: dict[str, Any] = {
         "model": resolve_model_path(model.id),
         "revision": model.revision,
-        "dtype": model.dtype,
+        "dtype": str(resolve_dtype(model.dtype, device)).removeprefix("torch."),
         "trust_remote_code": model.trust_remote_code,
         "max_model_len": spec.max_length + 1,
         "enable_prefix_caching": True,
@@ -71,6 +73,13 @@ class VLLMGuard:
     safe_id: int
     unsafe_id: int
     params: Any
+
+    def numerics(self) -> dict[str, str]:
+        """What the engine computes with, recorded in every part beside the chat model's numerics."""
+        config = self.llm.llm_engine.model_config
+        return {"backend": "vllm", "device": "cuda" if torch.cuda.is_available() else "cpu",
+                "dtype": str(config.dtype).removeprefix("torch."),
+                "quantization": str(config.quantization), "vllm": _vllm().__version__}
 
     @classmethod
     def create(cls, model: ModelSpec, spec: GuardSpec, tokenizer: Any) -> "VLLMGuard":

@@ -107,6 +107,35 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bf16 on a CUDA device that computes it natively (Ampere and later), else fp16 there; fp32 on the
+    CPU, where half precision is emulated and slower. An explicit dtype is kept as given."""
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return torch.float32
+
+
+def choose_attention(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The attention kernel to load. flash_attention_2 needs the flash_attn package, a CUDA device and half
+    precision (it has no fp32 kernel); anywhere else it falls back to SDPA with one log line saying why."""
+    if requested != "flash_attention_2":
+        return requested
+    missing = [why for why, bad in (("flash_attn is not installed", importlib.util.find_spec("flash_attn") is None),
+                                    (f"the device is {device.type}", device.type != "cuda"),
+                                    (f"the dtype is {_dtype_name(dtype)}", dtype not in (torch.float16, torch.bfloat16)))
+               if bad]
+    if missing:
+        log.warning("flash_attention_2 unavailable (%s); using sdpa", ", ".join(missing))
+        return "sdpa"
+    return requested
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 @dataclass
 class LoadedModel:
     """A model, its tokenizer and the spec they came from."""
@@ -139,24 +168,27 @@ def load_config(spec: ModelSpec) -> Any:
 
 
 def load_model(spec: ModelSpec) -> LoadedModel:
-    """Load tokenizer and causal LM in eval mode on the configured device and dtype."""
+    """Load tokenizer and causal LM in eval mode, weights placed straight on the device in the resolved dtype.
+
+    `device_map` makes transformers materialise each weight on the target device as it is read, so a GPU actor
+    never holds a second, full copy of the model in host RAM (as `from_pretrained(...).to(device)` does).
+    """
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(spec.id)
     device = resolve_device(spec.device)
-    kwargs: dict[str, Any] = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
+    dtype = resolve_dtype(spec.dtype, device)
     tokenizer = load_tokenizer(spec)
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=DTYPES[spec.dtype], attn_implementation=_attention(spec, device), **kwargs
+        path, dtype=dtype, attn_implementation=choose_attention(spec.attn_implementation, device, dtype),
+        device_map={"": str(device)}, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
     )
-    model.to(device).eval()
+    model.eval()
     return LoadedModel(spec, model, tokenizer, device)
 
 
-def _attention(spec: ModelSpec, device: torch.device) -> str | None:
-    """flash_attention_2 only where installed and on a GPU; otherwise fall back to sdpa."""
-    wanted = spec.attn_implementation
-    if wanted == "flash_attention_2" and (device.type != "cuda" or importlib.util.find_spec("flash_attn") is None):
-        log.warning("flash_attention_2 unavailable here; using sdpa")
-        return "sdpa"
-    return wanted
+def numerics(loaded: LoadedModel) -> dict[str, str]:
+    """What decides a model's numbers beyond its weights, as resolved on this worker (recorded in every part)."""
+    config = loaded.model.config
+    return {"device": loaded.device.type, "dtype": _dtype_name(loaded.model.dtype),
+            "attention": str(getattr(config, "_attn_implementation", None))}

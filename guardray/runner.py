@@ -48,7 +48,7 @@ def _features_stage(spec: JobSpec, inputs: dict[str, Location], out: Location) -
 
 def _features_key(spec: JobSpec) -> dict[str, Any]:
     return {"model": spec.model.cache_payload(), "extract": spec.extract.cache_payload(),
-            "guard": spec.guard.cache_payload()}
+            "guard": spec.guard.cache_payload(), "device_class": spec.device_class}
 
 
 def _probes_stage(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dict[str, Any]:

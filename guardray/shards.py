@@ -140,6 +140,12 @@ class PartCheck:
     errors: int = 0
     problem: str | None = None
     first_reasons: tuple[str, ...] = ()
+    numerics: str = ""  # the part's NUMERICS_KEY metadata: what its activations were computed with
+
+
+#: Parquet schema metadata key of every part: JSON of the device, dtype, attention and guard backend that
+#: computed it, as resolved on the actor. A stage directory must not mix numerics across parts.
+NUMERICS_KEY = b"guardray.numerics"
 
 
 ERRORS_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("reason", pa.string())])
@@ -174,7 +180,9 @@ def _check_one(reader: RangeReader, out: Location, shard: Shard) -> tuple[PartCh
     if len(written) != len(expected) or not np.array_equal(np.sort(written), np.sort(expected)):
         return PartCheck(shard, problem=f"holds {len(written)} ids that are not the range's {len(expected)}"), None
     reasons = tuple(errors.column("reason").slice(0, 3).to_pylist())
-    return PartCheck(shard, rows=part.num_rows, errors=errors.num_rows, first_reasons=reasons), errors
+    numerics = (part.schema.metadata or {}).get(NUMERICS_KEY, b"").decode()
+    return PartCheck(shard, rows=part.num_rows, errors=errors.num_rows, first_reasons=reasons,
+                     numerics=numerics), errors
 
 
 def verify_all(dataset: Location, out: Location, shards: Sequence[Shard]) -> Iterator[tuple[list[PartCheck], pa.Table]]:

@@ -181,7 +181,8 @@ class ModelSpec(Section):
 
     id: str = Field("smollm2-135m-instruct", description="HF id, local dir, .gguf path or offline alias.")
     revision: str | None = None
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="'auto': bf16 on GPUs that support it, else fp16; fp32 on the CPU.")
     device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'.")
     max_length: int = Field(512, ge=8, description="Token budget of a rendered prompt.")
     chat_template: bool = Field(True, description="Render with the tokenizer's chat template (else raw text).")
@@ -190,8 +191,21 @@ class ModelSpec(Section):
         "middle", description="How an over-long user text is cut: keep its start and end ('middle') or its start."
     )
     trust_remote_code: bool = False
-    attn_implementation: str | None = Field("sdpa", description="'sdpa', 'eager', 'flash_attention_2'.")
-    runtime_fields: ClassVar[frozenset[str]] = frozenset({"device", "attn_implementation"})
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel; flash_attention_2 falls back to sdpa unless flash_attn is installed "
+        "and the model runs in half precision on a GPU.")
+
+    def cache_payload(self) -> dict[str, Any]:
+        """Everything that changes the numbers: the device enters as its class ('cuda:1' computes like
+        'cuda:0'); dtype and attention as written (what they resolve to is recorded in every part)."""
+        payload = super().cache_payload()
+        payload["device"] = device_class(self.device)
+        return payload
+
+
+def device_class(device: str) -> str:
+    """'cuda:1' → 'cuda', 'cpu' → 'cpu', 'auto' → 'auto'."""
+    return device.split(":", 1)[0]
 
 
 class ExtractSpec(Section):
@@ -219,8 +233,8 @@ class ExtractSpec(Section):
         0.01, ge=0, le=1, description="Error budget: the stage fails (no _SUCCESS) when more prompts than this fail.")
     max_actor_restarts: int = Field(3, ge=0, description="Restarts of a crashed actor (e.g. after a CUDA error).")
     max_task_retries: int = Field(3, ge=0, description="Retries of a shard whose actor died while running it.")
-    # How the stage runs, not what it computes. (The device class does change the numerics; like
-    # `model.device` it is still outside the hash: the GPU model-path issue adds it with dtype.)
+    # How the stage runs, not what it computes. `accelerator` picks the device class, which does change the
+    # numbers: the features stage's key adds it through `JobSpec.device_class`.
     runtime_fields: ClassVar[frozenset[str]] = frozenset(
         {"accelerator", "actors", "max_actors", "batch_size", "max_tokens_per_batch", "rows_per_shard", "num_gpus_per_actor",
          "num_cpus_per_actor", "max_error_fraction", "max_actor_restarts", "max_task_retries"}
@@ -245,7 +259,24 @@ class GuardSpec(Section):
     vllm_engine_args: dict[str, Any] = Field(
         default_factory=dict, description="Extra keyword arguments for vllm.LLM (e.g. gpu_memory_utilization)."
     )
-    runtime_fields: ClassVar[frozenset[str]] = frozenset({"backend", "vllm_engine_args"})
+
+    def cache_payload(self) -> dict[str, Any]:
+        """The backend is in the key (vLLM and transformers kernels differ); of the engine arguments only those
+        that are known to change speed alone are left out, so `quantization` or `kv_cache_dtype` are in."""
+        payload = super().cache_payload()
+        payload["model"] = self.model.cache_payload() if self.model else None
+        payload["vllm_engine_args"] = {k: v for k, v in self.vllm_engine_args.items()
+                                       if k not in SPEED_ONLY_ENGINE_ARGS}
+        return payload
+
+
+#: vLLM engine arguments that change throughput or memory but not the logits (everything else is hashed).
+SPEED_ONLY_ENGINE_ARGS = frozenset({
+    "gpu_memory_utilization", "max_num_seqs", "max_num_batched_tokens", "enforce_eager", "swap_space",
+    "cpu_offload_gb", "enable_chunked_prefill", "enable_prefix_caching", "block_size", "disable_log_stats",
+    "tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend", "compilation_config",
+    "max_seq_len_to_capture", "disable_custom_all_reduce", "kv_cache_memory_bytes",
+})
 
 
 # ------------------------------------------------------------------------------------------ probes
@@ -329,6 +360,15 @@ class JobSpec(Section):
     @property
     def guard_model(self) -> ModelSpec:
         return self.guard.model or self.model
+
+    @property
+    def device_class(self) -> str:
+        """The device class the chat model computes on: `model.device` when it names one, else what
+        `extract.accelerator` asks for ('auto' is resolved per actor and recorded in every part)."""
+        declared = device_class(self.model.device)
+        if declared != "auto":
+            return declared
+        return {"gpu": "cuda", "cpu": "cpu"}.get(self.extract.accelerator, "auto")
 
     @property
     def guard_is_chat(self) -> bool:
