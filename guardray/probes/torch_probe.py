@@ -45,19 +45,40 @@ def train_dataset(features: Location, column: str, target: str) -> Any:
     return dataset.map_batches(train_rows, batch_format="pyarrow", fn_kwargs={"column": column, "target": target})
 
 
-def _standardisation(shard: Any, dim: int, batch_size: int) -> tuple[Any, Any, int]:
-    """Mean and scale over every worker's shard (sklearn's StandardScaler: scale 1 where the variance is 0)."""
-    import torch
+def all_reduce_sum(tensor: Any) -> Any:
+    """Sum `tensor` in place over every worker and return it; a no-op outside a process group.
+
+    The tensor must live on the training device: NCCL only reduces CUDA tensors, gloo takes either.
+    """
     import torch.distributed as dist
 
-    totals = torch.zeros(2 * dim + 1, dtype=torch.float64)
-    for batch in shard.iter_torch_batches(batch_size=batch_size, dtypes=torch.float64):
-        x = batch["x"]
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def _stats_dtype(device: Any) -> Any:
+    import torch
+
+    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+
+
+def _standardisation(shard: Any, dim: int, batch_size: int, device: Any) -> tuple[Any, Any, int]:
+    """Mean and scale over every worker's shard (sklearn's StandardScaler: scale 1 where the variance is 0).
+
+    The sums accumulate on `device` in float64 (E[x²] - E[x]² cancels badly in float32) and are all-reduced there.
+    """
+    import torch
+
+    dtype = _stats_dtype(device)
+    totals = torch.zeros(2 * dim + 1, dtype=dtype, device=device)
+    # float32 over the wire (exact for the float16 features), widened on the device: half the transfer of float64
+    for batch in shard.iter_torch_batches(batch_size=batch_size, dtypes=torch.float32, device=device):
+        x = batch["x"].to(dtype)
         totals[:dim] += x.sum(dim=0)
         totals[dim:2 * dim] += (x * x).sum(dim=0)
         totals[-1] += x.shape[0]
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(totals)
+    all_reduce_sum(totals)
     rows = int(totals[-1])
     mean = totals[:dim] / rows
     std = (totals[dim:2 * dim] / rows - mean * mean).clamp(min=0).sqrt()
@@ -69,12 +90,12 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
     import torch
-    import torch.distributed as dist
 
     torch.manual_seed(config["seed"])
     shard = ray.train.get_dataset_shard("train")
     dim, batch_size = config["dim"], config["batch_size"]
-    mean, scale, rows = _standardisation(shard, dim, batch_size)
+    device = ray.train.torch.get_device()
+    mean, scale, rows = _standardisation(shard, dim, batch_size, device)
     model = torch.nn.Linear(dim, 1)
     optimizer_state, first_epoch, history = None, 0, []
     checkpoint = ray.train.get_checkpoint()
@@ -83,16 +104,16 @@ def train_loop(config: dict[str, Any]) -> None:
             state = torch.load(Path(directory) / CHECKPOINT_FILE, weights_only=True)
         model.load_state_dict(state["model"])
         optimizer_state, first_epoch, history = state["optimizer"], state["epoch"] + 1, state["history"]
-    device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     if optimizer_state:
         optimizer.load_state_dict(optimizer_state)
-    mean, scale = mean.float().to(device), scale.float().to(device)
+    mean, scale = mean.float(), scale.float()
     loss_fn = torch.nn.BCEWithLogitsLoss(reduction="sum")
     for epoch in range(first_epoch, config["epochs"]):
         started = time.perf_counter()
-        totals = torch.zeros(2, dtype=torch.float64)
+        # the loss sums stay on the device: loss.item() would wait for the GPU on every batch
+        loss_sum, seen = torch.zeros((), dtype=_stats_dtype(device), device=device), 0
         for batch in shard.iter_torch_batches(batch_size=batch_size, dtypes=torch.float32, device=device,
                                               local_shuffle_buffer_size=4 * batch_size):
             logits = model((batch["x"] - mean) / scale).squeeze(-1)
@@ -100,10 +121,11 @@ def train_loop(config: dict[str, Any]) -> None:
             optimizer.zero_grad()
             (loss / batch["y"].shape[0]).backward()
             optimizer.step()
-            totals += torch.tensor([loss.item(), batch["y"].shape[0]], dtype=torch.float64)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(totals)
-        metrics = {"epoch": epoch, "loss": float(totals[0] / totals[1]), "rows": rows,
+            loss_sum += loss.detach()
+            seen += batch["y"].shape[0]
+        totals = all_reduce_sum(torch.stack((loss_sum, loss_sum.new_tensor(seen))))
+        loss_total, seen_total = totals.tolist()  # the epoch's one device → host transfer
+        metrics = {"epoch": epoch, "loss": loss_total / seen_total, "rows": rows,
                    "seconds": time.perf_counter() - started}
         history.append(metrics)
         with tempfile.TemporaryDirectory() as directory:
@@ -121,7 +143,7 @@ def train_torch_probe(spec: TorchProbeSpec, features: Location, column: str, tar
     """Fit the probe with a TorchTrainer; returns its linear parameters and the per-epoch history."""
     import torch
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     # auto: GPUs when the cluster has, or its autoscaler declares, one per training worker
     use_gpu = spec.use_gpu if spec.use_gpu != "auto" else gpu_capacity() >= spec.workers
@@ -130,6 +152,8 @@ def train_torch_probe(spec: TorchProbeSpec, features: Location, column: str, tar
         train_loop,
         train_loop_config={"dim": dim, "batch_size": spec.batch_size, "lr": spec.lr,
                            "weight_decay": spec.weight_decay, "epochs": spec.epochs, "seed": seed},
+        # Ray's own default, made explicit: NCCL wants every collective's tensor on the GPU (all_reduce_sum)
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=bool(use_gpu),
                                      resources_per_worker={"CPU": spec.cpus_per_worker}),
         run_config=RunConfig(name=f"torch-probe-{column}", storage_path=storage.path, storage_filesystem=storage.fs,
