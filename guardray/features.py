@@ -38,7 +38,7 @@ from guardray.datasets.assemble import DATASET_FILE
 from guardray.errors import StageError, one_line
 from guardray.guard import GUARD_BACKENDS, GUARD_COLUMNS, Guard, guard_renderer, resolve_label_tokens
 from guardray.models import LoadedModel, load_model, numerics
-from guardray.rendering import Encoded, PromptRenderer, chat_renderer
+from guardray.rendering import Encoded, PromptRenderer, caught, chat_renderer
 from guardray.shards import (ERRORS_DIR, ERRORS_SCHEMA, NUMERICS_KEY, PARTS_DIR, PartCheck, RangeReader, Shard, as_descriptors, dataset_rows,
                              finished_shards, overlap_problem, part_schema, plan_shards, tiling_problem, verify_all)
 from guardray.spec import ExtractSpec, JobSpec
@@ -194,13 +194,18 @@ def raise_device_failure(error: Exception) -> None:
 
 def _encode(renderer: PromptRenderer, prompts: Sequence[str], indices: Sequence[int], errors: dict[int, str],
             what: str) -> dict[int, Encoded]:
-    """Render the given prompts; a prompt that cannot be rendered is recorded in `errors`, never dropped."""
+    """Render the given prompts (one batched tokenizer call); a prompt that cannot be rendered is recorded in
+    `errors`, never dropped."""
     encoded: dict[int, Encoded] = {}
-    for i in indices:
-        try:
-            encoded[i] = renderer.encode(prompts[i])
-        except Exception as e:  # noqa: BLE001
-            errors[i] = f"{what}: {type(e).__name__}: {e}"
+    try:
+        results = renderer.encode_many([prompts[i] for i in indices])
+    except Exception:  # noqa: BLE001 - the batched tokenizer call failed as a whole: one prompt at a time
+        results = [caught(renderer.encode, prompts[i]) for i in indices]
+    for i, result in zip(indices, results):
+        if isinstance(result, Exception):
+            errors[i] = f"{what}: {type(result).__name__}: {result}"
+        else:
+            encoded[i] = result
     return encoded
 
 

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from guardray.errors import InputError
-from guardray.models import LoadedModel, load_model, load_tokenizer
+from guardray.label_head import LabelHead
+from guardray.models import LoadedModel, load_model, load_tokenizer, numerics
 from guardray.rendering import Encoded, PromptRenderer, chat_template
 from guardray.spec import GuardSpec, JobSpec, ModelSpec
 
@@ -116,24 +117,33 @@ def guard_columns(logit_safe: np.ndarray, logit_unsafe: np.ndarray) -> dict[str,
 
 @dataclass
 class HFGuard:
-    """Scores prompts with a transformers model: one forward pass, logits at each row's last token.
+    """Scores prompts with a transformers model: one forward pass, label logits at each row's last token.
 
-    Every guard input starts with the same tokens (the moderation prompt up to the user's text: 208 tokens with
+    Every guard input starts with the same tokens (the moderation prompt up to the user's text: 206 tokens with
     SmolLM2 and the built-in prompt), so their key/value cache is computed once and each batch only runs the
     tokens after it (benchmarks/guard_prefix_cache.py). `prefix_cache=False` runs the whole sequence (the tests compare both).
+    The label logits come from `head` in fp32 with the model's post-head transform, checked at creation against
+    the model's own forward (tests/test_guard_precision.py).
     """
 
     loaded: LoadedModel
     renderer: PromptRenderer
     safe_id: int
     unsafe_id: int
+    head: LabelHead
     prefix_cache: bool = True
     _prefix: Any = None
+
+    #: The start-up check of the label head runs the first tokens of this prompt's rendering (one short forward).
+    CHECK_PROMPT, CHECK_TOKENS = "How do I bake bread?", 32
 
     @classmethod
     def create(cls, loaded: LoadedModel, spec: GuardSpec) -> "HFGuard":
         safe_id, unsafe_id = resolve_label_tokens(loaded.tokenizer, spec)
-        return cls(loaded, guard_renderer(loaded.tokenizer, loaded.spec, spec), safe_id, unsafe_id)
+        renderer = guard_renderer(loaded.tokenizer, loaded.spec, spec)
+        head = LabelHead.create(loaded.model, (safe_id, unsafe_id))
+        head.verify(loaded.model, renderer.encode(cls.CHECK_PROMPT).ids[: cls.CHECK_TOKENS])
+        return cls(loaded, renderer, safe_id, unsafe_id, head)
 
     @torch.inference_mode()
     def score(self, encoded: Sequence[Encoded]) -> dict[str, np.ndarray]:
@@ -153,8 +163,12 @@ class HFGuard:
         output = self.loaded.model.base_model(input_ids=batch.input_ids, **kwargs)
         last = batch.attention_mask.sum(dim=1) - 1
         hidden = output.last_hidden_state[torch.arange(len(encoded), device=last.device), last]
-        logits = self.loaded.model.get_output_embeddings()(hidden).float()
-        return guard_columns(logits[:, self.safe_id].cpu().numpy(), logits[:, self.unsafe_id].cpu().numpy())
+        logits = self.head(hidden).cpu().numpy()
+        return guard_columns(logits[:, 0], logits[:, 1])
+
+    def numerics(self) -> dict[str, str]:
+        """What the guard computes with, recorded in every part beside the chat model's numerics."""
+        return {"backend": "hf", **numerics(self.loaded)}
 
     def _prefix_kv(self) -> Any:
         """The key/value cache of the shared prefix for one row, computed on first use."""
@@ -170,6 +184,8 @@ class Guard(Protocol):
     renderer: PromptRenderer
 
     def score(self, encoded: Sequence[Encoded]) -> dict[str, np.ndarray]: ...
+
+    def numerics(self) -> dict[str, str]: ...
 
 
 def _hf_guard(chat: LoadedModel, spec: JobSpec) -> Guard:

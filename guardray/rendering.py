@@ -130,7 +130,7 @@ def _token_span(tokens: _Tokens, a: int, b: int, skip: int) -> tuple[int, int]:
     return start, end
 
 
-def _caught(fn: Callable[..., Any], *args: Any) -> Any:
+def caught(fn: Callable[..., Any], *args: Any) -> Any:
     """fn(*args), or the exception it raised (a template's own raise_exception included)."""
     try:
         return fn(*args)
@@ -201,10 +201,10 @@ class PromptRenderer:
     def encode_many(self, texts: Sequence[str]) -> list[Encoded | Exception]:
         """`encode` for many prompts with one batched tokenizer call (parallel in Rust). A prompt that cannot
         be rendered gets its exception in its place, so one bad prompt does not fail the others."""
-        located = [_caught(self._locate, text) for text in texts]
+        located = [caught(self._locate, text) for text in texts]
         ok = [loc for loc in located if not isinstance(loc, Exception)]
         tokens = iter(self._tokenize([full for full, _, _ in ok]) if ok else [])
-        return [loc if isinstance(loc, Exception) else _caught(self._encoded, next(tokens), loc[1], loc[2])
+        return [loc if isinstance(loc, Exception) else caught(self._encoded, next(tokens), loc[1], loc[2])
                 for loc in located]
 
     def _locate(self, text: str) -> tuple[str, int, int]:
