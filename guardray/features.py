@@ -345,6 +345,9 @@ def _one_numerics(checks: list[PartCheck], out: Location) -> str:
     counts: dict[str, int] = {}
     for check in checks:
         counts[check.numerics] = counts.get(check.numerics, 0) + 1
+    if "" in counts:  # not written by this code: nothing says what it was computed with
+        raise StageError(f"features: {counts['']} parts in {out.uri} have no numerics record "
+                         f"({NUMERICS_KEY.decode()} metadata); rerun with --force features")
     if len(counts) > 1:
         found = "; ".join(f"{n} parts with {numerics or 'unrecorded numerics'}" for numerics, n in counts.items())
         raise StageError(f"features: the parts in {out.uri} were computed with different numerics ({found}); "
@@ -469,7 +472,7 @@ def _run_actor_pool(spec: JobSpec, dataset: Location, out: Location, todo: list[
     except Exception as e:  # noqa: BLE001 - an actor's one-line device error, not Ray's wrapped traceback
         # A failed actor constructor reaches the driver as Ray's ActorDiedError holding the remote traceback as
         # text (no exception object to walk), so the DeviceError's own line is found in that text.
-        device_error = re.search(r"(?:DeviceError|NumericsMismatch): (node .*)", str(e))
+        device_error = re.search(r"(?:DeviceError|NumericsMismatch|InputError): (.+)", str(e))
         if device_error:
             raise StageError(f"features: {device_error.group(1).strip()}") from None
         raise

@@ -141,14 +141,17 @@ class LabelHead:
         ours, reference = self._logits(hidden, weight, bias), logits.gather(1, tokens).float()
         error = (ours - reference).abs()
         terms = (hidden.abs()[:, None, :] * weight.abs()).sum(dim=-1) * self._gain()  # sum of |h_i w_i| per logit
-        allowed = self.tolerance(reference, terms, hidden.shape[-1], logits.dtype, hidden.device)
+        # The head's own precision, not only the logits': Mamba, Mllama (Llama-Guard-3-Vision) and others upcast
+        # a bf16 head's output to fp32, so the logits are fp32 yet were rounded in bf16.
+        dtype = max((logits.dtype, head.weight.dtype), key=lambda d: torch.finfo(d).eps)
+        allowed = self.tolerance(reference, terms, hidden.shape[-1], dtype, hidden.device)
         position, column = divmod(int(torch.argmax(error - allowed).item()), tokens.shape[1])
         at = (position, column)
         if error[at] > allowed[at]:
             raise InputError(
                 f"guard: {self.model_class} logits from its output embedding{self._described()} disagree with its "
                 f"own forward: {ours[at].item():.6g} vs {reference[at].item():.6g} (token {tokens[at].item()} at "
-                f"position {position}, allowed {allowed[at].item():.3g} in {logits.dtype}): its forward applies a "
+                f"position {position}, allowed {allowed[at].item():.3g} in {dtype}): its forward applies a "
                 f"post-head transform that guardray.label_head.POST_HEAD does not list for model type "
                 f"{model.config.model_type!r}"
             )

@@ -113,7 +113,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name != "auto":
         return DTYPES[name]
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+        native_bf16 = torch.cuda.get_device_capability(device) >= (8, 0)  # this device, not the current one
+        return torch.bfloat16 if native_bf16 else torch.float16
     return torch.float32
 
 

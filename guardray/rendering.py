@@ -60,6 +60,19 @@ class _Tokens:
     trail: int
 
 
+def _private_copy(backend: Any) -> Any:
+    """A copy of the Rust tokenizer with truncation and padding off: transformers leaves those settings on the
+    shared backend after any call with `truncation=True` or `padding=True`, which would cut renderings."""
+    if backend is None:
+        return None
+    from tokenizers import Tokenizer
+
+    copy = Tokenizer.from_str(backend.to_str())
+    copy.no_truncation()
+    copy.no_padding()
+    return copy
+
+
 class _Tokenizer:
     """Tokenises rendered strings with offsets, through the Rust tokenizer directly where that is exact.
 
@@ -73,7 +86,7 @@ class _Tokenizer:
                              "has none: load the model's tokenizer.json or a tokenizer with a fast version")
         self.tokenizer = tokenizer
         self.add_special_tokens = add_special_tokens
-        self.backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.backend = _private_copy(getattr(tokenizer, "backend_tokenizer", None))
         if self.backend is not None and any(t.ids != self._called([s])[0].ids for s, t in zip(samples, self(samples))):
             self.backend = None
 
@@ -235,7 +248,11 @@ class PromptRenderer:
         if budget < 1:
             raise InputError(f"max_length {self.max_length} leaves no room for this prompt: its template takes "
                              f"{n_tokens - (end - start)} tokens")
-        user = self._cut(ids[start:end], budget, keep_last=tokens.offsets[end - 1][1] > b)
+        keep_last = tokens.offsets[end - 1][1] > b
+        if keep_last and budget < 2:  # the first and the last user token both have to stay
+            raise InputError(f"max_length {self.max_length} leaves one token for this prompt, but its last token "
+                             "also holds template text")
+        user = self._cut(ids[start:end], budget, keep_last=keep_last)
         return Encoded(ids[:start] + user + ids[end:], start, start + len(user), n_tokens, True)
 
     def _cut(self, user: list[int], budget: int, keep_last: bool) -> list[int]:
@@ -244,19 +261,27 @@ class PromptRenderer:
         if self.truncation == "middle":
             head = (budget + 1) // 2
             return user[:head] + user[len(user) - (budget - head):]
-        if keep_last and budget >= 2:
+        if keep_last:
             return user[:budget - 1] + user[-1:]
         return user[:budget]
 
 
+#: The date given to templates that print one (Llama 3.1-3.3: `date_string`, else `strftime_now`), the
+#: default those templates ship with: today's date would change the rendering, the guard's cached prefix and
+#: the features mid-run, and differ between actors started on different days.
+TEMPLATE_DATE = "26 Jul 2024"
+
+
 def chat_template(tokenizer: Any, system_prompt: str | None) -> Callable[[str], str]:
-    """The tokenizer's chat template with the text as the user turn and the generation prompt appended."""
+    """The tokenizer's chat template with the text as the user turn and the generation prompt appended (and a
+    fixed `date_string`, so a date-stamped template renders the same on every day)."""
 
     def render(text: str) -> str:
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
             {"role": "user", "content": text}
         ]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             date_string=TEMPLATE_DATE)
 
     return render
 

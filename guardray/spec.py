@@ -266,7 +266,7 @@ class GuardSpec(Section):
         payload = super().cache_payload()
         payload["model"] = self.model.cache_payload() if self.model else None
         payload["vllm_engine_args"] = {k: v for k, v in self.vllm_engine_args.items()
-                                       if k not in SPEED_ONLY_ENGINE_ARGS}
+                                       if k not in SPEED_ONLY_ENGINE_ARGS} if self.backend == "vllm" else {}
         return payload
 
 

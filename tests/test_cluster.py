@@ -93,7 +93,7 @@ def test_full_size_job_specs_validate() -> None:
     specs = {p.stem: load_spec(p) for p in sorted((REPO / "jobs").glob("*.yaml"))}
     assert set(specs) >= {"local-smoke", "krnel-guardrail", "llama3-layer-sweep"}
     krnel = specs["krnel-guardrail"]
-    assert krnel.model.id == "meta-llama/Llama-2-7b-chat-hf" and krnel.model.dtype == "float16"
+    assert krnel.model.id == "meta-llama/Llama-2-7b-chat-hf" and krnel.model.dtype == "auto"
     assert krnel.model.max_length == 2048 and krnel.extract.layers == (-1,) and krnel.extract.poolings == ("last",)
     assert krnel.guard_model.id == "meta-llama/LlamaGuard-7b"
     assert (krnel.guard.safe_token_id, krnel.guard.unsafe_token_id) == (9109, 25110)

@@ -197,6 +197,22 @@ def test_self_check_rejects_an_unknown_post_head_transform(dtype: str, tiny_dirs
         HFGuard.create(loaded, SPEC)
 
 
+class UpcastLlamaForCausalLM(transformers.LlamaForCausalLM):
+    """A bf16 head whose logits the forward returns in fp32, as Mamba's and Mllama's (Llama-Guard-3-Vision) do."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        output = super().forward(*args, **kwargs)
+        output.logits = output.logits.float()
+        return output
+
+
+def test_self_check_accepts_logits_upcast_after_a_bf16_head(tiny_dirs: dict[str, str]) -> None:
+    spec = ModelSpec(id=tiny_dirs["llama"], dtype="bfloat16", device="cpu")
+    model = UpcastLlamaForCausalLM.from_pretrained(tiny_dirs["llama"], dtype=torch.bfloat16).eval()
+    loaded = LoadedModel(spec, model, load_tokenizer(spec), torch.device("cpu"))
+    HFGuard.create(loaded, SPEC)  # the check allows bf16 rounding, not fp32's
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_self_check_catches_a_missing_softcap(dtype: str, load: Callable[[str, str], LoadedModel],
                                               monkeypatch: pytest.MonkeyPatch) -> None:

@@ -87,15 +87,17 @@ def test_stage_hash_covers_what_changes_the_numbers() -> None:
     changes_numbers = [
         {"model": {"dtype": "bfloat16"}}, {"model": {"attn_implementation": "eager"}},
         {"model": {"device": "cpu"}}, {"extract": {"accelerator": "gpu"}}, {"guard": {"backend": "vllm"}},
-        {"guard": {"vllm_engine_args": {"quantization": "fp8"}}},
         {"guard": {"model": {"id": "smollm2-135m-instruct", "dtype": "float16"}}},
     ]
     for change in changes_numbers:
         assert _features_dir(**change) != base, change
     speed_only = [{"extract": {"batch_size": 3}}, {"extract": {"actors": 4, "rows_per_shard": 7}},
-                  {"guard": {"vllm_engine_args": {"gpu_memory_utilization": 0.5}}}]
+                  {"guard": {"vllm_engine_args": {"quantization": "fp8"}}}]  # engine args unused by the hf backend
     for change in speed_only:
         assert _features_dir(**change) == base, change
+    vllm = _features_dir(guard={"backend": "vllm"})
+    assert _features_dir(guard={"backend": "vllm", "vllm_engine_args": {"quantization": "fp8"}}) != vllm
+    assert _features_dir(guard={"backend": "vllm", "vllm_engine_args": {"gpu_memory_utilization": 0.5}}) == vllm
     # the device index does not change the numbers; its class does
     assert _features_dir(model={"device": "cuda:0"}) == _features_dir(model={"device": "cuda:1"})
 
@@ -139,3 +141,30 @@ def test_parts_record_their_numerics_and_a_resume_never_mixes_them(ray_local: No
         run_job(spec, ["features"])
     assert len(list(stage.glob("parts/part-*.parquet"))) == len(parts) - 1
     assert not (stage / "_SUCCESS").exists()
+
+    # A part with no record at all (not written by this code) is refused before any actor starts.
+    table = pq.read_table(parts[1])
+    pq.write_table(table.replace_schema_metadata({}), parts[1])
+    with pytest.raises(StageError, match="no numerics record"):
+        run_job(spec, ["features"])
+
+
+DATED_TEMPLATE = (  # the date logic of the Llama 3.1-3.3 templates
+    '{%- if not date_string is defined %}{%- if strftime_now is defined %}'
+    '{%- set date_string = strftime_now("%d %b %Y") %}{%- else %}{%- set date_string = "1 Jan 1970" %}'
+    '{%- endif %}{%- endif %}<|im_start|>system\nToday Date: {{ date_string }}<|im_end|>\n'
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "<|im_start|>assistant\n")
+
+
+def test_date_stamped_templates_render_a_fixed_date() -> None:
+    """Today's date in the template would change every rendering at midnight (and the guard's cached prefix)."""
+    from transformers import AutoTokenizer
+
+    from guardray.rendering import TEMPLATE_DATE, chat_renderer
+    from tests.models import smollm2_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
+    tokenizer.chat_template = DATED_TEMPLATE
+    encoded = chat_renderer(tokenizer, ModelSpec(max_length=64)).encode("hello")
+    assert f"Today Date: {TEMPLATE_DATE}" in tokenizer.decode(encoded.ids)
