@@ -170,6 +170,20 @@ class FeatureExtractor:
         return self.guard.score(encoded)
 
 
+#: The numerics the first actor of a fresh run computed with; later actors (GPU nodes of another kind joining
+#: an autoscaling pool) refuse to differ, instead of the mix being found only when the stage ends.
+NUMERICS_FILE = "numerics.json"
+
+
+def claim_numerics(claim: Location, mine: str) -> str:
+    """The stage's numerics: what an earlier actor claimed, or `mine`, claimed now. Best effort: two actors
+    starting at the same instant may both claim; the end-of-stage check still refuses any mix."""
+    if claim.exists():
+        return claim.read_text()
+    claim.write_text(mine)
+    return mine
+
+
 class NumericsMismatch(RuntimeError):
     """An actor would compute with other numerics (device, dtype, attention) than the parts already kept."""
 
@@ -250,11 +264,13 @@ class FeatureActor:
         self.store_dtype = spec.extract.store_dtype
         self.node_id = ray.get_runtime_context().get_node_id()
         self.numerics = self.extractor.numerics
-        if expected_numerics and self.numerics != expected_numerics:
+        if expected_numerics is None:  # a fresh run: the first actor's numerics become the stage's
+            expected_numerics = claim_numerics(self.out.join(NUMERICS_FILE), self.numerics)
+        if self.numerics != expected_numerics:
             raise NumericsMismatch(
                 f"node {self.node_id[:12]} computes with {self.numerics}, but the parts already in {out_uri} were "
-                f"computed with {expected_numerics}: pin model.dtype and model.device (or extract.accelerator) "
-                "to match them, or rerun with --force features")
+                f"(or are being) computed with {expected_numerics}: pin model.dtype and model.device (or "
+                "extract.accelerator, or the GPU type) to match them, or rerun with --force features")
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         self.metrics = ActorMetrics(model=spec.model.id)
 
@@ -335,6 +351,8 @@ def run_features(spec: JobSpec, inputs: dict[str, Location], out: Location) -> d
         raise StageError(budget.message())
     started = time.perf_counter()
     expected = _one_numerics(kept, out) if kept else None
+    if not kept:  # nothing computed yet: the actors of this run claim afresh
+        out.join(NUMERICS_FILE).delete_file()
     run = _run_actor_pool(spec, dataset, out, todo, budget, len(done), expected) if todo else RunTally()
     wall = time.perf_counter() - started
     return _finish(dataset, out, total, run, len(done), wall, budget)

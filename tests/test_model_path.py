@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from guardray.errors import StageError
-from guardray.features import FeatureExtractor
+from guardray.features import NUMERICS_FILE, FeatureExtractor, claim_numerics
 from guardray.models import choose_attention, load_model, resolve_dtype
 from guardray.runner import plan, run_job
 from guardray.shards import NUMERICS_KEY
@@ -114,6 +114,12 @@ def _set_numerics(part: Path, numerics: str) -> None:
     pq.write_table(table.replace_schema_metadata({**table.schema.metadata, NUMERICS_KEY: numerics}), part)
 
 
+def test_the_first_claim_of_numerics_wins(tmp_path: Path) -> None:
+    claim = resolve(str(tmp_path)).join(NUMERICS_FILE)
+    assert claim_numerics(claim, '{"dtype": "bfloat16"}') == '{"dtype": "bfloat16"}'
+    assert claim_numerics(claim, '{"dtype": "float16"}') == '{"dtype": "bfloat16"}'  # a T4 joining an A100 run
+
+
 def test_parts_record_their_numerics_and_a_resume_never_mixes_them(ray_local: None, tmp_path: Path,
                                                                    tiny_llama: str) -> None:
     result, spec = _run_tiny(tmp_path, tiny_llama)
@@ -123,6 +129,7 @@ def test_parts_record_their_numerics_and_a_resume_never_mixes_them(ray_local: No
     parts = sorted(stage.glob("parts/part-*.parquet"))
     assert len(parts) >= 3
     assert all(json.loads(pq.read_schema(p).metadata[NUMERICS_KEY]) == recorded for p in parts)
+    assert json.loads((stage / NUMERICS_FILE).read_text()) == recorded  # claimed by the first actor
 
     # Parts from a GPU run (say) sit beside these: the stage refuses before running anything.
     other = json.dumps({"chat": {"attention": "sdpa", "device": "cuda", "dtype": "bfloat16"}, "guard": None},
@@ -137,7 +144,8 @@ def test_parts_record_their_numerics_and_a_resume_never_mixes_them(ray_local: No
     # Every kept part came from the GPU run: this CPU actor refuses to add its own numbers to them.
     for part in parts[1:-1]:
         _set_numerics(part, other)
-    with pytest.raises(StageError, match="computes with .*cpu.* but the parts already .* were computed with"):
+    refused = r"computes with .*cpu.* but the parts already .* were \(or are being\) computed with"
+    with pytest.raises(StageError, match=refused):
         run_job(spec, ["features"])
     assert len(list(stage.glob("parts/part-*.parquet"))) == len(parts) - 1
     assert not (stage / "_SUCCESS").exists()
