@@ -287,6 +287,22 @@ class ProbeGridEntry(Section):
     preprocessing: Literal["none", "standardize", "normalize"] = "standardize"
     params: dict[str, Any] = Field(default_factory=dict, description="Lists expand to a grid: {C: [0.01, 0.1]}.")
 
+    @field_validator("type")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        from guardray.probes.registry import check_probe_type
+
+        check_probe_type(value)
+        return value
+
+    @model_validator(mode="after")
+    def _params_build(self) -> "ProbeGridEntry":
+        """Every grid point must build its estimator now, so a bad parameter fails at validate, not after the GPU stage."""
+        from guardray.probes.registry import check_probe_params
+
+        check_probe_params(self.type, self.params)
+        return self
+
 
 class CVSpec(Section):
     folds: int = Field(5, ge=2)
@@ -332,6 +348,9 @@ class EvaluateSpec(Section):
     fprs: tuple[float, ...] = (0.001, 0.01, 0.05)
     sweep: tuple[float, ...] = (-10, -5, -1, -0.5, 0, 0.5, 1, 5, 10)
     bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for confidence intervals (0 = off).")
+    bootstrap_max_rows: int = Field(
+        100_000, ge=100, description="Bootstrap on a label-stratified sample of at most this many test rows "
+        "(wider, conservative intervals on larger sets; keeps 2.5M-row reports to seconds).")
     seed: int = 0
     plots: bool = True
 

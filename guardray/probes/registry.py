@@ -5,6 +5,8 @@ thresholded and compared with the guard's log-odds on the same footing.
 """
 from __future__ import annotations
 
+import difflib
+import itertools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -40,6 +42,42 @@ PREPROCESSING: dict[str, Callable[[], Any]] = {
     "standardize": StandardScaler,
     "normalize": Normalizer,
 }
+
+
+def check_probe_type(probe_type: str) -> None:
+    """A ValueError naming the closest registered type (spec validation turns it into a one-line error)."""
+    if probe_type not in PROBE_TYPES:
+        hint = difflib.get_close_matches(probe_type, PROBE_TYPES, n=1)
+        extra = f"did you mean '{hint[0]}'?" if hint else f"known: {', '.join(PROBE_TYPES)}"
+        raise ValueError(f"unknown probe type '{probe_type}'; {extra}")
+
+
+def grid_points(params: dict[str, Any]) -> list[dict[str, Any]]:
+    """`{C: [0.1, 1], max_iter: 100}` → `[{C: 0.1, max_iter: 100}, {C: 1, max_iter: 100}]`."""
+    values = [v if isinstance(v, list) else [v] for v in params.values()]
+    return [dict(zip(params, combo)) for combo in itertools.product(*values)]
+
+
+def check_probe_params(probe_type: str, params: dict[str, Any]) -> None:
+    """Build every grid point's estimator and run scikit-learn's own parameter checks (names, types, ranges)
+    without fitting: a ValueError names the parameter, with a "did you mean" for a misspelt one."""
+    if probe_type not in PROBE_TYPES:
+        return  # reported by check_probe_type
+    kind = PROBE_TYPES[probe_type]
+    known = sorted(kind.build().get_params())
+    for name in params:
+        if name not in known:
+            hint = difflib.get_close_matches(name, known, n=1)
+            extra = f"did you mean '{hint[0]}'?" if hint else f"known: {', '.join(known)}"
+            raise ValueError(f"{probe_type} has no parameter '{name}'; {extra}")
+    for point in grid_points(params):
+        estimator = kind.build(**{**kind.defaults, **point})
+        try:
+            estimator._validate_params()  # scikit-learn's declarative constraints, as fit() would check them
+        except AttributeError:  # an estimator without declared constraints
+            pass
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{probe_type} {point}: {str(e).splitlines()[0]}") from None
 
 
 def build_probe(probe_type: str, preprocessing: str, params: dict[str, Any], seed: int = 0) -> Pipeline:
