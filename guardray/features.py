@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from guardray.activations import Batch, capture, resolve_layers
+from guardray.columns import META_COLUMNS, feature_column
 from guardray.datasets.assemble import DATASET_FILE
 from guardray.errors import StageError, one_line
 from guardray.guard import GUARD_BACKENDS, GUARD_COLUMNS, Guard, guard_renderer, resolve_label_tokens
@@ -46,13 +47,7 @@ from guardray.storage import Location, resolve
 
 log = logging.getLogger(__name__)
 
-META_COLUMNS = ["id", "harmful", "source", "split"]
 STORE_DTYPES = {"float16": (np.float16, pa.float16()), "float32": (np.float32, pa.float32())}
-
-
-def feature_column(pooling: str, layer: int) -> str:
-    """Public column name of an activation: act_<pooling>_L<layer> with the resolved (non-negative) layer."""
-    return f"act_{pooling}_L{layer}"
 
 
 def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None) -> list[list[int]]:
@@ -555,22 +550,3 @@ def _finish(dataset: Location, out: Location, total: int, run: RunTally, skipped
         "numerics": json.loads(numerics) if numerics else None,
         "columns": part_schema(out, checks[0].shard) if checks else [],
     }
-
-
-def matrix(table: pa.Table, column: str) -> np.ndarray:
-    """A fixed-size-list column as a float32 [rows, dim] array."""
-    col = table.column(column).combine_chunks()
-    dim = col.type.list_size
-    return np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
-
-
-def labelled(table: pa.Table, target: str) -> pa.Table:
-    """The rows whose `target` label is known: a label that some source lacks is null, never False."""
-    import pyarrow.compute as pc
-
-    return table.filter(pc.is_valid(table.column(target)))
-
-
-def read_features(stage: Location, columns: list[str] | None = None) -> pa.Table:
-    """All part files of a features stage as one table."""
-    return stage.join(PARTS_DIR).read_table(columns=columns)

@@ -43,3 +43,13 @@ class StageProgress:
     def advance(self, units: int = 1) -> None:
         self.done_units += units
         self.done.set(self.done_units, tags=self.tags)
+
+
+def peak_rss_mb() -> int | None:
+    """Peak RSS of this process's address space (Linux VmHWM; `ru_maxrss` would include a parent's RSS at fork)."""
+    try:
+        with open("/proc/self/status") as status:
+            line = next(line for line in status if line.startswith("VmHWM:"))
+        return round(int(line.split()[1]) / 1024)
+    except (OSError, StopIteration):
+        return None

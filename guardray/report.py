@@ -2,22 +2,31 @@
 
 Writes `scores.parquet` (every score per row), `report.json` (all metrics), `report.md` and PNG plots.
 `guardray report` re-renders the markdown and plots from `report.json` + `scores.parquet` without recomputing.
+
+Work goes where the data is. One Ray task per scorer (each refit probe, and the guard) streams its own column's
+labelled rows batch by batch, keeps the scores and drops the features, computes that scorer's metrics and writes
+`scores/<name>.parquet`; one task then merges those files into `scores.parquet` a batch at a time; the comparison
+and the plots read two score columns of the test split. The driver holds metrics only.
 """
 from __future__ import annotations
 
 import io
 import logging
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
+from guardray.columns import column_batches
 from guardray.evaluate import (at_threshold, by_source, fpr_at_recall, score_metrics, threshold_for_recall,
                                threshold_sweep)
-from guardray.features import labelled, matrix, read_features
+from guardray.metrics import peak_rss_mb
 from guardray.probes import artifact
 from guardray.probes.torch_probe import TORCH_PROBE_TYPE
 from guardray.spec import JobSpec
@@ -25,37 +34,127 @@ from guardray.storage import Location
 
 log = logging.getLogger(__name__)
 GUARD = "guard"
+GUARD_COLUMN = "guard_score"
+SCORES_FILE, SCORES_DIR = "scores.parquet", "scores"
+SCORE_META = ["id", "split", "source", "label"]
+MERGE_BATCH_ROWS = 65536
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """One score to evaluate: a refit probe applied to its feature column, or a column that is a score already."""
+
+    name: str
+    column: str  # the feature column a probe reads, or the score column itself
+    threshold: float
+    artifact: Location | None = None  # None: `column` holds the score
+    id: dict[str, Any] | None = None  # the probe's structured identity
+
+
+def scorers(spec: JobSpec, probes: Location) -> list[Scorer]:
+    summary = probes.join("summary.json").read_json()
+    found = [Scorer(p["name"], p["id"]["feature"], spec.evaluate.probe_threshold,
+                    probes.join("artifacts", p["name"]), p["id"]) for p in summary["probes"]]
+    if spec.guard.enabled:
+        found.append(Scorer(GUARD, GUARD_COLUMN, spec.evaluate.guard_threshold))
+    return found
 
 
 def run_report(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dict[str, Any]:
-    scores = score_rows(spec, inputs)
-    out.join("scores.parquet").write_table(pa.Table.from_pandas(scores, preserve_index=False))
-    cv = inputs["probes"].join("cv_results.csv").read_text()
-    report = build_report(spec, scores, pd.read_csv(io.StringIO(cv)))
-    out.join("report.json").write_json(report)
-    render(report, scores, out)
-    print(report["comparison_table"])
-    return {"probes": len(report["probes"]), "test_rows": report["test_rows"], "best_probe": report["best_probe"]}
+    import ray
 
-
-def score_rows(spec: JobSpec, inputs: dict[str, Location]) -> pd.DataFrame:
-    """id, split, source, label, guard score and one score column per refit probe."""
     summary = inputs["probes"].join("summary.json").read_json()
-    names = [p["name"] for p in summary["probes"]]
-    features = sorted({p["feature"] for p in summary["probes"]})
-    has_guard = spec.guard.enabled
-    columns = ["id", "split", "source", spec.probes.target, *features] + (["guard_score"] if has_guard else [])
-    table = labelled(read_features(inputs["features"], columns), spec.probes.target)
-    frame = pd.DataFrame({"id": table.column("id").to_pylist(), "split": table.column("split").to_pylist(),
-                          "source": table.column("source").to_pylist(),
-                          "label": np.asarray(table.column(spec.probes.target).to_pylist(), dtype=bool)})
-    if has_guard:
-        frame[GUARD] = np.asarray(table.column("guard_score").to_pylist(), dtype=np.float64)
+    found = scorers(spec, inputs["probes"])
+    task = ray.remote(num_cpus=1, max_retries=1)
+    entries = ray.get([task(score_one).remote(spec, inputs["features"], out, s) for s in found])
+    ray.get(task(merge_scores).remote(out, [s.name for s in found]))
+    cv = inputs["probes"].join("cv_results.csv").read_text()
+    report = build_report(spec, summary, dict(zip((s.name for s in found), entries)), pd.read_csv(io.StringIO(cv)))
+    if GUARD in report["scorers"]:
+        report["comparison"] = ray.get(task(compare).remote(out, report["best_probe"], spec.evaluate.probe_threshold,
+                                                            spec.evaluate.guard_threshold))
+    report["comparison_table"] = comparison_markdown(report)
+    out.join("report.json").write_json(report)
+    if spec.evaluate.plots:
+        ray.get(task(render).remote(report, out))
+    else:
+        out.join("report.md").write_text(markdown(report, []))
+    print(report["comparison_table"])
+    return {"probes": len(report["probes"]), "test_rows": report["test_rows"], "best_probe": report["best_probe"],
+            "task_peak_rss_mb": max((e["peak_rss_mb"] or 0) for e in report["tasks"].values())}
+
+
+def score_one(spec: JobSpec, features: Location, out: Location, scorer: Scorer) -> dict[str, Any]:
+    """Runs on a worker: score every labelled row, batch by batch, write the scores, return the metrics."""
     with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
-            probe = artifact.load(_download(inputs["probes"].join("artifacts", name), Path(tmp) / name))
-            frame[name] = probe.score(matrix(table, probe.meta["feature"]))
-    return frame
+        probe = artifact.load(_download(scorer.artifact, Path(tmp))) if scorer.artifact else None
+        feature = scorer.column if probe else None
+        extra = ["id", "split", "source"] + ([] if probe else [scorer.column])
+        pieces: dict[str, list[Any]] = {c: [] for c in [*SCORE_META, "score"]}
+        for part in column_batches(features, feature, spec.probes.target, None, extra):
+            score = probe.score(part.x) if probe else part.extra[scorer.column].to_numpy(zero_copy_only=False)
+            for c in ("id", "split", "source"):
+                pieces[c].extend(part.extra[c].chunks)
+            pieces["label"].append(part.y)
+            pieces["score"].append(np.asarray(score, dtype=np.float64))
+    table = pa.table({"id": pa.chunked_array(pieces["id"], pa.string()),
+                      "split": pa.chunked_array(pieces["split"], pa.string()),
+                      "source": pa.chunked_array(pieces["source"], pa.string()),
+                      "label": np.concatenate(pieces["label"]) if pieces["label"] else np.empty(0, bool),
+                      "score": np.concatenate(pieces["score"]) if pieces["score"] else np.empty(0)})
+    out.join(SCORES_DIR, f"{scorer.name}.parquet").write_table(table)
+    return {**scorer_metrics(spec, scorer, table), "id": scorer.id, "peak_rss_mb": peak_rss_mb()}
+
+
+def scorer_metrics(spec: JobSpec, scorer: Scorer, table: pa.Table) -> dict[str, Any]:
+    """test / train metrics, per source and the threshold sweep of one scorer."""
+    ev = spec.evaluate
+    y, scores = table.column("label").to_numpy(), table.column("score").to_numpy()
+    test = pc.equal(table.column("split"), "test").to_numpy(zero_copy_only=False)
+    train = pc.equal(table.column("split"), "train").to_numpy(zero_copy_only=False)
+    sources = table.column("source").to_numpy(zero_copy_only=False)
+    t = scorer.threshold
+    return {
+        "test": score_metrics(y[test], scores[test], t, ev, name=f"{scorer.name} test"),
+        "train": score_metrics(y[train], scores[train], t, ev.model_copy(update={"bootstrap": 0}),
+                               name=f"{scorer.name} train"),
+        "by_source": by_source(y[test], scores[test], sources[test], t, ev),
+        "sweep": threshold_sweep(y[test], scores[test], ev.sweep),
+    }
+
+
+def merge_scores(out: Location, names: list[str]) -> None:
+    """scores/<name>.parquet → one scores.parquet (id, split, source, label, then a column per scorer), a batch
+    at a time; the per-scorer files are row-aligned (same parts, same order), which is checked on the ids."""
+    files = {n: out.join(SCORES_DIR, f"{n}.parquet") for n in names}
+    readers = {n: pq.ParquetFile(f.fs.open_input_file(f.path)) for n, f in files.items()}
+    first = names[0]
+    schema = pa.schema([*readers[first].schema_arrow.remove(readers[first].schema_arrow.get_field_index("score")),
+                        *(pa.field(n, pa.float64()) for n in names)])
+
+    def write(f: Any) -> None:
+        batches = {n: r.iter_batches(batch_size=MERGE_BATCH_ROWS) for n, r in readers.items()}
+        with pq.ParquetWriter(f, schema) as writer:
+            for head in batches[first]:
+                columns = {c: head.column(c) for c in SCORE_META}
+                for n in names:
+                    batch = head if n == first else next(batches[n])
+                    if not batch.column("id").equals(head.column("id")):
+                        raise RuntimeError(f"scores of {n} are not row-aligned with {first}")
+                    columns[n] = batch.column("score")
+                writer.write_table(pa.table(columns, schema=schema))
+
+    out.join(SCORES_FILE).write_with(write)
+    out.join(SCORES_DIR).delete()
+
+
+def test_scores(stage: Location, scorers: list[str]) -> pd.DataFrame:
+    """label and the given score columns of the test split, read from scores.parquet (nothing else)."""
+    location = stage.join(SCORES_FILE)
+    location.refresh()
+    table = pq.read_table(location.path, filesystem=location.fs, columns=["label", *scorers],
+                          filters=[("split", "=", "test")])
+    return table.to_pandas()
 
 
 def _download(location: Location, target: Path) -> Path:
@@ -65,49 +164,36 @@ def _download(location: Location, target: Path) -> Path:
     return target
 
 
-def build_report(spec: JobSpec, scores: pd.DataFrame, cv: pd.DataFrame) -> dict[str, Any]:
-    ev = spec.evaluate
-    test, train = scores[scores["split"] == "test"], scores[scores["split"] == "train"]
-    probe_names = [c for c in scores.columns if c.startswith("act_")]
+def build_report(spec: JobSpec, summary: dict[str, Any], entries: dict[str, dict[str, Any]],
+                 cv: pd.DataFrame) -> dict[str, Any]:
+    """The report dict from each scorer's metrics: small, built on the driver."""
     selection = f"{spec.probes.cv.metric}_mean"
-    ranked = cv.sort_values(selection, ascending=False)
-    best_probe = f"{ranked.iloc[0]['feature']}-{ranked.iloc[0]['type']}"
-    thresholds = {**{n: ev.probe_threshold for n in probe_names}, GUARD: ev.guard_threshold}
-    scored = probe_names + ([GUARD] if GUARD in scores else [])
+    ranked = cv.sort_values(selection, ascending=False, kind="stable")
+    tasks = {name: {"peak_rss_mb": entry.pop("peak_rss_mb")} for name, entry in entries.items()}
     report: dict[str, Any] = {
-        "job": spec.name, "target": spec.probes.target, "best_probe": best_probe, "test_rows": len(test),
-        "probes": {}, "cv_leaderboard": ranked.head(15).to_dict(orient="records"),
+        "job": spec.name, "target": spec.probes.target, "best_probe": summary["best"]["name"],
+        "test_rows": next(iter(entries.values()))["test"]["count"], "scorers": list(entries),
+        "probes": {n: e for n, e in entries.items() if n != GUARD}, "tasks": tasks,
+        "cv_leaderboard": ranked.head(15).to_dict(orient="records"),
         "cv_best_by_feature": ranked.groupby("feature", sort=False).head(1).set_index("feature")[selection].to_dict(),
     }
-    for name in scored:
-        entry = {
-            "test": score_metrics(test["label"], test[name], thresholds[name], ev, name=f"{name} test"),
-            "train": score_metrics(train["label"], train[name], thresholds[name], ev.model_copy(update={"bootstrap": 0}),
-                                   name=f"{name} train"),
-            "by_source": by_source(test["label"], test[name], test["source"], thresholds[name], ev),
-            "sweep": threshold_sweep(test["label"], test[name], ev.sweep),
-        }
-        if name == GUARD:
-            report["guard"] = entry
-        else:
-            report["probes"][name] = entry
-    if GUARD in scores:
-        report["comparison"] = compare(test, best_probe, ev.probe_threshold, ev.guard_threshold)
-    report["comparison_table"] = comparison_markdown(report)
+    if GUARD in entries:
+        report["guard"] = entries[GUARD]
     return report
 
 
-def compare(test: pd.DataFrame, probe: str, probe_threshold: float, guard_threshold: float) -> dict[str, Any]:
-    """Probe vs guard at default thresholds and with the guard matched to the probe's recall."""
-    y = test["label"].to_numpy()
-    probe_at = at_threshold(y, test[probe].to_numpy(), probe_threshold)
-    matched = threshold_for_recall(y, test[GUARD].to_numpy(), probe_at["recall"])
-    probe_fpr = fpr_at_recall(y, test[probe].to_numpy(), 0.99)
-    guard_fpr = fpr_at_recall(y, test[GUARD].to_numpy(), 0.99)
+def compare(stage: Location, probe: str, probe_threshold: float, guard_threshold: float) -> dict[str, Any]:
+    """Probe vs guard at default thresholds and with the guard matched to the probe's recall (test split)."""
+    test = test_scores(stage, [probe, GUARD])
+    y, probe_scores, guard_scores = test["label"].to_numpy(), test[probe].to_numpy(), test[GUARD].to_numpy()
+    probe_at = at_threshold(y, probe_scores, probe_threshold)
+    matched = threshold_for_recall(y, guard_scores, probe_at["recall"])
+    probe_fpr = fpr_at_recall(y, probe_scores, 0.99)
+    guard_fpr = fpr_at_recall(y, guard_scores, 0.99)
     return {
         "probe": probe,
         "matched_guard_threshold": matched,
-        "guard_at_matched": at_threshold(y, test[GUARD].to_numpy(), matched) if matched is not None else None,
+        "guard_at_matched": at_threshold(y, guard_scores, matched) if matched is not None else None,
         "fpr_at_99_recall": {"probe": probe_fpr, "guard": guard_fpr,
                              "guard_over_probe": (guard_fpr / probe_fpr) if probe_fpr else None},
     }
@@ -121,7 +207,7 @@ def comparison_markdown(report: dict[str, Any]) -> str:
     """The headline table: best probe (and the torch probe, when trained) vs guard on the test split."""
     rows = [("probe " + report["best_probe"], report["probes"][report["best_probe"]]["test"])]
     rows += [("probe " + name, entry["test"]) for name, entry in report["probes"].items()
-             if name.endswith(TORCH_PROBE_TYPE)]
+             if entry["id"]["type"] == TORCH_PROBE_TYPE]
     if "guard" in report:
         rows.append(("guard", report["guard"]["test"]))
     lines = ["| scorer | threshold | accuracy | precision | recall | precision@0.99 | ROC AUC | recall@1% FPR |",
@@ -138,10 +224,11 @@ def comparison_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def render(report: dict[str, Any], scores: pd.DataFrame, out: Location) -> None:
-    """report.md and the PNG plots, from the report dict and the per-row scores."""
+def render(report: dict[str, Any], out: Location) -> None:
+    """report.md and the PNG plots, from the report dict and the test split's scores of the plotted scorers."""
+    plotted = [report["best_probe"]] + ([GUARD] if "guard" in report else [])
     with tempfile.TemporaryDirectory() as tmp:
-        plots = make_plots(report, scores, Path(tmp))
+        plots = make_plots(report, test_scores(out, plotted), Path(tmp))
         for path in plots:
             out.join(path.name).write_bytes(path.read_bytes())
     out.join("report.md").write_text(markdown(report, [p.name for p in plots]))
@@ -163,7 +250,7 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
     parts += ["## ROC AUC by layer and pooling (test)", "", "| feature | probe | CV (selection metric) | test ROC AUC | test AP |",
               "|---|---|---|---|---|"]
     for name, entry in sorted(report["probes"].items()):
-        feature, kind = name.rsplit("-", 1)
+        feature, kind = entry["id"]["feature"], entry["id"]["type"]
         cv = report.get("cv_best_by_feature", {}).get(feature)
         parts.append(f"| {feature} | {kind} | {_fmt(cv)} | {_fmt(entry['test']['roc_auc'])} | "
                      f"{_fmt(entry['test']['average_precision'])} |")
@@ -193,18 +280,18 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
     return "\n".join(parts) + "\n"
 
 
-def make_plots(report: dict[str, Any], scores: pd.DataFrame, directory: Path) -> list[Path]:
+def make_plots(report: dict[str, Any], test: pd.DataFrame, directory: Path) -> list[Path]:
+    """PR and ROC curves and score histograms of the best probe and the guard, and test AUC by layer."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from sklearn.metrics import PrecisionRecallDisplay, RocCurveDisplay
 
-    test = scores[scores["split"] == "test"]
     if test["label"].nunique() < 2:
         log.warning("test split has one class only: no curves plotted")
         return []
-    scorers = [report["best_probe"]] + ([GUARD] if GUARD in scores else [])
+    scorers = [report["best_probe"]] + ([GUARD] if GUARD in test else [])
     paths = []
     for name, display in (("pr_curve.png", PrecisionRecallDisplay), ("roc_curve.png", RocCurveDisplay)):
         fig, ax = plt.subplots(figsize=(6, 5))
@@ -215,8 +302,8 @@ def make_plots(report: dict[str, Any], scores: pd.DataFrame, directory: Path) ->
     fig, ax = plt.subplots(figsize=(6, 4))
     by_pooling: dict[str, list[tuple[int, float]]] = {}
     for name, entry in report["probes"].items():
-        pooling, layer = name.rsplit("-", 1)[0].removeprefix("act_").rsplit("_L", 1)
-        by_pooling.setdefault(pooling, []).append((int(layer), entry["test"]["roc_auc"] or float("nan")))
+        by_pooling.setdefault(entry["id"]["pooling"], []).append((entry["id"]["layer"],
+                                                                  entry["test"]["roc_auc"] or float("nan")))
     for pooling, points in sorted(by_pooling.items()):
         points.sort()
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=pooling)
@@ -246,6 +333,5 @@ def _save(fig: Any, path: Path) -> Path:
 def rerender(stage: Location) -> str:
     """Re-render report.md and plots from a finished report directory; returns the comparison table."""
     report = stage.join("report.json").read_json()
-    scores = stage.join("scores.parquet").read_table().to_pandas()
-    render(report, scores, stage)
+    render(report, stage)
     return report["comparison_table"]

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from guardray.cache import StageDir
 from guardray.errors import InputError, StageError
+from guardray.metrics import peak_rss_mb
 from guardray.spec import JobSpec
 from guardray.storage import Location, resolve
 
@@ -72,7 +73,7 @@ STAGES: dict[str, Stage] = {
     "dataset": Stage("dataset", (), lambda s: s.dataset.cache_payload(), _dataset_stage, offload=True),
     "features": Stage("features", ("dataset",), _features_key, _features_stage, needs_ray=True, resumable=True),
     "probes": Stage("probes", ("features",), lambda s: s.probes.cache_payload(), _probes_stage, needs_ray=True),
-    "report": Stage("report", ("features", "probes"), _report_key, _report_stage),
+    "report": Stage("report", ("features", "probes"), _report_key, _report_stage, needs_ray=True),
 }
 
 
@@ -139,16 +140,6 @@ def run_job(spec: JobSpec, stages: list[str] | None = None, force: tuple[str, ..
         {"job": spec.name, "stages": {name: dirs[name].location.uri for name in order}}
     )
     return results
-
-
-def peak_rss_mb() -> int | None:
-    """Peak RSS of this process's address space (Linux VmHWM; `ru_maxrss` would include a parent's RSS at fork)."""
-    try:
-        with open("/proc/self/status") as status:
-            line = next(line for line in status if line.startswith("VmHWM:"))
-        return round(int(line.split()[1]) / 1024)
-    except (OSError, StopIteration):
-        return None
 
 
 def _with_peak_rss(run: StageFn, spec: JobSpec, inputs: dict[str, Location], out: Location) -> dict[str, Any]:

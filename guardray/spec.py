@@ -153,16 +153,46 @@ class SubsampleSpec(Section):
 
 
 class SplitSpec(Section):
-    """Seeded train/test split stratified by (source, label)."""
+    """Seeded train/test split stratified by (source, label), by near-duplicate group: a prompt and its
+    variants (case, punctuation, adversarial wrappers) always land on the same side."""
 
-    test_fraction: float = Field(0.25, gt=0, lt=1)
-    seed: int = 0
+    test_fraction: float = Field(
+        0.25, gt=0, lt=1, description="Share of each (source, label) stratum's rows that go to test; whole groups "
+        "are taken in seeded random order until it is reached, so with large groups it is approximate.")
+    seed: int = Field(0, description="Seed of the group order.")
 
 
 class DatasetSpec(Section):
     sources: tuple[Source, ...] = Field(description="Where prompts come from (at least one).")
     subsample: SubsampleSpec = SubsampleSpec()
     split: SplitSpec = SplitSpec()
+    dedupe: Literal["exact", "normalized", "variants"] = Field(
+        "normalized", description="Which copies of a prompt are dropped (the first in spec order is kept): "
+        "'exact' only identical text; 'normalized' also copies differing in case, Unicode width, whitespace or "
+        "punctuation; 'variants' also the same prompt wrapped in a known adversarial prefix/suffix (see "
+        "`adversarial_affixes`). Whatever the choice, the split groups by the variants key, so wrapped "
+        "variants kept as rows of their own never straddle train and test.")
+    adversarial_affixes: tuple[str, ...] = Field(
+        (), description="Extra RE2 regexes stripped (repeatedly) to find a prompt's base text, the split's group "
+        "key, on top of the built-in ALERT-style ones (guardray/datasets/normalize.py). Matched case-insensitively "
+        "against NFKC, lower-cased, whitespace-collapsed text with punctuation kept; anchor with ^ or $ to strip "
+        "a prefix or suffix only.")
+
+    @field_validator("adversarial_affixes")
+    @classmethod
+    def _affixes_compile(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from guardray.datasets.normalize import check_affix
+
+        problems = [f"[{i}] {p!r} {why}" for i, p in enumerate(value) if (why := check_affix(p))]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
+
+    def cache_payload(self) -> dict[str, Any]:
+        """The built-in affixes enter the key too: editing them changes which rows are dropped and grouped."""
+        from guardray.datasets.normalize import AFFIXES
+
+        return {**super().cache_payload(), "builtin_affixes": AFFIXES}
 
     @model_validator(mode="after")
     def _unique_names(self) -> "DatasetSpec":

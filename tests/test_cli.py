@@ -18,11 +18,19 @@ def test_validate_ok_and_invalid(tmp_path: Path) -> None:
     raw = small_spec("out")
     raw["extract"] = {"layres": [1]}
     raw["model"] = {"dtype": "int8"}
+    # probe types and parameters are checked against the registry here, before any GPU stage runs
+    raw["probes"] = {"grid": [{"type": "logisitc_regression"},
+                              {"type": "logistic_regression", "params": {"C": [0.1, -1.0]}},
+                              {"type": "linear_svc", "params": {"CC": 1}}]}
     bad = write_spec(tmp_path / "bad.yaml", raw)
     result = guardray("validate", str(bad))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 2
+    assert len(lines) == 5
+    assert f"error: {bad}: probes.grid.0.type: unknown probe type 'logisitc_regression'; did you mean " \
+           "'logistic_regression'?" in lines
+    assert any(f"{bad}: probes.grid.1: logistic_regression {{'C': -1.0}}: The 'C' parameter" in line for line in lines)
+    assert f"error: {bad}: probes.grid.2: linear_svc has no parameter 'CC'; did you mean 'C'?" in lines
     assert any(line.startswith(f"error: {bad}: extract.layres: unknown key; did you mean 'layers'?") for line in lines)
     assert any(f"{bad}: model.dtype:" in line for line in lines)
     assert "Traceback" not in result.stderr

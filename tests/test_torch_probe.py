@@ -12,7 +12,8 @@ from sklearn.metrics import roc_auc_score
 
 from guardray import probes
 from guardray.probes import artifact
-from guardray.probes.torch_probe import TORCH_PROBE_TYPE, all_reduce_sum, train_rows, train_torch_probe
+from guardray.probes.torch_probe import (TORCH_PROBE_TYPE, all_reduce_sum, train_dataset, train_rows,
+                                         train_torch_probe)
 from guardray.spec import TorchProbeSpec
 from guardray.storage import resolve
 
@@ -49,11 +50,17 @@ def test_train_rows_keeps_the_train_split() -> None:
 @pytest.mark.slow
 def test_torch_trainer_learns_a_separable_set(ray_local: None, tmp_path: Path) -> None:
     import pyarrow.parquet  # noqa: F401 - registers pa.parquet
+    from ray.data.dataset import MaterializedDataset
 
     x, y, split = _write_parts(tmp_path / "features")
     spec = TorchProbeSpec(enabled=True, workers=2, epochs=5, lr=0.1, batch_size=32, cpus_per_worker=0.5)
-    fitted = train_torch_probe(spec, resolve(str(tmp_path / "features")), "act_last_L1", "harmful", DIM,
-                               resolve(str(tmp_path / "train")))
+    features = resolve(str(tmp_path / "features"))
+    # the workers read the parts through a lazy Ray Data read: no table on the driver (a small set like this one
+    # is then cached in the object store, on the workers' side)
+    dataset = train_dataset(features, "act_last_L1", "harmful")
+    assert not isinstance(dataset, MaterializedDataset)
+    assert "ReadFilesParquet" in repr(dataset) or "ReadParquet" in repr(dataset), repr(dataset)
+    fitted = train_torch_probe(spec, features, "act_last_L1", "harmful", resolve(str(tmp_path / "train")))
     assert fitted["epochs"] == 5 and not fitted["use_gpu"]
     losses = [row["loss"] for row in fitted["history"]]
     assert len(losses) == 5 and losses[-1] < 0.5 * losses[0]

@@ -1,27 +1,33 @@
 """The dataset stage: sources → one labelled, deduplicated, subsampled, split prompt table.
 
 Every loaded row ends up either in `dataset.parquet` or in `rejects.parquet` with a reason (bad value,
-missing label, duplicate); rows removed by subsampling are counted in the counts table. Output columns:
-`id, prompt, harmful, source, split` plus any extra boolean labels the sources carried (null for the rows of
-a source that lacks that label; the summary's `null_labels` counts them).
+missing label, duplicate, near-duplicate); rows removed by subsampling are counted in the counts table.
+Output columns: `id, prompt, harmful, source, split` plus any extra boolean labels the sources carried (null
+for the rows of a source that lacks that label; the summary's `null_labels` counts them).
 
 The stage is columnar so a million-row source fits: the prompt text stays in Arrow columns from reader to
-parquet (validated with Arrow kernels, copied once by the final filter); ids and the dedupe digests are
-hashed from the prompts' bytes a batch at a time, and subsampling and the split run on a pandas frame of
-per-row metadata only (source, label, id). The output keeps the load order (sources in spec order, rows in
+parquet (validated with Arrow kernels, copied once by the final filter); ids and the dedupe and group digests
+are hashed from the prompts' (raw, normalised, affix-stripped: `normalize.py`) bytes a batch at a time, and
+subsampling and the split run on a pandas frame of per-row metadata only (source, label, id, group).
+
+Near-duplicates and the split: `dataset.dedupe` picks the key that drops copies (exact text, normalised text,
+or base text with adversarial affixes stripped); the split always groups rows by base text, so a prompt and its
+jailbreak-wrapped variants that are kept as separate rows still land on one side, and test AUC is not inflated
+by near-copies of training prompts. The output keeps the load order (sources in spec order, rows in
 file order), so it is the same for the same spec and the features stage can read it by row ranges.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from guardray.datasets.normalize import text_keys
 from guardray.datasets.sources import expected_rows, load_source
 from guardray.datasets.tables import SPLITS
 from guardray.spec import DatasetSpec, SplitSpec, SubsampleSpec
@@ -53,18 +59,26 @@ def build_dataset(spec: DatasetSpec, out: Location) -> dict[str, Any]:
     extra = [c for c in loaded.column_names if c not in _LOADED_CORE]
     reasons = validate(loaded)
     usable = pc.is_null(reasons).to_numpy(zero_copy_only=False)
-    keys, digests = hash_prompts(loaded, usable)
-    first_of = first_occurrence(digests, usable)
-    is_first = first_of == np.arange(loaded.num_rows)
-    duplicates = usable & ~is_first
+    keys = prompt_keys(loaded, usable, spec.dedupe, spec.adversarial_affixes)
+    first_of = first_occurrence(keys.dedupe, usable)
+    rows = np.arange(loaded.num_rows)
+    is_first = first_of == rows
+    removed = usable & ~is_first
+    exact = removed & (first_occurrence(keys.exact, usable) != rows)  # this very text came earlier
+    near = removed & ~exact  # only a normalised / affix-stripped form of it did
     rejects = pa.concat_tables([
         _reject_table(loaded, ~usable, reasons.filter(pa.array(~usable))),
-        _reject_table(loaded, duplicates, _duplicate_reasons(loaded, keys, first_of[duplicates])),
+        _reject_table(loaded, exact, _duplicate_reasons(loaded, keys.ids, first_of[exact], "duplicate")),
+        _reject_table(loaded, near, _duplicate_reasons(loaded, keys.ids, first_of[near], "near-duplicate")),
     ])
     conflicts = find_conflicts(loaded, usable, first_of)
     kept = assign_split(subsample(_candidates(loaded, is_first, keys), spec.subsample), spec.split).sort_index()
+    straddling = groups_straddling(kept)
+    if straddling:
+        log.warning("%d near-duplicate groups have rows on both sides of the split because a split_column put "
+                    "them there (kept as given: test metrics may be optimistic)", straddling)
     final = _final_table(loaded, kept, extra)
-    counts = count_table(_meta(loaded), rejects["source"].to_pandas(), kept, expected)
+    counts = count_table(_meta(loaded, exact, near), rejects["source"].to_pandas(), kept, expected)
     _write_outputs(out, final, rejects, conflicts, counts)
     return {
         "rows": final.num_rows,
@@ -72,7 +86,11 @@ def build_dataset(spec: DatasetSpec, out: Location) -> dict[str, Any]:
         "test": int((kept["split"] == "test").sum()),
         "harmful": int(pc.sum(final["harmful"]).as_py() or 0),
         "rejected": int((~usable).sum()),
-        "duplicates": int(duplicates.sum()),
+        "dedupe": spec.dedupe,
+        "duplicates": int(exact.sum()),
+        "near_duplicates": int(near.sum()),
+        "split_groups": int(kept["group"].nunique()),
+        "groups_straddling_given_split": straddling,
         "conflicts": conflicts.num_rows,
         "labels": ["harmful", *extra],
         "counts": counts.to_dict(orient="records"),
@@ -143,11 +161,13 @@ def _conform(table: pa.Table, name: str, extra: list[str]) -> pa.Table:
     return pa.table(columns)
 
 
-def _meta(loaded: pa.Table) -> pd.DataFrame:
-    """source and label per loaded row (no text), for the counts."""
+def _meta(loaded: pa.Table, exact: np.ndarray, near: np.ndarray) -> pd.DataFrame:
+    """source, label and duplicate kind per loaded row (no text), for the counts."""
     return pd.DataFrame({
         "source": loaded["source"].to_pandas(),
         "harmful": loaded["harmful"].to_pandas(types_mapper={pa.bool_(): pd.BooleanDtype()}.get),
+        "duplicate": exact,
+        "near_duplicate": near,
     })
 
 
@@ -167,18 +187,31 @@ def validate(loaded: pa.Table) -> pa.ChunkedArray:
     )
 
 
-def hash_prompts(loaded: pa.Table, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For the rows in `mask`: (id keys, prompt digests); zeros elsewhere.
+class PromptKeys(NamedTuple):
+    """Per loaded row (zeros where not usable): the id key and three prompt digests."""
 
-    The id key is the first 8 bytes of `prompt_id`'s sha256 as a uint64 (numbers sort fast; they become hex
-    text only for the output); the digest is the first 16 bytes of the prompt's own sha256, the dedupe key
-    (a collision is ~1e-27 likely at a million rows). Hashing is a Python loop (hashlib per prompt) over the
-    prompts' UTF-8 bytes, read from Arrow a batch at a time. It is cheaper than Arrow's exact
-    `dictionary_encode`, whose hash table holds two more copies of the text (measured once by hand,
-    not by a repo benchmark, on a million 900-character prompts: 2.9 GB instead of 1.6 GB peak RSS, and slower).
+    ids: np.ndarray  #: uint64: the first 8 bytes of `prompt_id`'s sha256
+    exact: np.ndarray  #: V16 digest of the raw text (exact duplicates)
+    dedupe: np.ndarray  #: V16 digest of the text `dataset.dedupe` compares (one of the others)
+    group: np.ndarray  #: V16 digest of the base text (normalised, adversarial affixes stripped): the split group
+
+
+def prompt_keys(
+    loaded: pa.Table, mask: np.ndarray, dedupe: str = "exact", affixes: tuple[str, ...] = ()
+) -> PromptKeys:
+    """The id key and the prompt digests of the rows in `mask`.
+
+    The id key is a uint64 (numbers sort fast; they become hex text only for the output); the digests are
+    the first 16 bytes of a sha256 (a collision is ~1e-27 likely at a million rows). Hashing is a Python
+    loop (hashlib per prompt) over UTF-8 bytes read from Arrow a batch at a time, and the normalised and
+    base texts are made per batch by Arrow kernels and dropped after hashing, so the transient memory is
+    one batch's worth. It is cheaper than Arrow's exact `dictionary_encode`, whose hash table holds two
+    more copies of the text (measured once by hand, not by a repo benchmark, on a million 900-character
+    prompts: 2.9 GB instead of 1.6 GB peak RSS, and slower).
     """
-    keys = np.zeros(loaded.num_rows, dtype=np.uint64)
-    digests = np.zeros(loaded.num_rows, dtype="V16")
+    n = loaded.num_rows
+    ids = np.zeros(n, dtype=np.uint64)
+    exact, normalized, group = (np.zeros(n, dtype="V16") for _ in range(3))
     start = 0
     for batch in loaded.select(["source", "prompt"]).to_batches(max_chunksize=_HASH_BATCH_ROWS):
         local = np.flatnonzero(mask[start:start + batch.num_rows])
@@ -187,11 +220,20 @@ def hash_prompts(loaded: pa.Table, mask: np.ndarray) -> tuple[np.ndarray, np.nda
             sources = pc.dictionary_encode(part.column(0))
             prefixes = [f"{s}\0".encode() for s in sources.dictionary.to_pylist()]
             texts = part.column(1).cast(pa.binary()).to_pylist()
-            ids = [hashlib.sha256(prefixes[i] + t).digest()[:8] for i, t in zip(sources.indices.to_numpy(), texts)]
-            keys[start + local] = np.frombuffer(b"".join(ids), dtype=">u8")
-            digests[start + local] = np.frombuffer(b"".join([hashlib.sha256(t).digest()[:16] for t in texts]), "V16")
+            keys = [hashlib.sha256(prefixes[i] + t).digest()[:8] for i, t in zip(sources.indices.to_numpy(), texts)]
+            ids[start + local] = np.frombuffer(b"".join(keys), dtype=">u8")
+            exact[start + local] = _digests(texts)
+            norm_text, base_text = text_keys(part.column(1), affixes)
+            if dedupe == "normalized":
+                normalized[start + local] = _digests(norm_text.cast(pa.binary()).to_pylist())
+            group[start + local] = _digests(base_text.cast(pa.binary()).to_pylist())
         start += batch.num_rows
-    return keys, digests
+    chosen = {"exact": exact, "normalized": normalized, "variants": group}[dedupe]
+    return PromptKeys(ids, exact, chosen, group)
+
+
+def _digests(texts: list[bytes]) -> np.ndarray:
+    return np.frombuffer(b"".join([hashlib.sha256(t).digest()[:16] for t in texts]), "V16")
 
 
 def first_occurrence(digests: np.ndarray, usable: np.ndarray) -> np.ndarray:
@@ -214,9 +256,10 @@ def hex_ids(keys: np.ndarray) -> pa.Array:
     return pa.StringArray.from_buffers(len(keys), pa.py_buffer(offsets), pa.py_buffer(text.tobytes()))
 
 
-def _duplicate_reasons(loaded: pa.Table, keys: np.ndarray, firsts: np.ndarray) -> pa.ChunkedArray:
+def _duplicate_reasons(loaded: pa.Table, keys: np.ndarray, firsts: np.ndarray, kind: str) -> pa.ChunkedArray:
+    """'<kind> of <kept row's id> (<its source>)'."""
     first_sources = loaded["source"].take(pa.array(firsts, pa.int64()))
-    return pc.binary_join_element_wise("duplicate of ", hex_ids(keys[firsts]), " (", first_sources, ")", "")
+    return pc.binary_join_element_wise(f"{kind} of ", hex_ids(keys[firsts]), " (", first_sources, ")", "")
 
 
 def _reject_table(loaded: pa.Table, mask: np.ndarray, reasons: pa.Array | pa.ChunkedArray) -> pa.Table:
@@ -225,7 +268,8 @@ def _reject_table(loaded: pa.Table, mask: np.ndarray, reasons: pa.Array | pa.Chu
 
 
 def find_conflicts(loaded: pa.Table, usable: np.ndarray, first_of: np.ndarray) -> pa.Table:
-    """Prompts given both labels (by one or several sources): prompt, sources, labels, kept_label (the first's)."""
+    """Prompts given both labels (by one or several sources, counting every copy the dedupe key merges):
+    prompt (the kept row's text), sources, labels, kept_label (the kept row's label)."""
     harmful = pc.fill_null(loaded["harmful"], False).to_numpy()
     groups = first_of[usable]
     total = np.bincount(groups, minlength=loaded.num_rows)
@@ -234,26 +278,27 @@ def find_conflicts(loaded: pa.Table, usable: np.ndarray, first_of: np.ndarray) -
     in_conflict = usable & mixed[np.maximum(first_of, 0)]
     if not in_conflict.any():
         return CONFLICTS_SCHEMA.empty_table()
-    picked = loaded.select(["prompt", "source", "harmful"]).filter(pa.array(in_conflict)).to_pandas()
-    picked["kept_label"] = harmful[first_of[in_conflict]]
-    conflicts = (
-        picked.groupby("prompt")
-        .agg(sources=("source", lambda s: sorted(set(s))), labels=("harmful", lambda s: sorted(map(bool, set(s)))),
-             kept_label=("kept_label", "first"))
-        .reset_index()
-    )
+    picked = loaded.select(["source", "harmful"]).filter(pa.array(in_conflict)).to_pandas()
+    picked["first"] = first_of[in_conflict]
+    conflicts = picked.groupby("first").agg(
+        sources=("source", lambda s: sorted(set(s))), labels=("harmful", lambda s: sorted(map(bool, set(s)))))
+    firsts = conflicts.index.to_numpy()
+    conflicts.insert(0, "prompt", loaded["prompt"].take(pa.array(firsts)).to_pylist())
+    conflicts["kept_label"] = harmful[firsts]
     return pa.Table.from_pandas(conflicts, CONFLICTS_SCHEMA, preserve_index=False)
 
 
 # ---------------------------------------------------------------------------------- subsample and split
 
 
-def _candidates(loaded: pa.Table, is_first: np.ndarray, keys: np.ndarray) -> pd.DataFrame:
-    """Metadata of the deduplicated rows (no text; `id` as its uint64 key), indexed by position in `loaded`."""
+def _candidates(loaded: pa.Table, is_first: np.ndarray, keys: PromptKeys) -> pd.DataFrame:
+    """Metadata of the deduplicated rows (no text; `id` as its uint64 key, `group` as the first 8 bytes of the
+    base-text digest), indexed by position in `loaded`."""
     positions = np.flatnonzero(is_first)
     rows = loaded.select(["source", "harmful", "split_given"]).filter(pa.array(is_first)).to_pandas()
-    frame = pd.DataFrame({"id": keys[positions], "source": rows["source"], "harmful": rows["harmful"].astype(bool),
-                          "split_given": rows["split_given"]})
+    group = np.ascontiguousarray(keys.group[positions]).view(">u8")[::2].astype(np.uint64)
+    frame = pd.DataFrame({"id": keys.ids[positions], "source": rows["source"],
+                          "harmful": rows["harmful"].astype(bool), "split_given": rows["split_given"], "group": group})
     frame.index = positions
     return frame
 
@@ -279,25 +324,48 @@ def subsample(frame: pd.DataFrame, spec: SubsampleSpec) -> pd.DataFrame:
 
 
 def assign_split(frame: pd.DataFrame, spec: SplitSpec) -> pd.DataFrame:
-    """Seeded train/test split, stratified by (source, label); rows with a given split keep it.
+    """Seeded train/test split by group (`group` column; without one every row is its own group), stratified
+    by (source, label); rows with a given split keep it. `split` comes back as a categorical ('train', 'test').
 
-    Rows are ordered by id (so the input order does not matter), given one seeded random key each, and in
-    each stratum the round(n * test_fraction) rows with the smallest keys go to test: every source and label
-    is represented in both splits in proportion (a stratum of one row stays in train). `split` comes back
-    as a categorical ('train', 'test').
+    All rows of a group land on one side: near-copies of a training prompt in test would inflate test AUC.
+    A group with given splits pulls its other rows to the split of its first given row (load order); if the
+    given splits themselves disagree the group straddles (`groups_straddling` counts it). Every other group
+    belongs to the stratum of its first row; groups are ordered by key (so the input order does not matter),
+    given one seeded random number each, and in each stratum taken in that order into test while test has
+    fewer than round(rows * test_fraction) rows. So test_fraction is a share of rows, exact for groups of
+    one row (the usual case) and approximate with larger groups; a stratum of one group stays in train.
     """
-    given = frame["split_given"]
+    groups = (frame["group"] if "group" in frame.columns else frame["id"]).to_numpy()
     codes = np.full(len(frame), -1, dtype=np.int8)
     for code, name in enumerate(SPLITS):
-        codes[(given == name).to_numpy(dtype=bool)] = code
-    free = frame[codes < 0].sort_values("id", kind="stable")
-    keys = pd.Series(np.random.default_rng(spec.seed).random(len(free)), index=free.index)
-    strata = [free["source"], free["harmful"]]
-    rank = keys.groupby(strata).rank(method="first").to_numpy()
-    size = keys.groupby(strata).transform("size").to_numpy()
-    n_test = np.where(size > 1, np.round(size * spec.test_fraction), 0)
-    codes[frame.index.get_indexer(free.index)] = np.where(rank <= n_test, 1, 0)
+        codes[(frame["split_given"] == name).to_numpy(dtype=bool)] = code
+    given = pd.DataFrame({"group": groups, "code": codes}, index=frame.index).sort_index().query("code >= 0")
+    if len(given):
+        follow = pd.Series(groups).map(given.groupby("group")["code"].first()).to_numpy()
+        pulled = (codes < 0) & ~np.isnan(follow)
+        codes[pulled] = follow[pulled]
+    free = codes < 0
+    if free.any():
+        members = pd.DataFrame({"group": groups[free], "source": frame["source"].to_numpy()[free],
+                                "harmful": frame["harmful"].to_numpy()[free]}, index=frame.index[free])
+        table = members.sort_index().groupby("group", sort=True).agg(
+            source=("source", "first"), harmful=("harmful", "first"), rows=("source", "size"))
+        table["key"] = np.random.default_rng(spec.seed).random(len(table))
+        table = table.sort_values("key", kind="stable")
+        strata = table.groupby(["source", "harmful"], sort=False)["rows"]
+        before = (strata.cumsum() - table["rows"]).to_numpy()
+        target = np.where(strata.transform("size") > 1, np.round(strata.transform("sum") * spec.test_fraction), 0)
+        to_test = pd.Series(before < target, index=table.index)
+        codes[free] = to_test.reindex(groups[free]).to_numpy(dtype=bool).astype(np.int8)
     return frame.assign(split=pd.Categorical.from_codes(codes, SPLITS))
+
+
+def groups_straddling(frame: pd.DataFrame) -> int:
+    """How many groups have rows in both splits (only given splits can do that)."""
+    if "group" not in frame.columns or frame.empty:
+        return 0
+    codes = pd.Series(frame["split"].cat.codes.to_numpy()).groupby(frame["group"].to_numpy())
+    return int((codes.min() != codes.max()).sum())
 
 
 def _final_table(loaded: pa.Table, kept: pd.DataFrame, extra: list[str]) -> pa.Table:
@@ -338,12 +406,18 @@ def _null_labels(final: pa.Table, missing: dict[str, list[str]]) -> dict[str, di
 def count_table(
     loaded: pd.DataFrame, rejected_sources: pd.Series, final: pd.DataFrame, expected: dict[str, int | None]
 ) -> pd.DataFrame:
-    """Rows per (source, label): expected, loaded, rejected (bad + duplicates), kept, train, test.
+    """Rows per (source, label): expected, loaded, rejected (bad + duplicates), of those the exact and the
+    near duplicates, kept, train, test.
 
-    `loaded` and `final` hold one row per loaded / kept row (source, harmful[, split]); no text.
+    `loaded` and `final` hold one row per loaded / kept row (source, harmful[, duplicate, near_duplicate]
+    / [, split]); no text. Duplicates always have a label, so they are counted per label even where the
+    rejects of a mixed-label source are not.
     """
     label = _label_text(loaded["harmful"])
-    loaded_counts = loaded.groupby([loaded["source"], label], sort=False, observed=True).size()
+    strata = [loaded["source"], label]
+    loaded_counts = loaded.groupby(strata, sort=False, observed=True).size()
+    dupes = {c: loaded[c].groupby(strata, observed=True).sum() if c in loaded.columns else pd.Series(dtype=int)
+             for c in ("duplicate", "near_duplicate")}
     labels_per_source = label.groupby(loaded["source"], observed=True).nunique()
     rejects = rejected_sources.value_counts()
     kept = final.groupby([final["source"], _label_text(final["harmful"]), final["split"]], observed=True).size()
@@ -357,6 +431,8 @@ def count_table(
             "expected": expected.get(source) if single else None,
             "loaded": int(n),
             "rejected": int(rejects.get(source, 0)) if single else None,
+            "duplicates": int(dupes["duplicate"].get((source, text), 0)),
+            "near_duplicates": int(dupes["near_duplicate"].get((source, text), 0)),
             "kept": train + test,
             "train": train,
             "test": test,
@@ -373,18 +449,21 @@ def _label_text(labels: pd.Series) -> pd.Series:
 
 def format_counts(counts: pd.DataFrame) -> str:
     """The counts table as aligned text, with a ✓/✗ when a source declares its expected size."""
-    header = f"{'Source':28} {'Harmful':>7} {'Expected':>9} {'Actual':>8} {'Rejected':>9} {'Kept':>7} {'Train':>7} {'Test':>6}"
+    header = (f"{'Source':28} {'Harmful':>7} {'Expected':>9} {'Actual':>8} {'Rejected':>9} {'Dup':>7} {'NearDup':>7} "
+              f"{'Kept':>7} {'Train':>7} {'Test':>6}")
     lines = [header, "-" * len(header)]
     for r in counts.itertuples():
         exp = "" if pd.isna(r.expected) else f"{int(r.expected)}"
         rej = "" if pd.isna(r.rejected) else f"{int(r.rejected)}"
         mark = "" if not exp else (" ✓" if int(r.expected) == r.loaded else " ✗")
         lines.append(
-            f"{r.source:28} {r.harmful:>7} {exp:>9} {r.loaded:>8} {rej:>9} {r.kept:>7} {r.train:>7} {r.test:>6}{mark}"
+            f"{r.source:28} {r.harmful:>7} {exp:>9} {r.loaded:>8} {rej:>9} {r.duplicates:>7} {r.near_duplicates:>7} "
+            f"{r.kept:>7} {r.train:>7} {r.test:>6}{mark}"
         )
     lines.append("-" * len(header))
     lines.append(
-        f"{'total':28} {'':>7} {'':>9} {counts['loaded'].sum():>8} {'':>9} {counts['kept'].sum():>7} "
+        f"{'total':28} {'':>7} {'':>9} {counts['loaded'].sum():>8} {'':>9} {counts['duplicates'].sum():>7} "
+        f"{counts['near_duplicates'].sum():>7} {counts['kept'].sum():>7} "
         f"{counts['train'].sum():>7} {counts['test'].sum():>6}"
     )
     return "\n".join(lines)

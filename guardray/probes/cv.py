@@ -1,13 +1,19 @@
 """The probes stage: a grid of (feature column × probe type × hyper-parameters), cross-validated in parallel
 with Ray Tune, then the best configuration per feature column refit on the whole train split.
 
-Feature matrices are put in the object store once (`tune.with_parameters`) and shared by every trial; each
-trial runs stratified K-fold CV on the train split only and reports the mean and std of each metric.
+Work goes where the data is. The driver reads the parts' schema (a footer) and holds configurations and metrics,
+never a feature matrix. Each Tune trial reads only its own feature column of the train split straight from the
+features parquet (`columns.read_column`: projection and a pushed-down filter) and runs stratified K-fold CV
+there; trials of one column run back to back, so a reused trial actor keeps that column instead of re-reading
+it. Refits run in one Ray task per feature column, which reads that column and writes the artifact itself
+(local or gs://). So any process holds about one column's float32 train matrix plus the model, whatever the
+number of columns.
 """
 from __future__ import annotations
 
-import itertools
+import json
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -16,17 +22,17 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 from sklearn import metrics
 from sklearn.model_selection import StratifiedKFold
 
+from guardray.columns import ColumnData, feature_dims, feature_schema, label_counts, read_column
 from guardray.errors import InputError
 from guardray.evaluate import recall_at_fpr
-from guardray.features import labelled, matrix, read_features
+from guardray.metrics import peak_rss_mb
 from guardray.probes import artifact
-from guardray.probes.registry import build_probe, probe_scores
+from guardray.probes.registry import ProbeId, build_probe, grid_points, probe_scores
 from guardray.spec import JobSpec, ProbesSpec
-from guardray.storage import Location
+from guardray.storage import Location, resolve
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +40,14 @@ CV_METRICS = ("roc_auc", "average_precision", "recall_at_fpr")
 
 
 def expand_grid(spec: ProbesSpec, feature_columns: list[str]) -> list[dict[str, Any]]:
-    """Every (feature, probe type, preprocessing, params) combination; list values expand."""
+    """Every (feature, probe type, preprocessing, params) combination, grouped by feature column so that the
+    trials reading one column run one after the other."""
     configs = []
-    for entry in spec.grid:
-        keys = list(entry.params)
-        values = [v if isinstance(v, list) else [v] for v in entry.params.values()]
-        for combo in itertools.product(*values) if keys else [()]:
-            for feature in feature_columns:
+    for feature in feature_columns:
+        for entry in spec.grid:
+            for params in grid_points(entry.params):
                 configs.append({"feature": feature, "type": entry.type, "preprocessing": entry.preprocessing,
-                                "params": dict(zip(keys, combo))})
+                                "params": params})
     return configs
 
 
@@ -67,24 +72,42 @@ def cross_validate(config: dict[str, Any], x: np.ndarray, y: np.ndarray, folds: 
     return result
 
 
-def _trial(config: dict[str, Any], data: dict[str, Any]) -> None:
+#: The column this worker process read last: a reused trial actor whose next trial is on the same column keeps
+#: it instead of reading it again. One slot, so a process never holds more than one column.
+_last_column: dict[tuple[str, str, str], ColumnData] = {}
+
+
+def train_column(stage_uri: str, feature: str, target: str) -> ColumnData:
+    """The train split of one feature column, read on this worker (or kept from its previous trial)."""
+    key = (stage_uri, feature, target)
+    if key not in _last_column:
+        _last_column.clear()  # drop the previous column before reading the next
+        _last_column[key] = read_column(resolve(stage_uri), feature, target, "train")
+    return _last_column[key]
+
+
+def _trial(config: dict[str, Any], stage_uri: str, target: str, folds: int, seed: int, max_fpr: float) -> None:
     from ray import tune
 
     trial = config["trial"]
     started = time.time()
-    result = cross_validate(trial, data["x"][trial["feature"]], data["y"], data["folds"], data["seed"], data["max_fpr"])
-    tune.report({**result, "trial_id": trial["id"], "trial_start": started, "trial_end": time.time()})
+    data = train_column(stage_uri, trial["feature"], target)
+    result = cross_validate(trial, data.x, data.y, folds, seed, max_fpr)
+    tune.report({**result, "trial_id": trial["id"], "trial_start": started, "trial_end": time.time(),
+                 "columns_read": ",".join(data.columns_read), "train_rows": len(data.y), "peak_rss_mb": peak_rss_mb(),
+                 "pid": os.getpid()})
 
 
-def run_grid(spec: ProbesSpec, x: dict[str, np.ndarray], y: np.ndarray, configs: list[dict[str, Any]]) -> pd.DataFrame:
-    """One Ray Tune trial per configuration, `max_concurrent_trials` at a time."""
+def run_grid(spec: ProbesSpec, features: Location, configs: list[dict[str, Any]]) -> pd.DataFrame:
+    """One Ray Tune trial per configuration, `max_concurrent_trials` at a time; the trials read their own data."""
     import ray
     from ray import tune
 
     for i, config in enumerate(configs):
         config["id"] = i
-    data = {"x": x, "y": y, "folds": spec.cv.folds, "seed": spec.cv.seed, "max_fpr": spec.cv.max_fpr}
-    trainable = tune.with_resources(tune.with_parameters(_trial, data=data), {"cpu": spec.cpus_per_trial})
+    trainable = tune.with_parameters(_trial, stage_uri=features.uri, target=spec.target, folds=spec.cv.folds,
+                                     seed=spec.cv.seed, max_fpr=spec.cv.max_fpr)
+    trainable = tune.with_resources(trainable, {"cpu": spec.cpus_per_trial})
     concurrency = spec.max_concurrent_trials or max(1, int(ray.cluster_resources().get("CPU", 1) // spec.cpus_per_trial))
     tuner = tune.Tuner(
         trainable,
@@ -98,74 +121,115 @@ def run_grid(spec: ProbesSpec, x: dict[str, np.ndarray], y: np.ndarray, configs:
     for result in grid:
         if result.error:
             raise RuntimeError(f"probe trial failed: {result.error}")
-        trial = result.config["trial"]
+        trial, m = result.config["trial"], result.metrics
         rows.append({"trial_id": trial["id"], "feature": trial["feature"], "type": trial["type"],
                      "preprocessing": trial["preprocessing"], "params": trial["params"],
-                     **{k: v for k, v in result.metrics.items() if k.endswith(("_mean", "_std")) or k == "fit_seconds"},
-                     "trial_start": result.metrics["trial_start"], "trial_end": result.metrics["trial_end"],
-                     "pid": result.metrics.get("pid")})
+                     **{k: v for k, v in m.items() if k.endswith(("_mean", "_std")) or k == "fit_seconds"},
+                     **{k: m.get(k) for k in ("trial_start", "trial_end", "columns_read", "train_rows",
+                                              "peak_rss_mb", "pid")}})
     return pd.DataFrame(rows).sort_values("trial_id").reset_index(drop=True)
 
 
-def run_probes(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dict[str, Any]:
-    """The probes stage: CV grid with Tune, refit the best per feature column, save artifacts."""
-    table = read_features(inputs["features"])
+def feature_columns(spec: JobSpec, features: Location) -> dict[str, int]:
+    """{feature column: width} to probe, from the parts' schema (no rows read); bad names fail with one line."""
+    schema = feature_schema(features)
     target = spec.probes.target
-    if target not in table.column_names:
-        labels = [f.name for f in table.schema if f.type == pa.bool_() and f.name != "truncated"]
+    if target not in schema.names:
+        labels = [f.name for f in schema if f.type == pa.bool_() and f.name != "truncated"]
         raise InputError(f"probes.target: column '{target}' not in the features; labels are: {', '.join(labels)}")
-    feature_columns = [c for c in table.column_names if c.startswith("act_")]
+    dims = feature_dims(schema)
     if spec.probes.features:
-        unknown = sorted(set(spec.probes.features) - set(feature_columns))
+        unknown = sorted(set(spec.probes.features) - set(dims))
         if unknown:
-            raise InputError(f"probes.features: {', '.join(unknown)} not extracted; available: {', '.join(feature_columns)}")
-        feature_columns = list(spec.probes.features)
-    train = labelled(table.filter(pc.equal(table.column("split"), "train")), target)
-    y = np.asarray(train.column(target).to_pylist(), dtype=bool)
-    if len(np.unique(y)) < 2 or min(y.sum(), (~y).sum()) < spec.probes.cv.folds:
+            raise InputError(f"probes.features: {', '.join(unknown)} not extracted; available: {', '.join(dims)}")
+        dims = {c: dims[c] for c in spec.probes.features}
+    return dims
+
+
+def _check_classes(spec: JobSpec, features: Location) -> None:
+    """Enough rows of each class for the folds; counted in a Ray task (it reads every row's label)."""
+    import ray
+
+    true, false = ray.get(ray.remote(num_cpus=0.5)(label_counts).remote(features, spec.probes.target))
+    if min(true, false) < spec.probes.cv.folds:
         raise InputError(f"probes: the train split needs at least {spec.probes.cv.folds} rows of each class "
-                         f"of '{target}' (has {int(y.sum())} true, {int((~y).sum())} false)")
-    x = {c: matrix(train, c) for c in feature_columns}
-    configs = expand_grid(spec.probes, feature_columns)
-    log.info("probes: %d configurations x %d folds on %d train rows", len(configs), spec.probes.cv.folds, len(y))
-    results = run_grid(spec.probes, x, y, configs)
-    out.join("cv_results.csv").write_text(results.to_csv(index=False))
-    out.join("cv_results.parquet").write_table(pa.Table.from_pandas(results.assign(params=results["params"].map(str)),
-                                                                    preserve_index=False))
+                         f"of '{spec.probes.target}' (has {true} true, {false} false)")
+
+
+def run_probes(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dict[str, Any]:
+    """The probes stage: CV grid with Tune, refit the best per feature column where the data is, save artifacts."""
+    features = inputs["features"]
+    dims = feature_columns(spec, features)
+    _check_classes(spec, features)
+    configs = expand_grid(spec.probes, list(dims))
+    log.info("probes: %d configurations x %d folds over %d feature columns", len(configs), spec.probes.cv.folds,
+             len(dims))
+    results = run_grid(spec.probes, features, configs)
+    write_cv_results(results, out)
     selection = f"{spec.probes.cv.metric}_mean"
-    best_per_feature = results.sort_values(selection, ascending=False).groupby("feature", sort=False).head(1)
-    saved = []
-    for row in best_per_feature.itertuples():
-        name = f"{row.feature}-{row.type}"
-        probe = build_probe(row.type, row.preprocessing, row.params, spec.probes.cv.seed).fit(x[row.feature], y)
-        meta = _probe_meta(spec, row, selection)
-        store_artifact(out, name, lambda directory: artifact.save(probe, meta, directory))
-        saved.append({"name": name, "feature": row.feature, "type": row.type, selection: getattr(row, selection)})
+    best_per_feature = results.sort_values(selection, ascending=False, kind="stable").groupby("feature", sort=False).head(1)
+    best = [ProbeId(r.feature, r.type, r.preprocessing, r.params) for r in best_per_feature.itertuples()]
+    cv_score = dict(zip(best_per_feature["feature"], best_per_feature[selection]))
+    saved = refit_all(spec, features, out, best, {p.feature: {selection: cv_score[p.feature]} for p in best})
+    for probe in saved:
+        probe[selection] = cv_score[probe["id"]["feature"]]
     if spec.probes.torch_probe.enabled:
-        saved.append(_torch_probe(spec, inputs["features"], x, saved[0]["feature"], out))
-    best = saved[0]
-    return {"configurations": len(configs), "selection_metric": selection, "best": best, "probes": saved,
-            "train_rows": len(y)}
+        saved.append(_torch_probe(spec, features, dims, best[0].feature, out))
+    return {"configurations": len(configs), "selection_metric": selection, "best": saved[0], "probes": saved,
+            "train_rows": int(results["train_rows"].iloc[0]),
+            "trial_peak_rss_mb": _max(results["peak_rss_mb"]),
+            "refit_peak_rss_mb": _max(pd.Series([p.pop("peak_rss_mb") for p in saved if "peak_rss_mb" in p]))}
 
 
-def _torch_probe(spec: JobSpec, features: Location, x: dict[str, np.ndarray], best_feature: str,
+def _max(values: pd.Series) -> int | None:
+    values = values.dropna()
+    return int(values.max()) if len(values) else None
+
+
+def write_cv_results(results: pd.DataFrame, out: Location) -> None:
+    """cv_results.csv for people, cv_results.parquet for code (params as a JSON object per row)."""
+    flat = results.assign(params=results["params"].map(lambda p: json.dumps(p, sort_keys=True)))
+    out.join("cv_results.csv").write_text(flat.to_csv(index=False))
+    out.join("cv_results.parquet").write_table(pa.Table.from_pandas(flat, preserve_index=False))
+
+
+def refit_all(spec: JobSpec, features: Location, out: Location, best: list[ProbeId],
+              cv: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """One Ray task per feature column: read the column, refit its best configuration, write the artifact."""
+    import ray
+
+    task = ray.remote(num_cpus=spec.probes.cpus_per_trial, max_retries=1)(refit_and_save)
+    futures = [task.remote(spec, features, out, probe, cv[probe.feature]) for probe in best]
+    return ray.get(futures)
+
+
+def refit_and_save(spec: JobSpec, features: Location, out: Location, probe: ProbeId,
+                   cv: dict[str, float]) -> dict[str, Any]:
+    """Runs on a worker: fit `probe` on the whole train split of its column and store the artifact."""
+    data = read_column(features, probe.feature, spec.probes.target, "train")
+    pipeline = build_probe(probe.type, probe.preprocessing, probe.params, spec.probes.cv.seed).fit(data.x, data.y)
+    meta = {**probe_meta(spec, probe), "cv": cv}
+    store_artifact(out, probe.name, lambda directory: artifact.save(pipeline, meta, directory))
+    return {"name": probe.name, "id": probe.to_dict(), "train_rows": len(data.y), "peak_rss_mb": peak_rss_mb()}
+
+
+def _torch_probe(spec: JobSpec, features: Location, dims: dict[str, int], best_feature: str,
                  out: Location) -> dict[str, Any]:
     """Train the torch probe with Ray Train on the configured feature (default: the best CV feature)."""
     from guardray.probes.torch_probe import TORCH_PROBE_TYPE, train_torch_probe
 
     config = spec.probes.torch_probe
     feature = config.feature or best_feature
-    if feature not in x:
-        raise InputError(f"probes.torch_probe.feature: '{feature}' not extracted; available: {', '.join(x)}")
-    fitted = train_torch_probe(config, features, feature, spec.probes.target, x[feature].shape[1],
-                               out.join("torch_train"), seed=spec.probes.cv.seed)
-    name = f"{feature}-{TORCH_PROBE_TYPE}"
+    if feature not in dims:
+        raise InputError(f"probes.torch_probe.feature: '{feature}' not extracted; available: {', '.join(dims)}")
+    fitted = train_torch_probe(config, features, feature, spec.probes.target, out.join("torch_train"),
+                               seed=spec.probes.cv.seed)
     params = config.model_dump(include={"workers", "epochs", "lr", "weight_decay", "batch_size"})
-    meta = {**probe_meta(spec, feature, TORCH_PROBE_TYPE, "standardize", params),
-            "history": fitted["history"], "use_gpu": fitted["use_gpu"]}
-    store_artifact(out, name, lambda directory: artifact.save_linear(
+    probe = ProbeId(feature, TORCH_PROBE_TYPE, "standardize", params)
+    meta = {**probe_meta(spec, probe), "history": fitted["history"], "use_gpu": fitted["use_gpu"]}
+    store_artifact(out, probe.name, lambda directory: artifact.save_linear(
         directory, meta, fitted["weight"], fitted["bias"], fitted["mean"], fitted["scale"]))
-    return {"name": name, "feature": feature, "type": TORCH_PROBE_TYPE, "final_loss": fitted["history"][-1]["loss"]}
+    return {"name": probe.name, "id": probe.to_dict(), "final_loss": fitted["history"][-1]["loss"]}
 
 
 def store_artifact(out: Location, name: str, write: Callable[[Path], None]) -> None:
@@ -177,18 +241,11 @@ def store_artifact(out: Location, name: str, write: Callable[[Path], None]) -> N
             out.join("artifacts", name, file.name).write_bytes(file.read_bytes())
 
 
-def probe_meta(spec: JobSpec, feature: str, probe_type: str, preprocessing: str, params: dict[str, Any]) -> dict[str, Any]:
+def probe_meta(spec: JobSpec, probe: ProbeId) -> dict[str, Any]:
     """What a serving system needs besides the weights: where the features come from and how prompts render."""
-    pooling, layer = feature.removeprefix("act_").rsplit("_L", 1)
     return {
-        "type": probe_type, "preprocessing": preprocessing, "params": params, "feature": feature,
-        "layer": int(layer), "pooling": pooling, "target": spec.probes.target,
+        **probe.to_dict(), "target": spec.probes.target,
         "chat_model": spec.model.id, "rendering": spec.model.model_dump(
             include={"chat_template", "system_prompt", "max_length", "truncation"}),
         "threshold": spec.evaluate.probe_threshold,
     }
-
-
-def _probe_meta(spec: JobSpec, row: Any, selection: str) -> dict[str, Any]:
-    return {**probe_meta(spec, row.feature, row.type, row.preprocessing, row.params),
-            "cv": {selection: getattr(row, selection)}}

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from guardray.features import labelled, matrix
+from guardray.columns import feature_dims, feature_schema, labelled, matrix, parts_dataset
 from guardray.shards import PARTS_DIR
 from guardray.accelerators import gpu_capacity
 from guardray.spec import TorchProbeSpec
@@ -37,12 +37,31 @@ def train_rows(batch: pa.Table, column: str, target: str) -> dict[str, np.ndarra
 
 
 def train_dataset(features: Location, column: str, target: str) -> Any:
-    """The features stage's parts as a Ray Dataset of train rows, read lazily by the training workers."""
+    """The features stage's parts as a lazy Ray Dataset of train rows: read tasks project the three columns and
+    stream blocks to the training workers, each epoch; nothing is loaded on the driver or materialised whole."""
     import ray
 
     parts = features.join(PARTS_DIR)
     dataset = ray.data.read_parquet(parts.path, filesystem=parts.fs).select_columns([column, target, "split"])
     return dataset.map_batches(train_rows, batch_format="pyarrow", fn_kwargs={"column": column, "target": target})
+
+
+#: Keep the train column in the object store when it takes at most this share of it; else stream every epoch.
+CACHE_SHARE = 0.25
+
+
+def _cached_if_small(dataset: Any, features: Location, dim: int) -> Any:
+    """Materialise the train rows in the object store (on the workers' nodes, never the driver) when they fit
+    with room to spare: every epoch then reads blocks already in memory instead of re-running the parquet read,
+    which on small sets costs far more than the training. Larger sets stream from the parquet each epoch."""
+    import ray
+
+    rows = parts_dataset(features).count_rows()  # from the footers: no data read
+    need = rows * dim * 4
+    room = ray.cluster_resources().get("object_store_memory", 0) * CACHE_SHARE
+    log.info("torch probe: %s the train rows (%.0f MB; object store share %.0f MB)",
+             "caching" if need <= room else "streaming", need / 2**20, room / 2**20)
+    return dataset.materialize() if need <= room else dataset
 
 
 def all_reduce_sum(tensor: Any) -> Any:
@@ -138,9 +157,12 @@ def train_loop(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=saved)
 
 
-def train_torch_probe(spec: TorchProbeSpec, features: Location, column: str, target: str, dim: int,
+def train_torch_probe(spec: TorchProbeSpec, features: Location, column: str, target: str,
                       storage: Location, seed: int = 0) -> dict[str, Any]:
-    """Fit the probe with a TorchTrainer; returns its linear parameters and the per-epoch history."""
+    """Fit the probe with a TorchTrainer; returns its linear parameters and the per-epoch history.
+
+    The input width comes from the parts' schema (a footer read), the rows from `train_dataset`.
+    """
     import torch
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -148,6 +170,7 @@ def train_torch_probe(spec: TorchProbeSpec, features: Location, column: str, tar
     # auto: GPUs when the cluster has, or its autoscaler declares, one per training worker
     use_gpu = spec.use_gpu if spec.use_gpu != "auto" else gpu_capacity() >= spec.workers
     log.info("torch probe: use_gpu=%s (%s)", bool(use_gpu), spec.use_gpu)
+    dim = feature_dims(feature_schema(features))[column]
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"dim": dim, "batch_size": spec.batch_size, "lr": spec.lr,
@@ -158,7 +181,7 @@ def train_torch_probe(spec: TorchProbeSpec, features: Location, column: str, tar
                                      resources_per_worker={"CPU": spec.cpus_per_worker}),
         run_config=RunConfig(name=f"torch-probe-{column}", storage_path=storage.path, storage_filesystem=storage.fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets={"train": train_dataset(features, column, target).materialize()},
+        datasets={"train": _cached_if_small(train_dataset(features, column, target), features, dim)},
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as directory:

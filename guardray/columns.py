@@ -1,0 +1,162 @@
+"""The column contract between the features stage and the stages after it, and the one way to read it.
+
+The features stage writes `parts/part-*.parquet` with the columns in `META_COLUMNS`, the label columns, the guard
+score and one `act_<pooling>_L<layer>` column per activation (a fixed-size list of float16 or float32). The
+probes and report stages never load that table whole: each worker reads ONE feature column (column projection),
+of one split (a pushed-down filter), straight into a preallocated float32 matrix, so a process holds one
+column's matrix whatever the number of columns or the size of the stage.
+
+This module imports no torch, so probe trials and report tasks never load the GPU stack.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from guardray.errors import InputError
+from guardray.shards import PARTS_DIR
+from guardray.storage import Location
+
+META_COLUMNS = ["id", "harmful", "source", "split"]
+FEATURE_PREFIX = "act_"
+_FEATURE = re.compile(r"^act_(?P<pooling>.+)_L(?P<layer>\d+)$")
+#: Rows per batch when streaming a column into its matrix: bounds the Arrow-side copy to a few MB.
+READ_BATCH_ROWS = 4096
+
+
+def feature_column(pooling: str, layer: int) -> str:
+    """Public column name of an activation: act_<pooling>_L<layer> with the resolved (non-negative) layer."""
+    return f"{FEATURE_PREFIX}{pooling}_L{layer}"
+
+
+@dataclass(frozen=True)
+class FeatureName:
+    """The structured identity of a feature column (the inverse of `feature_column`)."""
+
+    pooling: str
+    layer: int
+
+    @classmethod
+    def parse(cls, column: str) -> "FeatureName":
+        m = _FEATURE.match(column)
+        if not m:
+            raise InputError(f"'{column}' is not a feature column (act_<pooling>_L<layer>)")
+        return cls(m.group("pooling"), int(m.group("layer")))
+
+
+def matrix(table: pa.Table, column: str) -> np.ndarray:
+    """A fixed-size-list column as a float32 [rows, dim] array."""
+    col = table.column(column).combine_chunks()
+    dim = col.type.list_size
+    return np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
+
+
+def labelled(table: pa.Table, target: str) -> pa.Table:
+    """The rows whose `target` label is known: a label that some source lacks is null, never False."""
+    return table.filter(pc.is_valid(table.column(target)))
+
+
+def read_features(stage: Location, columns: list[str] | None = None) -> pa.Table:
+    """All part files of a features stage as one table: for tests and small tools, never for a stage."""
+    return stage.join(PARTS_DIR).read_table(columns=columns)
+
+
+def parts_dataset(stage: Location) -> pads.Dataset:
+    """The features stage's parts as a lazy Arrow dataset (file order = range order, so row order is fixed)."""
+    parts = stage.join(PARTS_DIR)
+    parts.refresh()
+    return pads.dataset(parts.path, filesystem=parts.fs, format="parquet")
+
+
+def feature_schema(stage: Location) -> pa.Schema:
+    """The parts' schema, from a footer: no rows are read."""
+    return parts_dataset(stage).schema
+
+
+def feature_dims(schema: pa.Schema) -> dict[str, int]:
+    """{feature column: width} from the schema."""
+    return {f.name: f.type.list_size for f in schema if f.name.startswith(FEATURE_PREFIX)}
+
+
+@dataclass
+class ColumnData:
+    """One feature column of some rows as a float32 matrix, with labels and whatever extra columns were asked."""
+
+    x: np.ndarray
+    y: np.ndarray
+    extra: dict[str, pa.ChunkedArray] = field(default_factory=dict)
+    columns_read: tuple[str, ...] = ()
+
+
+def split_filter(target: str, split: str | None) -> pc.Expression:
+    """Rows with a known `target` label, of `split` when given."""
+    known = pc.field(target).is_valid()
+    return known if split is None else known & (pc.field("split") == split)
+
+
+def _scan(dataset: pads.Dataset, column: str | None, target: str, split: str | None,
+          extra: Sequence[str]) -> tuple[pc.Expression, list[str], int, tuple[str, ...]]:
+    if column is not None and column not in dataset.schema.names:
+        raise InputError(f"feature column '{column}' not in the features stage")
+    projected = [c for c in (column, target, *extra) if c is not None]
+    dim = dataset.schema.field(column).type.list_size if column else 0
+    touched = tuple(dict.fromkeys([*projected, *([] if split is None else ["split"])]))
+    return split_filter(target, split), projected, dim, touched
+
+
+def column_batches(stage: Location, column: str | None, target: str, split: str | None = "train",
+                   extra: Sequence[str] = ()) -> Iterator[ColumnData]:
+    """Stream one column's labelled rows (of `split`, when given) as record batches of `READ_BATCH_ROWS`:
+    a scorer keeps its scores and drops the features batch by batch."""
+    dataset = parts_dataset(stage)
+    where, projected, dim, touched = _scan(dataset, column, target, split, extra)
+    for batch in dataset.to_batches(columns=projected, filter=where, batch_size=READ_BATCH_ROWS):
+        if batch.num_rows:
+            yield _as_data(batch, column, target, dim, extra, touched)
+
+
+def _as_data(batch: pa.RecordBatch, column: str | None, target: str, dim: int, extra: Sequence[str],
+             touched: tuple[str, ...]) -> ColumnData:
+    n = batch.num_rows
+    x = (batch.column(column).flatten().to_numpy(zero_copy_only=False).reshape(n, dim) if column
+         else np.empty((n, 0), np.float32))
+    y = batch.column(target).to_numpy(zero_copy_only=False).astype(bool)
+    return ColumnData(x, y, {c: pa.chunked_array([batch.column(c)]) for c in extra}, touched)
+
+
+def read_column(stage: Location, column: str | None, target: str, split: str | None = "train",
+                extra: Sequence[str] = ()) -> ColumnData:
+    """One column's labelled rows (of `split`, when given) in a preallocated float32 matrix.
+
+    Memory: the matrix plus one record batch. `column=None` reads labels and `extra` only (the guard score).
+    `columns_read` lists every column the scan touched (projection and filter), for tests and logs.
+    """
+    dataset = parts_dataset(stage)
+    where, _, dim, touched = _scan(dataset, column, target, split, extra)
+    rows = dataset.count_rows(filter=where)
+    x = np.empty((rows, dim), dtype=np.float32)
+    y = np.empty(rows, dtype=bool)
+    extras: dict[str, list[pa.Array]] = {c: [] for c in extra}
+    at = 0
+    for part in column_batches(stage, column, target, split, extra):
+        n = len(part.y)
+        x[at:at + n], y[at:at + n] = part.x, part.y
+        for c in extra:
+            extras[c].extend(part.extra[c].chunks)
+        at += n
+    if at != rows:
+        raise InputError(f"{stage.uri}: the parts changed while being read ({rows} rows counted, {at} read)")
+    return ColumnData(x, y, {c: pa.chunked_array(v, type=dataset.schema.field(c).type) for c, v in extras.items()},
+                      touched)
+
+
+def label_counts(stage: Location, target: str, split: str | None = "train") -> tuple[int, int]:
+    """(true, false) counts of `target` in `split`, reading only the label and split columns."""
+    data = read_column(stage, None, target, split)
+    return int(data.y.sum()), int((~data.y).sum())
