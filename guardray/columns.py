@@ -62,11 +62,6 @@ def labelled(table: pa.Table, target: str) -> pa.Table:
     return table.filter(pc.is_valid(table.column(target)))
 
 
-def read_features(stage: Location, columns: list[str] | None = None) -> pa.Table:
-    """All part files of a features stage as one table: for tests and small tools, never for a stage."""
-    return stage.join(PARTS_DIR).read_table(columns=columns)
-
-
 def parts_dataset(stage: Location) -> pads.Dataset:
     """The features stage's parts as a lazy Arrow dataset (file order = range order, so row order is fixed)."""
     parts = stage.join(PARTS_DIR)
@@ -106,26 +101,27 @@ def _scan(dataset: pads.Dataset, column: str | None, target: str, split: str | N
         raise InputError(f"feature column '{column}' not in the features stage")
     projected = [c for c in (column, target, *extra) if c is not None]
     dim = dataset.schema.field(column).type.list_size if column else 0
-    touched = tuple(dict.fromkeys([*projected, *([] if split is None else ["split"])]))
-    return split_filter(target, split), projected, dim, touched
+    filtered_on = (target,) if split is None else (target, "split")
+    return split_filter(target, split), projected, dim, filtered_on
 
 
 def column_batches(stage: Location, column: str | None, target: str, split: str | None = "train",
                    extra: Sequence[str] = ()) -> Iterator[ColumnData]:
     """Stream one column's labelled rows (of `split`, when given) as record batches of `READ_BATCH_ROWS`:
-    a scorer keeps its scores and drops the features batch by batch."""
+    a scorer keeps its scores and drops the features batch by batch. `x` keeps the stored dtype (float16)."""
     dataset = parts_dataset(stage)
-    where, projected, dim, touched = _scan(dataset, column, target, split, extra)
+    where, projected, dim, filtered_on = _scan(dataset, column, target, split, extra)
     # little read-ahead: the default (16 batches x 4 files) decodes far more than one batch at a time
     for batch in dataset.to_batches(columns=projected, filter=where, batch_size=READ_BATCH_ROWS,
                                     batch_readahead=2, fragment_readahead=1):
         if batch.num_rows:
-            yield _as_data(batch, column, target, dim, extra, touched)
+            yield _as_data(batch, column, target, dim, extra, filtered_on)
 
 
 def _as_data(batch: pa.RecordBatch, column: str | None, target: str, dim: int, extra: Sequence[str],
-             touched: tuple[str, ...]) -> ColumnData:
+             filtered_on: tuple[str, ...]) -> ColumnData:
     n = batch.num_rows
+    touched = tuple(dict.fromkeys([*batch.schema.names, *filtered_on]))  # what the scan returned, and filtered on
     x = (batch.column(column).flatten().to_numpy(zero_copy_only=False).reshape(n, dim) if column
          else np.empty((n, 0), np.float32))
     y = batch.column(target).to_numpy(zero_copy_only=False).astype(bool)
@@ -140,14 +136,15 @@ def read_column(stage: Location, column: str | None, target: str, split: str | N
     `columns_read` lists every column the scan touched (projection and filter), for tests and logs.
     """
     dataset = parts_dataset(stage)
-    where, _, dim, touched = _scan(dataset, column, target, split, extra)
+    where, _, dim, _ = _scan(dataset, column, target, split, extra)
+    touched: tuple[str, ...] = ()
     rows = dataset.count_rows(filter=where)
     x = np.empty((rows, dim), dtype=np.float32)
     y = np.empty(rows, dtype=bool)
     extras: dict[str, list[pa.Array]] = {c: [] for c in extra}
     at = 0
     for part in column_batches(stage, column, target, split, extra):
-        n = len(part.y)
+        n, touched = len(part.y), part.columns_read
         x[at:at + n], y[at:at + n] = part.x, part.y
         for c in extra:
             extras[c].extend(part.extra[c].chunks)

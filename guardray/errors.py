@@ -25,3 +25,16 @@ class SpecError(InputError):
 
 class StageError(RuntimeError):
     """A stage failed for a reason it can state in one line (error budget, exactly-once check); exit 1."""
+
+
+def ray_get(refs: object) -> object:
+    """`ray.get` that re-raises guardray's one-line errors (bad input, a failed stage) from a remote task as
+    themselves, so the CLI prints one line and exits 2 or 1 instead of a wrapped traceback."""
+    import ray
+
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, (InputError, StageError)):
+            raise e.cause from None
+        raise

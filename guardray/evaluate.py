@@ -94,13 +94,15 @@ class Curve:
         first = int(np.searchsorted(self.recall, recall, side="left"))
         return float(self._best_precision_from[first]) if first < len(self.recall) else None
 
+    # The two below read the full curve: sklearn's drop_intermediate removes collinear points, which are real
+    # thresholds, and one of them can fit an FPR budget (or reach a recall) that its kept neighbours do not.
     def recall_at_fpr(self, fpr: float) -> float:
-        fprs, tprs, _ = self.roc
+        fprs, tprs, _ = self.roc_full
         last = int(np.searchsorted(fprs, fpr, side="right")) - 1  # tpr grows with fpr: the last is the highest
         return float(tprs[last]) if last >= 0 else 0.0
 
     def fpr_at_recall(self, recall: float) -> float | None:
-        fprs, tprs, _ = self.roc
+        fprs, tprs, _ = self.roc_full
         first = int(np.searchsorted(tprs, recall, side="left"))  # fpr grows with tpr: the first is the lowest
         return float(fprs[first]) if first < len(tprs) else None  # None: recall > 1
 

@@ -10,6 +10,7 @@ and the plots read two score columns of the test split. The driver holds metrics
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import tempfile
@@ -24,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from guardray.columns import column_batches
+from guardray.errors import StageError, ray_get
 from guardray.evaluate import (at_threshold, by_source, fpr_at_recall, score_metrics, threshold_for_recall,
                                threshold_sweep)
 from guardray.metrics import peak_rss_mb
@@ -65,23 +67,23 @@ def run_report(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dic
 
     summary = inputs["probes"].join("summary.json").read_json()
     found = scorers(spec, inputs["probes"])
-    task = ray.remote(num_cpus=1, max_retries=1)
-    entries = ray.get([task(score_one).remote(spec, inputs["features"], out, s) for s in found])
-    ray.get(task(merge_scores).remote(out, [s.name for s in found]))
+    remote = ray.remote(num_cpus=1, max_retries=1)  # each task rewrites its own files whole: safe to retry
+    entries = ray_get([remote(score_one).remote(spec, inputs["features"], out, s) for s in found])
+    ray_get(remote(merge_scores).remote(out, [s.name for s in found]))
     cv = inputs["probes"].join("cv_results.csv").read_text()
     report = build_report(spec, summary, dict(zip((s.name for s in found), entries)), pd.read_csv(io.StringIO(cv)))
     if GUARD in report["scorers"]:
-        report["comparison"] = ray.get(task(compare).remote(out, report["best_probe"], spec.evaluate.probe_threshold,
-                                                            spec.evaluate.guard_threshold))
+        report["comparison"] = ray_get(remote(compare).remote(out, report["best_probe"], spec.evaluate.probe_threshold,
+                                                              spec.evaluate.guard_threshold))
     report["comparison_table"] = comparison_markdown(report)
     out.join("report.json").write_json(report)
     if spec.evaluate.plots:
-        ray.get(task(render).remote(report, out))
+        ray_get(remote(render).remote(report, out))
     else:
         out.join("report.md").write_text(markdown(report, []))
     print(report["comparison_table"])
     return {"probes": len(report["probes"]), "test_rows": report["test_rows"], "best_probe": report["best_probe"],
-            "task_peak_rss_mb": max((e["peak_rss_mb"] or 0) for e in report["tasks"].values())}
+            "task_peak_rss_mb": max((t["peak_rss_mb"] or 0) for t in report["tasks"].values())}
 
 
 def score_one(spec: JobSpec, features: Location, out: Location, scorer: Scorer) -> dict[str, Any]:
@@ -126,25 +128,30 @@ def scorer_metrics(spec: JobSpec, scorer: Scorer, table: pa.Table) -> dict[str, 
 def merge_scores(out: Location, names: list[str]) -> None:
     """scores/<name>.parquet → one scores.parquet (id, split, source, label, then a column per scorer), a batch
     at a time; the per-scorer files are row-aligned (same parts, same order), which is checked on the ids."""
+    out.join(SCORES_DIR).refresh()  # written by other workers: no stale listing cache (gcsfs)
     files = {n: out.join(SCORES_DIR, f"{n}.parquet") for n in names}
-    readers = {n: pq.ParquetFile(f.fs.open_input_file(f.path)) for n, f in files.items()}
-    first = names[0]
-    schema = pa.schema([*readers[first].schema_arrow.remove(readers[first].schema_arrow.get_field_index("score")),
-                        *(pa.field(n, pa.float64()) for n in names)])
+    with contextlib.ExitStack() as stack:
+        readers = {n: pq.ParquetFile(stack.enter_context(f.fs.open_input_file(f.path))) for n, f in files.items()}
+        counts = {n: r.metadata.num_rows for n, r in readers.items()}
+        if len(set(counts.values())) > 1:
+            raise StageError(f"report: the scorers scored different rows: {counts}")
+        first = names[0]
+        meta = readers[first].schema_arrow
+        schema = pa.schema([*(meta.field(c) for c in SCORE_META), *(pa.field(n, pa.float64()) for n in names)])
 
-    def write(f: Any) -> None:
-        batches = {n: r.iter_batches(batch_size=MERGE_BATCH_ROWS) for n, r in readers.items()}
-        with pq.ParquetWriter(f, schema) as writer:
-            for head in batches[first]:
-                columns = {c: head.column(c) for c in SCORE_META}
-                for n in names:
-                    batch = head if n == first else next(batches[n])
-                    if not batch.column("id").equals(head.column("id")):
-                        raise RuntimeError(f"scores of {n} are not row-aligned with {first}")
-                    columns[n] = batch.column("score")
-                writer.write_table(pa.table(columns, schema=schema))
+        def write(f: Any) -> None:
+            batches = {n: r.iter_batches(batch_size=MERGE_BATCH_ROWS) for n, r in readers.items()}
+            with pq.ParquetWriter(f, schema) as writer:
+                for head in batches[first]:
+                    columns = {c: head.column(c) for c in SCORE_META}
+                    for n in names:
+                        batch = head if n == first else next(batches[n])
+                        if not batch.column("id").equals(head.column("id")):
+                            raise StageError(f"report: the scores of {n} are not row-aligned with {first}")
+                        columns[n] = batch.column("score")
+                    writer.write_table(pa.table(columns, schema=schema))
 
-    out.join(SCORES_FILE).write_with(write)
+        out.join(SCORES_FILE).write_with(write)
     out.join(SCORES_DIR).delete()
 
 

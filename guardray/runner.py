@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from guardray.cache import StageDir
-from guardray.errors import InputError, StageError
+from guardray.errors import InputError, StageError, ray_get
 from guardray.metrics import peak_rss_mb
 from guardray.spec import JobSpec
 from guardray.storage import Location, resolve
@@ -166,12 +166,7 @@ def _run_remote(stage: Stage, spec: JobSpec, inputs: dict[str, Location], out: L
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     options = {"scheduling_strategy": here} if uses_local_paths(spec) else {}
     task = ray.remote(num_cpus=1, max_retries=0, **options)(_with_peak_rss)
-    try:
-        return ray.get(task.remote(stage.run, spec, inputs, out))
-    except ray.exceptions.RayTaskError as e:
-        if isinstance(e.cause, (InputError, StageError)):
-            raise e.cause from None
-        raise
+    return ray_get(task.remote(stage.run, spec, inputs, out))
 
 
 def stage_states(spec: JobSpec) -> list[tuple[str, str, str]]:

@@ -189,10 +189,14 @@ class DatasetSpec(Section):
         return value
 
     def cache_payload(self) -> dict[str, Any]:
-        """The built-in affixes enter the key too: editing them changes which rows are dropped and grouped."""
-        from guardray.datasets.normalize import AFFIXES
+        """The built-in normalisation rules enter the key too: editing them changes which rows are dropped and
+        grouped."""
+        from guardray.datasets import normalize
 
-        return {**super().cache_payload(), "builtin_affixes": AFFIXES}
+        rules = {"affixes": normalize.AFFIXES, "max_passes": normalize.MAX_AFFIX_PASSES,
+                 "min_base_words": normalize.MIN_BASE_WORDS, "placeholder": normalize._PLACEHOLDER,
+                 "punctuation": normalize._PUNCTUATION}
+        return {**super().cache_payload(), "normalisation": rules}
 
     @model_validator(mode="after")
     def _unique_names(self) -> "DatasetSpec":

@@ -9,16 +9,18 @@ import pyarrow.parquet as pq
 
 
 def write_feature_parts(stage: Path, columns: dict[str, tuple[int, float]], rows: int = 600, parts: int = 3,
-                        seed: int = 0, guard: bool = True) -> dict[str, np.ndarray]:
+                        seed: int = 0, guard: bool = True, unlabelled_every: int = 0) -> dict[str, np.ndarray]:
     """Write `stage/parts/part-*.parquet` with `columns` = {name: (width, signal)}: each column is Gaussian noise
     plus `signal` × the label along a random direction (0 = noise only), stored as float16 like the stage.
 
-    Returns the labels, splits and float32 matrices, for checks.
+    Every `unlabelled_every`-th row has a null label (a source without that label). Returns the labels (with a
+    `labelled` mask), splits and float32 matrices, for checks.
     """
     rng = np.random.default_rng(seed)
     y = rng.random(rows) < 0.5
     split = np.where(rng.random(rows) < 0.25, "test", "train")
-    data: dict[str, np.ndarray] = {"harmful": y, "split": split}
+    labelled = np.ones(rows, bool) if not unlabelled_every else np.arange(rows) % unlabelled_every != 0
+    data: dict[str, np.ndarray] = {"harmful": y, "split": split, "labelled": labelled}
     for name, (dim, signal) in columns.items():
         direction = rng.normal(size=dim)
         direction /= np.linalg.norm(direction)
@@ -28,7 +30,8 @@ def write_feature_parts(stage: Path, columns: dict[str, tuple[int, float]], rows
     (stage / "parts").mkdir(parents=True, exist_ok=True)
     for rows_of_part in np.array_split(np.arange(rows), parts):
         start, end = int(rows_of_part[0]), int(rows_of_part[-1]) + 1
-        table = {"id": [f"r{i}" for i in rows_of_part], "harmful": y[rows_of_part],
+        harmful = pa.array(y[rows_of_part], mask=~labelled[rows_of_part])
+        table = {"id": [f"r{i}" for i in rows_of_part], "harmful": harmful,
                  "source": np.where(rows_of_part % 2 == 0, "even", "odd"), "split": split[rows_of_part]}
         if guard:
             table["guard_score"] = pa.array(guard_score[rows_of_part], pa.float32())

@@ -23,6 +23,10 @@ def test_precision_at_recall_hand_checked() -> None:
     assert precision_at_recall(Y, S, 0.75) == 0.75  # threshold 1: 3 tp, 1 fp
     assert precision_at_recall(Y, S, 1.0) == pytest.approx(4 / 6)  # threshold -0.5: 4 tp, 2 fp
     assert recall_at_fpr(Y, S, 0.0) == 0.5
+    # collinear ROC points are real thresholds: sklearn's default curve drops them, the metrics must not
+    tied_y, tied_s = np.array([1, 0, 1, 0, 1, 0, 0, 0, 0, 0]), np.array([3, 3, 2, 2, 1, 1, 0, 0, 0, 0])
+    assert recall_at_fpr(tied_y, tied_s, 0.3) == pytest.approx(2 / 3)
+    assert fpr_at_recall(tied_y, tied_s, 0.6) == pytest.approx(2 / 7)
     assert recall_at_fpr(Y, S, 0.25) == 0.75
     assert threshold_for_recall(Y, S, 0.75) == 1.0
     assert best_accuracy_threshold(Y, S) == (3.0, 0.75)  # ties with 1.0; the strictest threshold wins
@@ -92,8 +96,8 @@ def _reference_score_metrics(y: np.ndarray, s: np.ndarray, threshold: float, spe
         "fpr": float(fp / (fp + tn)) if fp + tn else 0.0,
         "confusion": {"tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp)},
         "precision_at_recall": {str(r): _sk_precision_at_recall(y, s, r) for r in spec.recalls},
-        "recall_at_fpr": {str(f): float(tprs[fprs <= f].max()) for f in spec.fprs},
-        "fpr_at_recall_0.99": float(fprs[tprs >= 0.99].min()),
+        "recall_at_fpr": {str(f): float(full_tprs[full_fprs <= f].max()) for f in spec.fprs},
+        "fpr_at_recall_0.99": float(full_fprs[full_tprs >= 0.99].min()),
         "best_threshold": float(full_thresholds[best]), "best_accuracy": float(accuracy[best]),
     }
 

@@ -26,7 +26,7 @@ from sklearn import metrics
 from sklearn.model_selection import StratifiedKFold
 
 from guardray.columns import ColumnData, feature_dims, feature_schema, label_counts, read_column
-from guardray.errors import InputError
+from guardray.errors import InputError, StageError, one_line, ray_get
 from guardray.evaluate import recall_at_fpr
 from guardray.metrics import peak_rss_mb
 from guardray.probes import artifact
@@ -120,7 +120,10 @@ def run_grid(spec: ProbesSpec, features: Location, configs: list[dict[str, Any]]
     rows = []
     for result in grid:
         if result.error:
-            raise RuntimeError(f"probe trial failed: {result.error}")
+            cause = getattr(result.error, "cause", None)
+            if isinstance(cause, InputError):  # e.g. the column is not in the parts: one line, exit 2
+                raise cause
+            raise StageError(f"probe trial {result.config['trial']} failed: {one_line(result.error, 500)}")
         trial, m = result.config["trial"], result.metrics
         rows.append({"trial_id": trial["id"], "feature": trial["feature"], "type": trial["type"],
                      "preprocessing": trial["preprocessing"], "params": trial["params"],
@@ -150,7 +153,7 @@ def _check_classes(spec: JobSpec, features: Location) -> None:
     """Enough rows of each class for the folds; counted in a Ray task (it reads every row's label)."""
     import ray
 
-    true, false = ray.get(ray.remote(num_cpus=0.5)(label_counts).remote(features, spec.probes.target))
+    true, false = ray_get(ray.remote(num_cpus=0.5)(label_counts).remote(features, spec.probes.target))
     if min(true, false) < spec.probes.cv.folds:
         raise InputError(f"probes: the train split needs at least {spec.probes.cv.folds} rows of each class "
                          f"of '{spec.probes.target}' (has {true} true, {false} false)")
@@ -200,7 +203,7 @@ def refit_all(spec: JobSpec, features: Location, out: Location, best: list[Probe
 
     task = ray.remote(num_cpus=spec.probes.cpus_per_trial, max_retries=1)(refit_and_save)
     futures = [task.remote(spec, features, out, probe, cv[probe.feature]) for probe in best]
-    return ray.get(futures)
+    return ray_get(futures)
 
 
 def refit_and_save(spec: JobSpec, features: Location, out: Location, probe: ProbeId,
