@@ -43,7 +43,7 @@ run: setup
 test: test-main test-vllm
 
 test-main: setup
-	$(BIN)/python -m pytest -q -m "not vllm"
+	$(BIN)/python -m pytest -q -m "not vllm" --durations=15
 
 test-vllm: setup-vllm
 	$(VLLM_BIN)/python -m pytest -q -m vllm

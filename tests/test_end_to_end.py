@@ -18,7 +18,6 @@ def test_local_smoke_job_produces_the_report(tmp_path: Path) -> None:
                "--set", "dataset.subsample.every=96", "--set", "extract.layers=[4, 8]",
                "--set", "model.max_length=128", "--set", "guard.max_length=420",
                "--set", "probes.cv.folds=3", "--set", "evaluate.bootstrap=20",
-               "--set", "probes.torch_probe.enabled=true", "--set", "probes.torch_probe.epochs=3",
                "--set", "probes.grid=[{type: logistic_regression, params: {C: 0.1}}]"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -29,12 +28,10 @@ def test_local_smoke_job_produces_the_report(tmp_path: Path) -> None:
                  "auc_by_layer.png", "score_histograms.png", "_SUCCESS"):
         assert (report_dir / name).exists(), name
     report = json.loads((report_dir / "report.json").read_text())
-    torch_probe = f"{report['best_probe'].rsplit('-', 1)[0]}-torch_logistic_regression"
+    # the torch probe in the stages is covered by tests/test_report.py (one Ray Train run for the whole suite)
     assert set(report["probes"]) == {"act_last_L4-logistic_regression", "act_mean_L4-logistic_regression",
-                                     "act_last_L8-logistic_regression", "act_mean_L8-logistic_regression",
-                                     torch_probe}
-    assert f"| probe {torch_probe} |" in result.stdout  # the Ray Train probe is in the headline table
-    assert report["probes"][torch_probe]["test"]["roc_auc"] > 0.6
+                                     "act_last_L8-logistic_regression", "act_mean_L8-logistic_regression"}
+    assert report["probes"][report["best_probe"]]["test"]["roc_auc"] > 0.6
     assert report["guard"]["test"]["count"] == report["test_rows"] > 0
     assert "fpr_at_99_recall" in report["comparison"]
     probes_dir = Path(latest["stages"]["probes"])
