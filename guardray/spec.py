@@ -242,12 +242,10 @@ def device_class(device: str) -> str:
     return device.split(":", 1)[0]
 
 
-class ExtractSpec(Section):
-    """Activation capture and how the feature stage runs."""
+class ActorPoolSpec(Section):
+    """How a sharded model stage (responses, features) runs on its Ray Data actor pool: none of these change
+    what it computes, so none enter its cache key."""
 
-    layers: tuple[int, ...] = Field((-1,), min_length=1, description="Decoder blocks (0-based, negative from end).")
-    poolings: tuple[Literal["last", "mean", "mean_all"], ...] = Field(("last", "mean"), min_length=1)
-    store_dtype: Literal["float16", "float32"] = "float16"
     accelerator: Literal["auto", "gpu", "cpu"] = Field(
         "auto", description="What each actor asks Ray for. 'gpu' requests GPUs even before GPU nodes are up (so "
         "the autoscaler launches them); 'auto' = gpu when the cluster has or declares GPU nodes, else cpu.")
@@ -257,7 +255,6 @@ class ExtractSpec(Section):
         None, ge=1, description="Upper bound of an 'auto' pool (default: the GPUs the cluster has or its autoscaler "
         "declares; give it when the autoscaler does not publish its node types).")
     batch_size: int = Field(16, ge=1, description="Prompts per forward pass.")
-    max_tokens_per_batch: int | None = Field(None, ge=1, description="Padded-token budget per forward pass.")
     rows_per_shard: int = Field(
         256, ge=1, description="Rows per output part (the unit of work and resume). Parts are named by row range, "
         "so changing it before a resume is safe.")
@@ -268,17 +265,88 @@ class ExtractSpec(Section):
     max_actor_restarts: int = Field(3, ge=0, description="Restarts of a crashed actor (e.g. after a CUDA error).")
     max_task_retries: int = Field(3, ge=0, description="Retries of a shard whose actor died while running it.")
     # How the stage runs, not what it computes. `accelerator` picks the device class, which does change the
-    # numbers: the features stage's key adds it through `JobSpec.device_class`.
+    # numbers: the stage keys add it through `JobSpec.device_class`.
     runtime_fields: ClassVar[frozenset[str]] = frozenset(
-        {"accelerator", "actors", "max_actors", "batch_size", "max_tokens_per_batch", "rows_per_shard", "num_gpus_per_actor",
+        {"accelerator", "actors", "max_actors", "batch_size", "rows_per_shard", "num_gpus_per_actor",
          "num_cpus_per_actor", "max_error_fraction", "max_actor_restarts", "max_task_retries"}
     )
+
+
+#: Feature columns taken over the response (`extract.on: [response]`): its last token and the mean over its tokens.
+RESPONSE_POOLINGS = ("resp_last", "resp_mean")
+
+
+class ExtractSpec(ActorPoolSpec):
+    """Activation capture and how the feature stage runs."""
+
+    layers: tuple[int, ...] = Field((-1,), min_length=1, description="Decoder blocks (0-based, negative from end).")
+    poolings: tuple[Literal["last", "mean", "mean_all"], ...] = Field(("last", "mean"), min_length=1)
+    on: tuple[Literal["prompt", "response"], ...] = Field(
+        ("prompt",), min_length=1, description="What activations are read on: 'prompt' (the chat rendered up to "
+        "the generation prompt, `poolings`), 'response' (the prompt and its generated response as one chat: "
+        "act_resp_last_L* at the response's last token and act_resp_mean_L* over its tokens; needs `generate`).")
+    store_dtype: Literal["float16", "float32"] = "float16"
+    max_tokens_per_batch: int | None = Field(None, ge=1, description="Padded-token budget per forward pass.")
+    runtime_fields: ClassVar[frozenset[str]] = ActorPoolSpec.runtime_fields | {"max_tokens_per_batch"}
+
+    @field_validator("on")
+    @classmethod
+    def _unique_on(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"repeated entries in {list(value)}")
+        return value
+
+
+class GenerateSpec(ActorPoolSpec):
+    """The responses stage: the chat model answers every prompt with its own chat template (same rendering and
+    truncation as the features stage). Greedy unless `temperature` > 0."""
+
+    enabled: bool = False
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="'hf': transformers `generate` (batched, left padding, KV cache); 'vllm': ray.data.llm's "
+        "vLLM processor.")
+    max_new_tokens: int = Field(64, ge=1, description="Tokens generated at most; generation stops earlier at EOS.")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy decoding; above 0 samples with `seed`.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (sampling only).")
+    seed: int = Field(0, description="Sampling seed (each row's draws depend on the seed and the row's id).")
+    rows_per_shard: int = Field(64, ge=1, description="Rows per output part (the unit of work and resume).")
+    vllm_engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="Extra keyword arguments for the vLLM engine (e.g. gpu_memory_utilization).")
+
+    def cache_payload(self) -> dict[str, Any]:
+        """Sampling settings only matter when sampling; engine arguments that change speed alone are left out."""
+        payload = super().cache_payload()
+        if self.temperature == 0:
+            payload.pop("top_p"), payload.pop("seed")
+        payload["vllm_engine_args"] = {k: v for k, v in self.vllm_engine_args.items()
+                                       if k not in SPEED_ONLY_ENGINE_ARGS} if self.backend == "vllm" else {}
+        return payload
+
+
+class CustomCategory(Section):
+    """A behaviour of your own, added to the guard's policy beside the built-in hazard categories."""
+
+    code: str = Field(pattern=r"^S[0-9]+$", description="Its code in the policy, e.g. 'S15'.")
+    name: str = Field(min_length=1, description="Short name, e.g. 'Political persuasion'.")
+    description: str = Field("", description="What the category covers, as the guard reads it.")
+
+
+#: The built-in hazard codes (LlamaGuard 3's S1-S14); custom categories take other codes.
+BUILTIN_CATEGORY_CODES = tuple(f"S{i}" for i in range(1, 15))
 
 
 class GuardSpec(Section):
     """The guard model whose safe/unsafe logits at the first generated position give a score."""
 
     enabled: bool = True
+    response: bool | Literal["auto"] = Field(
+        "auto", description="Also judge each generated response (the user turn is context, the assistant turn is "
+        "judged): guard_response_* columns. 'auto' = when `generate` is enabled.")
+    categories: bool = Field(
+        False, description="Per-category scores guard_cat_<code> = P(first listed category | unsafe) x P(unsafe), "
+        "read after forcing 'unsafe\\nS' (and guard_response_cat_<code> for responses).")
+    custom_categories: tuple[CustomCategory, ...] = Field(
+        (), description="Extra policy categories (code, name, description) added to the moderation prompt.")
     model: ModelSpec | None = Field(None, description="The guard model (default: the chat model itself).")
     backend: Literal["hf", "vllm"] = "hf"
     prompt_format: Literal["auto", "llamaguard", "generic"] = Field(
@@ -293,6 +361,21 @@ class GuardSpec(Section):
     vllm_engine_args: dict[str, Any] = Field(
         default_factory=dict, description="Extra keyword arguments for vllm.LLM (e.g. gpu_memory_utilization)."
     )
+
+    @field_validator("custom_categories")
+    @classmethod
+    def _new_codes(cls, value: tuple[CustomCategory, ...]) -> tuple[CustomCategory, ...]:
+        codes = [c.code for c in value]
+        taken = sorted({c for c in codes if c in BUILTIN_CATEGORY_CODES or codes.count(c) > 1})
+        if taken:
+            raise ValueError(f"codes {', '.join(taken)} are built in or repeated; custom categories take new codes "
+                             f"(S15 and up)")
+        return value
+
+    @property
+    def category_codes(self) -> tuple[str, ...]:
+        """Every category code in the policy, built-in first."""
+        return BUILTIN_CATEGORY_CODES + tuple(c.code for c in self.custom_categories)
 
     def cache_payload(self) -> dict[str, Any]:
         """The backend is in the key (vLLM and transformers kernels differ); of the engine arguments only those
@@ -361,8 +444,21 @@ class TorchProbeSpec(Section):
     runtime_fields: ClassVar[frozenset[str]] = frozenset({"cpus_per_worker"})
 
 
+class FeedbackSpec(Section):
+    """Output-feedback labels, derived from the guard's scores (log-odds of unsafe; 0 is P(unsafe) = 0.5)."""
+
+    response_threshold: float = Field(
+        0.0, description="`response_unsafe` = guard_response_score > this: the response guard flags the response.")
+    input_threshold: float = Field(
+        0.0, description="The input guard passes a prompt when guard_score <= this; `slipped_through` = passed "
+        "and response_unsafe.")
+
+
 class ProbesSpec(Section):
-    target: str = Field("harmful", description="Label column to predict.")
+    target: str = Field("harmful", description="Label column to predict (when `targets` is empty).")
+    targets: tuple[str, ...] = Field(
+        (), description="Several label columns, each with its own CV grid in the same Tune run: dataset labels "
+        "(harmful, cat_<name>, extra_labels) or feedback labels (response_unsafe, slipped_through).")
     features: tuple[str, ...] = Field((), description="Feature columns (act_<pooling>_L<layer>); empty = all.")
     grid: tuple[ProbeGridEntry, ...] = (
         ProbeGridEntry(type="logistic_regression", params={"C": [0.01, 0.1, 1.0]}),
@@ -372,6 +468,18 @@ class ProbesSpec(Section):
     cpus_per_trial: float = Field(1.0, gt=0)
     torch_probe: TorchProbeSpec = TorchProbeSpec()
     runtime_fields: ClassVar[frozenset[str]] = frozenset({"max_concurrent_trials", "cpus_per_trial"})
+
+    @property
+    def all_targets(self) -> tuple[str, ...]:
+        """The targets probed, in order: `targets`, or the single `target`."""
+        return self.targets or (self.target,)
+
+    @field_validator("targets")
+    @classmethod
+    def _unique_targets(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"repeated targets in {list(value)}")
+        return value
 
 
 # ---------------------------------------------------------------------------------------- evaluate
@@ -387,6 +495,13 @@ class EvaluateSpec(Section):
         "(wider, conservative intervals on larger sets; keeps 2.5M-row reports to seconds).")
     seed: int = 0
     plots: bool = True
+    guard_for: dict[str, str] = Field(
+        default_factory=dict, description="Target → the guard score column it is compared with (defaults: "
+        "guard_score; cat_<name> → its mapped guard_cat_<code> when guard.categories is on; see README).")
+
+
+#: Labels derived from the guard's scores by `feedback`, rather than read from the dataset.
+FEEDBACK_TARGETS = ("response_unsafe", "slipped_through")
 
 
 # --------------------------------------------------------------------------------------------- job
@@ -398,8 +513,10 @@ class JobSpec(Section):
     ray: RaySpec = RaySpec()
     dataset: DatasetSpec
     model: ModelSpec = ModelSpec()
+    generate: GenerateSpec = GenerateSpec()
     extract: ExtractSpec = ExtractSpec()
     guard: GuardSpec = GuardSpec()
+    feedback: FeedbackSpec = FeedbackSpec()
     probes: ProbesSpec = ProbesSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
 
@@ -409,6 +526,23 @@ class JobSpec(Section):
         if "://" in v and not v.startswith("gs://"):
             raise ValueError(f"unsupported scheme in {v!r}: use a local path or gs://bucket/prefix")
         return v.rstrip("/") if v not in ("/",) else v
+
+    @model_validator(mode="after")
+    def _responses_needed(self) -> "JobSpec":
+        """Whatever reads responses needs the responses stage."""
+        if self.generate.enabled:
+            return self
+        wants = [("extract.on", "response" in self.extract.on), ("guard.response", self.guard.response is True)]
+        wants += [(f"probes.targets: {t}", True) for t in self.probes.all_targets if t in FEEDBACK_TARGETS]
+        needing = [field for field, wanted in wants if wanted]
+        if needing:
+            raise ValueError(f"{'; '.join(needing)} need generated responses: set generate.enabled: true")
+        return self
+
+    @property
+    def judges_responses(self) -> bool:
+        """Whether the guard scores the (prompt, response) pairs too."""
+        return self.guard.enabled and self.generate.enabled and self.guard.response is not False
 
     @property
     def guard_model(self) -> ModelSpec:
