@@ -10,6 +10,7 @@ fields that only change *how* it runs (actors, batch sizes), so tuning those nev
 from __future__ import annotations
 
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -564,6 +565,9 @@ class JobSpec(Section):
 
 
 # ----------------------------------------------------------------------------------- load/override
+_YAML12_BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
+
+
 class DuplicateKeyError(yaml.YAMLError):
     """A key written twice in one mapping; the lines are 1-based, as editors show them."""
 
@@ -574,10 +578,20 @@ class DuplicateKeyError(yaml.YAMLError):
 
 
 class StrictSafeLoader(yaml.SafeLoader):
-    """yaml's safe loader, except that a repeated key is an error.
+    """yaml's safe loader, except that a repeated key is an error and only true/false are booleans.
 
-    Plain `safe_load` keeps the last value, so a second `sources:` would silently replace the first.
+    Plain `safe_load` keeps the last value, so a second `sources:` would silently replace the first. And YAML 1.1
+    reads on/off/yes/no as booleans, so the key `on:` (extract.on) would become True; as in YAML 1.2 they stay
+    strings here (pydantic still reads a string 'yes' given to a boolean field as true).
     """
+
+    yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    for _first in "tTfF":
+        yaml_implicit_resolvers.setdefault(_first, []).insert(0, ("tag:yaml.org,2002:bool", _YAML12_BOOL))
+    del _first
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         _check_duplicate_keys(self, node)

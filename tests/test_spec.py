@@ -180,3 +180,50 @@ def test_non_utf8_file_is_one_line(tmp_path: Path, data: bytes, offset: int) -> 
 
 def test_directory_instead_of_spec_is_one_line(tmp_path: Path) -> None:
     assert _load_problems(tmp_path) == [f"{tmp_path}: cannot read: Is a directory"]
+
+
+def test_response_readers_need_generation() -> None:
+    """Response activations, an explicit response guard and feedback targets all read generated responses."""
+    raw = small_spec("runs/x", extract={"on": ["prompt", "response"]}, guard={"response": True},
+                     probes={"targets": ["harmful", "response_unsafe"]})
+    with pytest.raises(SpecError) as e:
+        validate_spec(raw)
+    (line,) = e.value.problems
+    assert "extract.on" in line and "guard.response" in line and "response_unsafe" in line
+    assert "generate.enabled" in line
+    spec = validate_spec({**raw, "generate": {"enabled": True}})
+    assert spec.judges_responses and spec.probes.all_targets == ("harmful", "response_unsafe")
+    assert not validate_spec(small_spec("runs/x")).judges_responses
+
+
+def test_custom_categories_take_new_codes() -> None:
+    guard = {"categories": True, "custom_categories": [
+        {"code": "S15", "name": "Political persuasion", "description": "Argues for a party."},
+        {"code": "S3", "name": "Clash"}, {"code": "S15", "name": "Again"}]}
+    with pytest.raises(SpecError) as e:
+        validate_spec(small_spec("runs/x", guard=guard))
+    (line,) = e.value.problems
+    assert "guard.custom_categories" in line and "S15" in line and "S3" in line
+    ok = validate_spec(small_spec("runs/x", guard={**guard, "custom_categories": guard["custom_categories"][:1]}))
+    assert ok.guard.category_codes[-2:] == ("S14", "S15")
+    with pytest.raises(SpecError, match="custom_categories.0.code"):
+        validate_spec(small_spec("runs/x", guard={"custom_categories": [{"code": "politics", "name": "x"}]}))
+
+
+def test_generation_key_covers_what_changes_the_text() -> None:
+    """Sampling settings enter the key only when sampling; pool settings never do."""
+    base = validate_spec(small_spec("runs/x", generate={"enabled": True})).generate
+    assert base.model_copy(update={"seed": 5, "actors": 4, "batch_size": 2}).cache_payload() == base.cache_payload()
+    sampled = base.model_copy(update={"temperature": 0.7})
+    assert sampled.cache_payload() != base.cache_payload()
+    assert sampled.model_copy(update={"seed": 5}).cache_payload() != sampled.cache_payload()
+    assert base.model_copy(update={"max_new_tokens": 8}).cache_payload() != base.cache_payload()
+
+
+def test_on_is_a_key_not_a_boolean(tmp_path: Path) -> None:
+    """YAML 1.1 reads `on:` as True; specs are read with 1.2 booleans, so `extract.on` is a key."""
+    path = tmp_path / "job.yaml"
+    path.write_text("name: x\noutput: runs/x\ndataset: {sources: [{type: advbench}]}\n"
+                    "generate: {enabled: yes}\nextract:\n  on: [prompt, response]\n")
+    spec = load_spec(path)
+    assert spec.extract.on == ("prompt", "response") and spec.generate.enabled is True
