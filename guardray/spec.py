@@ -191,13 +191,14 @@ class DatasetSpec(Section):
 
     def cache_payload(self) -> dict[str, Any]:
         """The built-in normalisation rules enter the key too: editing them changes which rows are dropped and
-        grouped."""
-        from guardray.datasets import normalize
+        grouped; so do the category-label rules of the corpora that have them (datasets/categories.py)."""
+        from guardray.datasets import categories, normalize
 
         rules = {"affixes": normalize.AFFIXES, "max_passes": normalize.MAX_AFFIX_PASSES,
                  "min_base_words": normalize.MIN_BASE_WORDS, "placeholder": normalize._PLACEHOLDER,
                  "punctuation": normalize._PUNCTUATION}
-        return {**super().cache_payload(), "normalisation": rules}
+        return {**super().cache_payload(), "normalisation": rules,
+                **categories.cache_key(s.type for s in self.sources)}
 
     @model_validator(mode="after")
     def _unique_names(self) -> "DatasetSpec":
