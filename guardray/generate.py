@@ -202,7 +202,7 @@ def _vllm_pool(*args: Any) -> Any:
 #: Backend name → the responses stage it runs as (its actor, or its own way of running the missing shards).
 GENERATE_BACKENDS: dict[str, ShardedStage] = {
     "hf": ShardedStage("responses", "generate", ResponseActor),
-    "vllm": ShardedStage("responses", "generate", ResponseActor, run_pool=_vllm_pool),
+    "vllm": ShardedStage("responses", "generate", None, run_pool=_vllm_pool),
 }
 
 

@@ -59,14 +59,16 @@ def _llm() -> Any:
 
 
 def vllm_numerics(spec: JobSpec, accelerator: str) -> str:
-    """What the engine computes with, as JSON: backend, device class and the resolved dtype."""
+    """What the engine computes with, as JSON: backend, device class and dtype. On the CPU 'auto' resolves to
+    float32 as for the HF backend; on GPUs an explicit dtype is recorded as given and 'auto' as 'auto' (the
+    engine's choice: the driver may have no GPU to ask)."""
     import torch
 
-    device = torch.device("cuda" if accelerator == "gpu" else "cpu")
-    dtype = str(resolve_dtype(spec.model.dtype, device)) if device.type == "cpu" or torch.cuda.is_available() \
-        else spec.model.dtype  # a driver without a GPU cannot resolve 'auto' for one: record what was asked
-    return json.dumps({"chat": {"backend": "vllm", "device": device.type, "dtype": dtype.removeprefix("torch.")}},
-                      sort_keys=True)
+    dtype = spec.model.dtype
+    if accelerator == "cpu":
+        dtype = str(resolve_dtype(dtype, torch.device("cpu"))).removeprefix("torch.")
+    device = "cuda" if accelerator == "gpu" else "cpu"
+    return json.dumps({"chat": {"backend": "vllm", "device": device, "dtype": dtype}}, sort_keys=True)
 
 
 def processor_config(spec: JobSpec, accelerator: str, shards: int) -> Any:
@@ -76,7 +78,7 @@ def processor_config(spec: JobSpec, accelerator: str, shards: int) -> Any:
 
     generate = spec.generate
     numerics = json.loads(vllm_numerics(spec, accelerator))["chat"]
-    engine = {"dtype": numerics["dtype"] if numerics["dtype"] != "auto" else "auto",
+    engine = {"dtype": numerics["dtype"],
               "max_model_len": spec.model.max_length + generate.max_new_tokens,
               "trust_remote_code": spec.model.trust_remote_code, "revision": spec.model.revision, "seed": 0}
     on_cpu = accelerator == "cpu"

@@ -17,7 +17,7 @@ from typing import Any, Callable
 from guardray.cache import StageDir
 from guardray.errors import InputError, StageError, ray_get
 from guardray.metrics import peak_rss_mb
-from guardray.spec import JobSpec
+from guardray.spec import JobSpec, device_class
 from guardray.storage import Location, resolve
 
 log = logging.getLogger(__name__)
@@ -62,8 +62,11 @@ def _responses_stage(spec: JobSpec, inputs: dict[str, Location], out: Location) 
 
 
 def _responses_key(spec: JobSpec) -> dict[str, Any]:
-    return {"model": spec.model.cache_payload(), "generate": spec.generate.cache_payload(),
-            "device_class": spec.device_class}
+    """The chat model, the generation settings and the device class the responses are computed on (as
+    `JobSpec.device_class`, but read from `generate.accelerator`, which is what places this stage's actors)."""
+    declared = device_class(spec.model.device)
+    device = declared if declared != "auto" else {"gpu": "cuda", "cpu": "cpu"}.get(spec.generate.accelerator, "auto")
+    return {"model": spec.model.cache_payload(), "generate": spec.generate.cache_payload(), "device_class": device}
 
 
 def _generates(spec: JobSpec) -> bool:

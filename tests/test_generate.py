@@ -148,6 +148,7 @@ def test_stage_hashes(tmp_path: Path) -> None:
     assert on["features"] != dirs["features"].name  # features now chain through the responses
     for change in ({"max_new_tokens": 9}, {"temperature": 0.7}, {"backend": "vllm"}):
         assert names(**change)["responses"] != on["responses"], change
+    assert names(accelerator="gpu")["responses"] != on["responses"]  # the device class computing the answers
     for same in ({"actors": 3, "batch_size": 2, "rows_per_shard": 7}, {"seed": 5, "top_p": 0.9}):
         assert names(**same) == on, same  # runtime fields, and sampling settings when greedy
     assert names(temperature=0.7, seed=1)["responses"] != names(temperature=0.7, seed=2)["responses"]
