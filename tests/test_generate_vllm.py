@@ -61,3 +61,22 @@ def test_vllm_stage_writes_parts_and_agrees_with_hf(ray_local: None, tmp_path: P
     assert sum(same) >= len(same) - 1  # at most one near-tie flip on this set (see the report)
     assert answered.column("finish_reason").to_pylist() == [h.finish_reason for h in hf] or not all(same)
     assert answered.column("response").to_pylist()[0] == chat.tokenizer.decode(vllm_tokens[0], skip_special_tokens=True)
+
+
+def test_vllm_rows_the_engine_rejects_go_to_errors(ray_local: None, tmp_path: Path) -> None:
+    """With a context of 48 tokens the engine rejects the longer prompts (`should_continue_on_error`): they
+    become error rows of their shard, the others still get parts and land in dataset.parquet."""
+    spec = validate_spec(small_spec(
+        str(tmp_path), model=SMOL.model_dump(), guard={"enabled": False},
+        generate={"enabled": True, "backend": "vllm", "max_new_tokens": 4, "rows_per_shard": 4,
+                  "max_error_fraction": 1.0, "vllm_engine_args": {"max_model_len": 48}},
+        dataset={"sources": [{"type": "advbench", "limit": 3}, {"type": "normal_instructions"},
+                             {"type": "sharegpt", "limit": 3}]},
+    ))
+    summary = run_job(spec, ["responses"])["responses"]
+    stage = resolve(summary["dir"])
+    errors = stage.join("errors.parquet").read_table().to_pylist()
+    print("vLLM error rows:", summary["rows"], "generated,", len(errors), "failed:", errors[:1])
+    assert summary["rows"] > 0 and summary["errors"] == len(errors) > 0
+    assert all(e["reason"].startswith("generate: ") for e in errors)
+    assert stage.join("dataset.parquet").read_table().num_rows == summary["rows"]
