@@ -30,7 +30,6 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def smol() -> LoadedModel:
-    torch.set_num_threads(2)
     return load_model(SMOL)
 
 

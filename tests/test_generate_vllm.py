@@ -45,7 +45,6 @@ def test_vllm_stage_writes_parts_and_agrees_with_hf(ray_local: None, tmp_path: P
     assert answered.column("id").to_pylist() == dataset.column("id").to_pylist()
     assert answered.schema.field("response_tokens").type == pa.list_(pa.int32())
 
-    torch.set_num_threads(2)
     chat = load_model(SMOL)
     renderer = chat_renderer(chat.tokenizer, SMOL)
     generator = HFGenerator(chat, spec.generate)
