@@ -12,7 +12,8 @@ and any that cannot be read or do not hold exactly their range are redone. Actor
 bounded by the spec; a CUDA error kills the actor so that Ray restarts it and retries the shard. Prompts that
 fail are written to `errors/` with the reason, under an error budget: past `max_error_fraction` the stage stops
 and never commits. Before committing, every part is checked to hold exactly the ids of its range and the ranges
-are checked to tile the dataset: every input id lands exactly once in parts ∪ errors.
+are checked to tile the dataset: every input id lands exactly once in parts ∪ errors. That machinery is shared
+with the responses stage and lives in `guardray.sharded`; this module holds what is particular to features.
 
 Chat model and guard share one actor (one model after the other on the same batch): with the guard being the
 chat model itself it is one load, and otherwise both fit on one 80 GB GPU for 7–8B models, which keeps a
@@ -23,25 +24,24 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from guardray.activations import Batch, capture, resolve_layers
 from guardray.columns import META_COLUMNS, feature_column
 from guardray.datasets.assemble import DATASET_FILE
-from guardray.errors import StageError, one_line
+from guardray.errors import one_line
 from guardray.guard import GUARD_BACKENDS, GUARD_COLUMNS, Guard, guard_renderer, resolve_label_tokens
 from guardray.models import LoadedModel, load_model, numerics
 from guardray.rendering import Encoded, PromptRenderer, caught, chat_renderer
-from guardray.shards import (ERRORS_DIR, ERRORS_SCHEMA, NUMERICS_KEY, PARTS_DIR, PartCheck, RangeReader, Shard, as_descriptors, dataset_rows,
-                             finished_shards, overlap_problem, part_schema, plan_shards, tiling_problem, verify_all)
+from guardray.sharded import (NUMERICS_FILE, DeviceFailure, ErrorBudget, NumericsMismatch,  # noqa: F401 - re-exported
+                              RunTally, ShardedStage, actor_resources, claim_numerics, pool_size, raise_device_failure,
+                              run_sharded)
+from guardray.shards import ERRORS_DIR, ERRORS_SCHEMA, NUMERICS_KEY, PARTS_DIR, RangeReader, Shard
 from guardray.spec import ExtractSpec, JobSpec
 from guardray.storage import Location, resolve
 
@@ -163,42 +163,6 @@ class FeatureExtractor:
 
     def _guard_scores(self, encoded: list[Encoded]) -> dict[str, np.ndarray]:
         return self.guard.score(encoded)
-
-
-#: The numerics the first actor of a fresh run computed with; later actors (GPU nodes of another kind joining
-#: an autoscaling pool) refuse to differ, instead of the mix being found only when the stage ends.
-NUMERICS_FILE = "numerics.json"
-
-
-def claim_numerics(claim: Location, mine: str) -> str:
-    """The stage's numerics: what an earlier actor claimed, or `mine`, claimed now. Best effort: two actors
-    starting at the same instant may both claim; the end-of-stage check still refuses any mix."""
-    if claim.exists():
-        return claim.read_text()
-    claim.write_text(mine)
-    return mine
-
-
-class NumericsMismatch(RuntimeError):
-    """An actor would compute with other numerics (device, dtype, attention) than the parts already kept."""
-
-
-class DeviceFailure(RuntimeError):
-    """The accelerator itself failed (CUDA error, device-side assert): not the prompt's fault."""
-
-
-#: Messages of errors after which a CUDA context is unusable for every later batch.
-DEVICE_FAILURE_MARKERS = ("CUDA error", "device-side assert", "CUBLAS_STATUS", "CUDNN_STATUS", "NCCL error",
-                          "an illegal memory access")
-
-
-def raise_device_failure(error: Exception) -> None:
-    """Turn an accelerator failure into DeviceFailure; a bad prompt's error (shape, index) passes through."""
-    import torch
-
-    accelerator_error = getattr(torch, "AcceleratorError", ())
-    if isinstance(error, accelerator_error) or any(m in str(error) for m in DEVICE_FAILURE_MARKERS):
-        raise DeviceFailure(f"{type(error).__name__}: {one_line(error)}") from error
 
 
 def _encode(renderer: PromptRenderer, prompts: Sequence[str], indices: Sequence[int], errors: dict[int, str],
@@ -327,226 +291,13 @@ def preflight(spec: JobSpec) -> None:
 def run_features(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dict[str, Any]:
     """The features stage: verify what an earlier run left, run the missing row ranges, check exactly-once.
 
-    The driver holds shard descriptors and per-shard summaries only; rows are read by the actors and the
-    exactly-once check runs in Ray tasks (`shards.verify_all`).
+    It reads the responses stage's `dataset.parquet` (prompts plus responses) when `generate` is on, else the
+    dataset stage's; shards and the exactly-once check are relative to that file.
     """
     preflight(spec)
-    dataset = inputs["dataset"].join(DATASET_FILE)
-    total = dataset_rows(dataset)
-    for directory in (PARTS_DIR, ERRORS_DIR):  # what writers killed mid-write left (never a finished file)
-        out.join(directory).remove_temporaries()
-    kept = _keep_valid_parts(dataset, out, finished_shards(out))
-    done = [c.shard for c in kept]
-    todo = plan_shards(done, total, spec.extract.rows_per_shard)
-    log.info("features: %d prompts, %d rows already done in %d parts, %d shards to run",
-             total, sum(s.rows for s in done), len(done), len(todo))
-    budget = ErrorBudget(total, spec.extract.max_error_fraction)
-    budget.add(sum(c.errors for c in kept), [r for c in kept for r in c.first_reasons])  # failures of earlier runs
-    if budget.exceeded:
-        raise StageError(budget.message())
-    started = time.perf_counter()
-    expected = _one_numerics(kept, out) if kept else None
-    if not kept:  # nothing computed yet: the actors of this run claim afresh
-        out.join(NUMERICS_FILE).delete_file()
-    run = _run_actor_pool(spec, dataset, out, todo, budget, len(done), expected) if todo else RunTally()
-    wall = time.perf_counter() - started
-    return _finish(dataset, out, total, run, len(done), wall, budget)
+    source = inputs["responses"] if "responses" in inputs else inputs["dataset"]
+    return run_sharded(FEATURES, spec, source.join(DATASET_FILE), out)
 
 
-def _one_numerics(checks: list[PartCheck], out: Location) -> str:
-    """The numerics every part was computed with; parts computed differently must never sit side by side."""
-    counts: dict[str, int] = {}
-    for check in checks:
-        counts[check.numerics] = counts.get(check.numerics, 0) + 1
-    if "" in counts:  # not written by this code: nothing says what it was computed with
-        raise StageError(f"features: {counts['']} parts in {out.uri} have no numerics record "
-                         f"({NUMERICS_KEY.decode()} metadata); rerun with --force features")
-    if len(counts) > 1:
-        found = "; ".join(f"{n} parts with {numerics or 'unrecorded numerics'}" for numerics, n in counts.items())
-        raise StageError(f"features: the parts in {out.uri} were computed with different numerics ({found}); "
-                         "pin model.dtype and model.device (or extract.accelerator) and rerun with --force features")
-    return next(iter(counts))
-
-
-def _keep_valid_parts(dataset: Location, out: Location, found: list[Shard]) -> list[PartCheck]:
-    """Parts an earlier run left that hold exactly their range; the others are deleted and redone."""
-    if not found:
-        return []
-    valid = []
-    for check in (check for checks, _ in verify_all(dataset, out, found) for check in checks):
-        if check.problem is None:
-            valid.append(check)
-        else:
-            log.warning("features: redoing %s: %s", check.shard.part_name, check.problem)
-            out.join(PARTS_DIR, check.shard.part_name).delete_file()
-    valid.sort(key=lambda c: c.shard)
-    problem = overlap_problem([c.shard for c in valid])
-    if problem:  # overlapping parts cannot come from this code; refuse to guess which one is right
-        raise StageError(f"features: the parts in {out.uri} overlap ({problem}); rerun with --force features")
-    return valid
-
-
-@dataclass
-class ErrorBudget:
-    """At most `fraction` of all prompts may fail; past that the stage stops and never commits."""
-
-    total: int
-    fraction: float
-    failed: int = 0
-    reasons: list[str] = field(default_factory=list)
-
-    @property
-    def allowed(self) -> int:
-        return int(self.total * self.fraction)
-
-    def add(self, failed: int, reasons: list[str]) -> None:
-        self.failed += failed
-        self.reasons.extend(r for r in reasons if r and len(self.reasons) < 3)
-
-    @property
-    def exceeded(self) -> bool:
-        return self.failed > self.allowed
-
-    def message(self) -> str:
-        first = "; ".join(dict.fromkeys(self.reasons)) or "-"
-        return (f"features: {self.failed} of {self.total} prompts failed, over the error budget of {self.allowed} "
-                f"(extract.max_error_fraction={self.fraction:g}); first reasons: {first}")
-
-
-@dataclass
-class RunTally:
-    """What the driver keeps of a run: sums and a node histogram, never per-prompt data."""
-
-    shards: int = 0
-    processed: int = 0
-    tokens: int = 0
-    nodes: dict[str, int] = field(default_factory=dict)
-    devices: dict[str, int] = field(default_factory=dict)
-
-    def add(self, summary: dict[str, Any]) -> None:
-        self.shards += 1
-        self.processed += int(summary["rows"]) + int(summary["errors"])
-        self.tokens += int(summary["tokens"])
-        node = f"{summary['node_id']}" + (f" gpu:{summary['gpu_ids']}" if summary["gpu_ids"] else "")
-        self.nodes[node] = self.nodes.get(node, 0) + 1
-        self.devices[summary["device"]] = self.devices.get(summary["device"], 0) + 1
-
-
-def actor_resources(spec: ExtractSpec, accelerator: str) -> dict[str, float]:
-    """What each actor asks Ray for. GPUs are requested even when none are up, so the autoscaler adds them."""
-    if accelerator == "gpu":
-        return {"num_gpus": spec.num_gpus_per_actor, "num_cpus": spec.num_cpus_per_actor}
-    return {"num_cpus": spec.num_cpus_per_actor}
-
-
-def pool_size(spec: ExtractSpec, accelerator: str, shards: int) -> tuple[int, int]:
-    """(min, max) actors. 'auto' grows from 1 to `max_actors`, else to the GPUs the cluster has or declares."""
-    if spec.actors != "auto":
-        fixed = max(1, min(spec.actors, shards))
-        return fixed, fixed
-    from guardray.accelerators import gpu_capacity
-
-    most = spec.max_actors or (int(gpu_capacity() / spec.num_gpus_per_actor) if accelerator == "gpu" else 1)
-    if accelerator == "gpu" and not spec.max_actors and most < 2:
-        log.warning("features: actors: auto found at most one GPU to grow into (up or declared by the "
-                    "autoscaler): the pool stays at 1 actor; set extract.max_actors")
-    return 1, max(1, min(most, shards))
-
-
-def _run_actor_pool(spec: JobSpec, dataset: Location, out: Location, todo: list[Shard], budget: ErrorBudget,
-                    done: int, expected_numerics: str | None) -> RunTally:
-    """Stream the shards through the actor pool; stop as soon as the error budget is spent."""
-    import ray
-
-    from guardray.accelerators import resolve_accelerator
-    from guardray.metrics import StageProgress
-
-    extract = spec.extract
-    accelerator = resolve_accelerator(extract.accelerator, "features")
-    smallest, largest = pool_size(extract, accelerator, len(todo))
-    threads = int(extract.num_cpus_per_actor) if accelerator == "cpu" else 1
-    ds = ray.data.from_items(as_descriptors(todo), override_num_blocks=len(todo))
-    with warnings.catch_warnings():  # restarts/retries are only accepted as plain remote args (Ray 2.60)
-        warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
-        ds = _map_shards(ds, spec, dataset, out, accelerator, threads, smallest, largest, expected_numerics)
-    log.info("features: %d-%d actors, each %s", smallest, largest, actor_resources(extract, accelerator))
-    progress = StageProgress("features", total=done + len(todo), done=done)
-    tally = RunTally()
-    rows = ds.iter_rows()
-    try:
-        for summary in rows:  # one row per finished shard, as they finish
-            tally.add(summary)
-            budget.add(int(summary["errors"]), [summary["first_error"]])
-            progress.advance()
-            if budget.exceeded:  # stop spending GPU time on a job that cannot commit
-                raise StageError(budget.message())
-    except StageError:
-        raise
-    except Exception as e:  # noqa: BLE001 - an actor's one-line device error, not Ray's wrapped traceback
-        # A failed actor constructor reaches the driver as Ray's ActorDiedError holding the remote traceback as
-        # text (no exception object to walk), so the DeviceError's own line is found in that text.
-        device_error = re.search(r"(?:DeviceError|NumericsMismatch|InputError): (.+)", str(e))
-        if device_error:
-            raise StageError(f"features: {device_error.group(1).strip()}") from None
-        raise
-    finally:
-        getattr(rows, "close", lambda: None)()  # shut the executor (and its GPU actors) down now, not at GC
-    return tally
-
-
-def _map_shards(ds: Any, spec: JobSpec, dataset: Location, out: Location, accelerator: str, threads: int,
-                smallest: int, largest: int, expected_numerics: str | None) -> Any:
-    import ray
-
-    extract = spec.extract
-    return ds.map_batches(
-        FeatureActor,
-        fn_constructor_kwargs={"spec_json": spec.model_dump(mode="json"), "dataset_uri": dataset.uri,
-                               "out_uri": out.uri, "threads": threads, "expected_numerics": expected_numerics},
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(min_size=smallest, max_size=largest),
-        max_restarts=extract.max_actor_restarts,
-        max_task_retries=extract.max_task_retries,
-        **actor_resources(extract, accelerator),
-    )
-
-
-def _finish(dataset: Location, out: Location, total: int, run: RunTally, skipped: int, wall: float,
-            budget: ErrorBudget) -> dict[str, Any]:
-    """Verify every part against the dataset (in Ray tasks), check the ranges tile it, merge the errors."""
-    for directory in (PARTS_DIR, ERRORS_DIR):  # a killed actor's half-written temporary, now that all are done
-        out.join(directory).remove_temporaries()
-    checks: list[PartCheck] = []
-
-    def merge_errors(f: Any) -> None:  # errors.parquet streamed: one verify batch's error rows at a time
-        with pq.ParquetWriter(f, ERRORS_SCHEMA) as writer:
-            for batch, errors in verify_all(dataset, out, finished_shards(out)):
-                checks.extend(batch)
-                writer.write_table(errors)
-
-    out.join("errors.parquet").write_with(merge_errors)  # no _SUCCESS yet: harmless if a check below fails
-    checks.sort(key=lambda c: c.shard)
-    bad = [c for c in checks if c.problem]
-    problem = tiling_problem([c.shard for c in checks], total)
-    if bad or problem:
-        detail = f"{bad[0].shard.part_name}: {bad[0].problem}" if bad else problem
-        raise StageError(f"features: exactly-once check failed: {len(bad)} bad parts; {detail}")
-    numerics = _one_numerics(checks, out) if checks else ""
-    rows, errors = sum(c.rows for c in checks), sum(c.errors for c in checks)
-    budget.failed, budget.reasons = errors, [r for c in checks for r in c.first_reasons][:3]
-    if budget.exceeded:
-        raise StageError(budget.message())
-    return {
-        "rows": rows,
-        "errors": errors,
-        "processed_this_run": run.processed,
-        "shards_skipped": skipped,
-        "shards_run": run.shards,
-        "tokens": run.tokens,
-        "prompts_per_s": round(run.processed / wall, 2) if wall and run.processed else None,
-        "tokens_per_s": round(run.tokens / wall, 1) if wall and run.tokens else None,
-        "nodes": run.nodes,
-        "devices": run.devices,
-        "numerics": json.loads(numerics) if numerics else None,
-        "columns": part_schema(out, checks[0].shard) if checks else [],
-    }
+#: The features stage as a sharded stage (guardray.sharded): its actor and its spec section.
+FEATURES = ShardedStage("features", "extract", FeatureActor)

@@ -2,6 +2,10 @@
 
 A stage is a function `(spec, inputs, out) -> summary` of the validated spec, the directories of the stages it
 reads, and its own output directory. Ray is started only when a stage that needs it actually runs.
+
+Some stages exist only for some specs (`Stage.enabled`): `responses` runs between `dataset` and `features` when
+`generate.enabled`, and then `features` reads it instead of `dataset` (its hash chains through it) and `report`
+reads it too. A job without `generate` has exactly the stages and hashes it had before that stage existed.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from typing import Any, Callable
 from guardray.cache import StageDir
 from guardray.errors import InputError, StageError, ray_get
 from guardray.metrics import peak_rss_mb
-from guardray.spec import JobSpec
+from guardray.spec import JobSpec, device_class
 from guardray.storage import Location, resolve
 
 log = logging.getLogger(__name__)
@@ -21,10 +25,15 @@ log = logging.getLogger(__name__)
 StageFn = Callable[[JobSpec, dict[str, Location], Location], dict[str, Any]]
 
 
+def _always(spec: JobSpec) -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
-    inputs: tuple[str, ...]
+    #: The stages it reads: a tuple, or a function of the spec when that depends on what is enabled.
+    inputs: tuple[str, ...] | Callable[[JobSpec], tuple[str, ...]]
     spec_part: Callable[[JobSpec], dict[str, Any]]
     run: StageFn
     needs_ray: bool = False
@@ -33,12 +42,40 @@ class Stage:
     #: Runs in a Ray task (off the driver process) whenever this job uses Ray anyway, so the driver of a
     #: cluster job never holds the prompts; inline when the job runs only such stages (no Ray start-up).
     offload: bool = False
+    #: Whether the job has this stage at all; a disabled stage is planned, run and listed nowhere.
+    enabled: Callable[[JobSpec], bool] = _always
+
+    def inputs_for(self, spec: JobSpec) -> tuple[str, ...]:
+        return self.inputs(spec) if callable(self.inputs) else self.inputs
 
 
 def _dataset_stage(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dict[str, Any]:
     from guardray.datasets.assemble import build_dataset
 
     return build_dataset(spec.dataset, out)
+
+
+def _responses_stage(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dict[str, Any]:
+    from guardray.generate import run_responses
+
+    return run_responses(spec, inputs, out)
+
+
+def _responses_key(spec: JobSpec) -> dict[str, Any]:
+    """The chat model, the generation settings and the device class the responses are computed on (as
+    `JobSpec.device_class`, but read from `generate.accelerator`, which is what places this stage's actors)."""
+    declared = device_class(spec.model.device)
+    device = declared if declared != "auto" else {"gpu": "cuda", "cpu": "cpu"}.get(spec.generate.accelerator, "auto")
+    return {"model": spec.model.cache_payload(), "generate": spec.generate.cache_payload(), "device_class": device}
+
+
+def _generates(spec: JobSpec) -> bool:
+    return spec.generate.enabled
+
+
+def _prompts_from(spec: JobSpec) -> str:
+    """The stage whose `dataset.parquet` the features stage reads: the responses when there are any."""
+    return "responses" if spec.generate.enabled else "dataset"
 
 
 def _features_stage(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dict[str, Any]:
@@ -71,9 +108,13 @@ def _report_key(spec: JobSpec) -> dict[str, Any]:
 
 STAGES: dict[str, Stage] = {
     "dataset": Stage("dataset", (), lambda s: s.dataset.cache_payload(), _dataset_stage, offload=True),
-    "features": Stage("features", ("dataset",), _features_key, _features_stage, needs_ray=True, resumable=True),
+    "responses": Stage("responses", ("dataset",), _responses_key, _responses_stage, needs_ray=True, resumable=True,
+                       enabled=_generates),
+    "features": Stage("features", lambda s: (_prompts_from(s),), _features_key, _features_stage, needs_ray=True,
+                      resumable=True),
     "probes": Stage("probes", ("features",), lambda s: s.probes.cache_payload(), _probes_stage, needs_ray=True),
-    "report": Stage("report", ("features", "probes"), _report_key, _report_stage, needs_ray=True),
+    "report": Stage("report", lambda s: ("features", "probes", *(("responses",) if _generates(s) else ())),
+                    _report_key, _report_stage, needs_ray=True),
 }
 
 
@@ -85,20 +126,25 @@ def plan(spec: JobSpec) -> dict[str, StageDir]:
     """The directory of every stage for this spec (hashes chain through the inputs)."""
     output = resolve(spec.output)
     dirs: dict[str, StageDir] = {}
-    for stage in STAGES.values():
-        upstream = {name: dirs[name].name for name in stage.inputs}
+    for stage in active_stages(spec):
+        upstream = {name: dirs[name].name for name in stage.inputs_for(spec)}
         dirs[stage.name] = StageDir.for_stage(output, stage.name, stage.spec_part(spec), upstream)
     return dirs
 
 
-def _closure(selected: list[str]) -> list[str]:
+def active_stages(spec: JobSpec) -> list[Stage]:
+    """The stages this job has, in pipeline order."""
+    return [stage for stage in STAGES.values() if stage.enabled(spec)]
+
+
+def _closure(spec: JobSpec, selected: list[str]) -> list[str]:
     """The selected stages plus everything they read, in pipeline order."""
     needed: set[str] = set()
 
     def visit(name: str) -> None:
         if name not in needed:
             needed.add(name)
-            for dep in STAGES[name].inputs:
+            for dep in STAGES[name].inputs_for(spec):
                 visit(dep)
 
     for name in selected:
@@ -108,11 +154,14 @@ def _closure(selected: list[str]) -> list[str]:
 
 def run_job(spec: JobSpec, stages: list[str] | None = None, force: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run the requested stages (default: all), skipping complete ones unless forced. Returns the summary."""
+    active = [stage.name for stage in active_stages(spec)]
     for name in [*(stages or []), *force]:
         if name not in STAGES:
             raise InputError(f"unknown stage '{name}'; stages are: {', '.join(STAGES)}")
+        if name not in active:
+            raise InputError(f"stage '{name}' is disabled by this spec (its stages: {', '.join(active)})")
     dirs = plan(spec)
-    order = _closure(stages or list(STAGES))
+    order = _closure(spec, stages or active)
     to_run = [name for name in order if name in force or not dirs[name].done]
     uses_ray = any(STAGES[name].needs_ray for name in to_run)
     results: dict[str, Any] = {}
@@ -131,7 +180,7 @@ def run_job(spec: JobSpec, stages: list[str] | None = None, force: tuple[str, ..
         resume = stage.resumable and name not in force and stage_dir.state == "incomplete"
         stage_dir.begin(fresh=not resume)
         started = time.perf_counter()
-        inputs = {dep: dirs[dep].location for dep in stage.inputs}
+        inputs = {dep: dirs[dep].location for dep in stage.inputs_for(spec)}
         summary = _run_remote(stage, spec, inputs, stage_dir.location) if remote else stage.run(spec, inputs, stage_dir.location)
         summary["wall_s"] = round(time.perf_counter() - started, 2)
         stage_dir.commit(summary)

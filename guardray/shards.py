@@ -124,6 +124,10 @@ class RangeReader:
         sizes = [self._file.metadata.row_group(i).num_rows for i in range(self._file.num_row_groups)]
         self._starts = np.concatenate([[0], np.cumsum(sizes)]).tolist()
 
+    @property
+    def schema(self) -> pa.Schema:
+        return self._file.schema_arrow
+
     def read(self, shard: Shard, columns: list[str] | None = None) -> pa.Table:
         first = bisect.bisect_right(self._starts, shard.start) - 1
         last = bisect.bisect_left(self._starts, shard.end)
