@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -34,16 +33,17 @@ import pyarrow as pa
 from guardray.activations import Batch, capture, resolve_layers
 from guardray.columns import META_COLUMNS, feature_column
 from guardray.datasets.assemble import DATASET_FILE
-from guardray.errors import one_line
-from guardray.guard import GUARD_BACKENDS, GUARD_COLUMNS, Guard, guard_renderer, resolve_label_tokens
+from guardray.errors import StageError, one_line
+from guardray.guard import GUARD_BACKENDS, Guard, output_columns, preflight_guard, renamed
 from guardray.models import LoadedModel, load_model, numerics
-from guardray.rendering import Encoded, PromptRenderer, caught, chat_renderer
+from guardray.rendering import (ConversationRenderer, Encoded, PromptRenderer, caught, chat_conversation_renderer,
+                                chat_renderer)
 from guardray.sharded import (NUMERICS_FILE, DeviceFailure, ErrorBudget, NumericsMismatch,  # noqa: F401 - re-exported
-                              RunTally, ShardedStage, actor_resources, claim_numerics, pool_size, raise_device_failure,
-                              run_sharded)
-from guardray.shards import ERRORS_DIR, ERRORS_SCHEMA, NUMERICS_KEY, PARTS_DIR, RangeReader, Shard
-from guardray.spec import ExtractSpec, JobSpec
-from guardray.storage import Location, resolve
+                              RunTally, ShardActor, ShardedStage, actor_resources, claim_numerics, pool_size,
+                              raise_device_failure, run_sharded)
+from guardray.shards import RangeReader, Shard  # noqa: F401 - re-exported
+from guardray.spec import RESPONSE_POOLINGS, ExtractSpec, JobSpec
+from guardray.storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +76,20 @@ class ExtractStats:
     seconds: float = 0.0
 
 
+#: Dataset columns a features part does not carry: the texts (the responses stage keeps them) and token ids.
+NOT_CARRIED = ("prompt", "response", "response_tokens")
+
+
 @dataclass
 class FeatureExtractor:
-    """Turns prompts into activation and guard columns. Used by the Ray actors, the tests and the benchmark."""
+    """Turns prompts (and their responses) into activation and guard columns. Used by the Ray actors, the tests
+    and the benchmark.
+
+    Per prompt, each in its own forward passes over length-sorted batches: the chat model on the prompt
+    (`poolings`), the chat model on the (prompt, response) chat (`resp_last`, `resp_mean`), the guard on the
+    prompt, the guard on the (prompt, response) pair (`guard_response_*`). A prompt failing any of them is an
+    error row of its own.
+    """
 
     chat: LoadedModel
     renderer: PromptRenderer
@@ -86,18 +97,28 @@ class FeatureExtractor:
     poolings: tuple[str, ...]
     extract: ExtractSpec
     guard: Guard | None = None
+    response_guard: Guard | None = None
+    conversation: ConversationRenderer | None = None
+    guard_columns: tuple[str, ...] = ()
     stats: ExtractStats = field(default_factory=ExtractStats)
 
     @classmethod
     def from_spec(cls, spec: JobSpec) -> "FeatureExtractor":
         chat = load_model(spec.model)
-        guard = GUARD_BACKENDS[spec.guard.backend](chat, spec) if spec.guard.enabled else None
-        layers = resolve_layers(spec.extract.layers, chat.num_layers)
-        return cls(chat, chat_renderer(chat.tokenizer, chat.spec), layers, spec.extract.poolings, spec.extract, guard)
+        make_guard = GUARD_BACKENDS[spec.guard.backend]
+        judges = guard_judges(spec)
+        guards = {judge: make_guard(chat, spec, judge) for judge in judges}
+        names = tuple(name for judge in judges for name in output_columns(spec.guard, judge))
+        conversation = (chat_conversation_renderer(chat.tokenizer, chat.spec)
+                        if "response" in spec.extract.on else None)
+        return cls(chat, chat_renderer(chat.tokenizer, chat.spec), resolve_layers(spec.extract.layers, chat.num_layers),
+                   spec.extract.poolings if "prompt" in spec.extract.on else (), spec.extract, guards.get("prompt"),
+                   guards.get("response"), conversation, names)
 
     @property
     def columns(self) -> list[str]:
-        return [feature_column(p, layer) for layer in self.layers for p in self.poolings]
+        poolings = (*self.poolings, *(RESPONSE_POOLINGS if self.conversation else ()))
+        return [feature_column(p, layer) for layer in self.layers for p in poolings]
 
     @property
     def numerics(self) -> str:
@@ -105,16 +126,25 @@ class FeatureExtractor:
         resolved = {"chat": numerics(self.chat), "guard": self.guard.numerics() if self.guard else None}
         return json.dumps(resolved, sort_keys=True)
 
-    def process(self, prompts: Sequence[str]) -> tuple[dict[str, Any], dict[int, str]]:
+    def process(self, prompts: Sequence[str], responses: Sequence[str] | None = None
+                ) -> tuple[dict[str, Any], dict[int, str]]:
         """Columns for every prompt that succeeded (in input order) and {index: reason} for the rest."""
+        if responses is None and (self.conversation or self.response_guard):
+            raise StageError("features: response activations or the response guard need the responses stage's "
+                             "`response` column")
+        pairs = list(zip(prompts, responses)) if responses is not None else []
         errors: dict[int, str] = {}
         results: dict[int, dict[str, Any]] = {}
         encoded = _encode(self.renderer, prompts, range(len(prompts)), errors, "render")
-        self._run(encoded, self._activations, results, errors)
-        if self.guard is not None:
+        steps = [(self.renderer, prompts, self._activations, "render") if self.poolings else None,
+                 (self.conversation, pairs, self._response_activations, "response render") if self.conversation else None,
+                 (self.guard.renderer, prompts, self._guard_scores, "guard render") if self.guard else None,
+                 (self.response_guard.renderer, pairs, self._response_guard_scores, "response guard render")
+                 if self.response_guard else None]
+        for renderer, items, step, what in filter(None, steps):
             live = [i for i in encoded if i not in errors]
-            self._run(_encode(self.guard.renderer, prompts, live, errors, "guard render"), self._guard_scores,
-                      results, errors)
+            inputs = encoded if renderer is self.renderer else _encode(renderer, items, live, errors, what)
+            self._run({i: inputs[i] for i in live if i in inputs}, step, results, errors)
         ok = [i for i in range(len(prompts)) if i not in errors]
         columns = {
             "n_tokens": np.array([encoded[i].n_tokens for i in ok], dtype=np.int32),
@@ -123,7 +153,7 @@ class FeatureExtractor:
         hidden = int(self.chat.model.config.hidden_size)
         for name in self.columns:  # a shard where every prompt failed keeps the [0, hidden] shape
             columns[name] = np.stack([results[i][name] for i in ok]) if ok else np.zeros((0, hidden))
-        for name in GUARD_COLUMNS if self.guard is not None else ():
+        for name in self.guard_columns:
             columns[name] = np.array([results[i][name] for i in ok], dtype=np.float32)
         return {"_index": ok, **columns}, errors
 
@@ -151,9 +181,16 @@ class FeatureExtractor:
             results.setdefault(r, {}).update({name: values[position] for name, values in columns.items()})
 
     def _activations(self, encoded: list[Encoded]) -> dict[str, np.ndarray]:
+        return self._pooled(encoded, self.poolings)
+
+    def _response_activations(self, encoded: list[Encoded]) -> dict[str, np.ndarray]:
+        """The chat with its response: the conversation renderer's user span is the response."""
+        return self._pooled(encoded, RESPONSE_POOLINGS)
+
+    def _pooled(self, encoded: list[Encoded], poolings: Sequence[str]) -> dict[str, np.ndarray]:
         started = time.perf_counter()
         batch = Batch.build(encoded, self.chat.tokenizer.pad_token_id, self.chat.device)
-        pooled = capture(self.chat.model, batch, self.layers, self.poolings)
+        pooled = capture(self.chat.model, batch, self.layers, poolings)
         np_dtype = STORE_DTYPES[self.extract.store_dtype][0]
         self.stats.prompts += len(encoded)
         self.stats.tokens += int(batch.attention_mask.sum())
@@ -164,16 +201,25 @@ class FeatureExtractor:
     def _guard_scores(self, encoded: list[Encoded]) -> dict[str, np.ndarray]:
         return self.guard.score(encoded)
 
+    def _response_guard_scores(self, encoded: list[Encoded]) -> dict[str, np.ndarray]:
+        return renamed(self.response_guard.score(encoded), "response")
 
-def _encode(renderer: PromptRenderer, prompts: Sequence[str], indices: Sequence[int], errors: dict[int, str],
-            what: str) -> dict[int, Encoded]:
-    """Render the given prompts (one batched tokenizer call); a prompt that cannot be rendered is recorded in
-    `errors`, never dropped."""
+
+def guard_judges(spec: JobSpec) -> tuple[str, ...]:
+    """What the guard judges: the prompt (`guard.enabled`) and the (prompt, response) turn (`judges_responses`)."""
+    return (("prompt",) if spec.guard.enabled else ()) + (("response",) if spec.judges_responses else ())
+
+
+def _encode(renderer: PromptRenderer | ConversationRenderer, items: Sequence[Any], indices: Sequence[int],
+            errors: dict[int, str], what: str) -> dict[int, Encoded]:
+    """Render the given prompts or (prompt, response) pairs (one batched tokenizer call); one that cannot be
+    rendered is recorded in `errors`, never dropped."""
     encoded: dict[int, Encoded] = {}
     try:
-        results = renderer.encode_many([prompts[i] for i in indices])
-    except Exception:  # noqa: BLE001 - the batched tokenizer call failed as a whole: one prompt at a time
-        results = [caught(renderer.encode, prompts[i]) for i in indices]
+        results = renderer.encode_many([items[i] for i in indices])
+    except Exception:  # noqa: BLE001 - the batched tokenizer call failed as a whole: one at a time
+        results = [caught(renderer.encode, *(items[i] if isinstance(items[i], tuple) else (items[i],)))
+                   for i in indices]
     for i, result in zip(indices, results):
         if isinstance(result, Exception):
             errors[i] = f"{what}: {type(result).__name__}: {result}"
@@ -199,78 +245,24 @@ def to_table(meta: pa.Table, columns: dict[str, Any], store_dtype: str) -> pa.Ta
     return pa.table(arrays)
 
 
-class FeatureActor:
-    """Ray Data UDF: one actor per model replica; each call gets shard descriptors and writes their parts.
+class FeatureActor(ShardActor):
+    """Ray Data UDF: one chat model (and guard) per actor; each call gets shard descriptors and writes their parts."""
 
-    The actor reads its own rows from `dataset.parquet` (prompts never pass through the driver), checks that a
-    GPU it was given is usable, and returns one small summary per shard (node, device, counts, timings).
-    """
+    stage = "features"
 
-    def __init__(self, spec_json: dict[str, Any], dataset_uri: str, out_uri: str, threads: int,
-                 expected_numerics: str | None = None):
-        import ray
-        import torch
-
-        from guardray.accelerators import check_actor_device
-        from guardray.metrics import ActorMetrics
-
-        torch.set_num_threads(max(1, threads))
-        self.device = check_actor_device()  # `model.device: auto` then picks cuda exactly when this says so
-        spec = JobSpec.model_validate(spec_json)
+    def load(self, spec: JobSpec) -> str:
         self.extractor = FeatureExtractor.from_spec(spec)
-        self.reader = RangeReader(resolve(dataset_uri))
-        self.out = resolve(out_uri)
         self.store_dtype = spec.extract.store_dtype
-        self.node_id = ray.get_runtime_context().get_node_id()
-        self.numerics = self.extractor.numerics
-        if expected_numerics is None:  # a fresh run: the first actor's numerics become the stage's
-            expected_numerics = claim_numerics(self.out.join(NUMERICS_FILE), self.numerics)
-        if self.numerics != expected_numerics:
-            raise NumericsMismatch(
-                f"node {self.node_id[:12]} computes with {self.numerics}, but the parts already in {out_uri} were "
-                f"(or are being) computed with {expected_numerics}: pin model.dtype and model.device (or "
-                "extract.accelerator, or the GPU type) to match them, or rerun with --force features")
-        self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
-        self.metrics = ActorMetrics(model=spec.model.id)
+        return self.extractor.numerics
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
-        summaries = [self.run_shard(Shard(int(s), int(e))) for s, e in zip(batch["start"], batch["end"])]
-        return {key: [s[key] for s in summaries] for key in summaries[0]}
-
-    def run_shard(self, shard: Shard) -> dict[str, Any]:
-        try:
-            return self.process_shard(shard)
-        except DeviceFailure as e:
-            # The CUDA context is poisoned for every later batch: die, so Ray restarts the actor (a fresh
-            # context) and retries this shard, instead of recording every remaining prompt as an error.
-            log.error("shard %s: device failure, restarting the actor: %s", shard.part_name, e)
-            os._exit(1)
-
-    def process_shard(self, shard: Shard) -> dict[str, Any]:
-        rows = self.reader.read(shard)
-        extra = [name for name in rows.column_names if name not in (*META_COLUMNS, "prompt")]
-        prompts = rows.column("prompt").to_pylist()
-        before = (self.extractor.stats.tokens, time.perf_counter())
-        columns, errors = self.extractor.process(prompts)
-        ok = columns.pop("_index")
-        meta = rows.select([*META_COLUMNS, *extra])
-        table = to_table(meta.take(pa.array(ok, pa.int64())), columns, self.store_dtype)
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}), NUMERICS_KEY: self.numerics})
-        failed = sorted(errors)
-        error_table = pa.table({
-            "id": rows.column("id").take(pa.array(failed, pa.int64())),
-            "source": rows.column("source").take(pa.array(failed, pa.int64())),
-            "reason": pa.array([errors[i] for i in failed], pa.string()),
-        }).cast(ERRORS_SCHEMA)
-        # errors first, part last (each atomic): an existing part file means the whole shard is done.
-        self.out.join(ERRORS_DIR, shard.errors_name).write_table(error_table)
-        self.out.join(PARTS_DIR, shard.part_name).write_table(table)
-        tokens = self.extractor.stats.tokens - before[0]
-        seconds = time.perf_counter() - before[1]
-        self.metrics.record(shard.rows, tokens, seconds)
-        return {"start": shard.start, "end": shard.end, "rows": table.num_rows, "errors": len(errors),
-                "tokens": tokens, "seconds": seconds, "node_id": self.node_id, "device": self.device,
-                "gpu_ids": ",".join(self.gpu_ids), "first_error": errors[failed[0]] if failed else ""}
+    def compute(self, rows: pa.Table) -> tuple[pa.Table, dict[int, str], int]:
+        extra = [name for name in rows.column_names if name not in (*META_COLUMNS, *NOT_CARRIED)]
+        responses = rows.column("response").to_pylist() if "response" in rows.column_names else None
+        before = self.extractor.stats.tokens
+        columns, errors = self.extractor.process(rows.column("prompt").to_pylist(), responses)
+        ok = pa.array(columns.pop("_index"), pa.int64())
+        part = to_table(rows.select([*META_COLUMNS, *extra]).take(ok), columns, self.store_dtype)
+        return part, errors, self.extractor.stats.tokens - before
 
 
 def preflight(spec: JobSpec) -> None:
@@ -282,10 +274,11 @@ def preflight(spec: JobSpec) -> None:
     resolve_layers(spec.extract.layers, int(load_config(spec.model).num_hidden_layers))
     chat_tokenizer = load_tokenizer(spec.model)
     chat_renderer(chat_tokenizer, spec.model)
-    if spec.guard.enabled:
+    if "response" in spec.extract.on:
+        chat_conversation_renderer(chat_tokenizer, spec.model)
+    if guard_judges(spec):
         tokenizer = chat_tokenizer if spec.guard_is_chat else load_tokenizer(spec.guard_model)
-        guard_renderer(tokenizer, spec.guard_model, spec.guard)
-        resolve_label_tokens(tokenizer, spec.guard)
+        preflight_guard(tokenizer, spec, guard_judges(spec))
 
 
 def run_features(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dict[str, Any]:
