@@ -150,7 +150,8 @@ def assemble(spec: JobSpec, sections: dict[str, dict[str, Any]]) -> dict[str, An
     first = next(iter(sections.values()))
     tasks = {f"{t}:{name}": {"peak_rss_mb": entry.pop("peak_rss_mb", None)}
              for t, s in sections.items() for name, entry in [*s["probes"].items(), *_guard_items(s)]}
-    return {**first, "job": spec.name, "targets": sections, "tasks": tasks,
+    # report.json is written with sorted keys: `target_order` keeps the spec's order of the sections
+    return {**first, "job": spec.name, "targets": sections, "target_order": list(sections), "tasks": tasks,
             "scorers": list(dict.fromkeys(n for s in sections.values() for n in [*s["probes"], s["guard_scorer"]] if n))}
 
 
@@ -430,7 +431,7 @@ def render(report: dict[str, Any], out: Location) -> None:
     """report.md and the PNG plots, from the report dict and the test split's scores of the plotted scorers."""
     plots: dict[str, list[str]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, section in report["targets"].items():
+        for name, section in _ordered(report):
             plotted = [section["best_probe"], *([section["guard_scorer"]] if section["guard_scorer"] else [])]
             plots[name] = [str(p.relative_to(tmp)) for p in
                            make_plots(section, read_scores(out, name, plotted), Path(tmp) / name)]
@@ -442,10 +443,10 @@ def render(report: dict[str, Any], out: Location) -> None:
 
 
 def markdown(report: dict[str, Any], plots: dict[str, list[str]]) -> str:
-    sections = report["targets"]
-    parts = [f"# guardray report: {report['job']}", "", f"Targets: {', '.join(f'`{t}`' for t in sections)}.", ""]
+    sections = _ordered(report)
+    parts = [f"# guardray report: {report['job']}", "", f"Targets: {', '.join(f'`{t}`' for t, _ in sections)}.", ""]
     parts += [f"- **{t}**: {s['answer']}" + (f" *Note: {s['guard_note']}.*" if s["guard_note"] else "")
-              for t, s in sections.items()]
+              for t, s in sections]
     parts += [""] + [f"![{p}]({p})" for p in plots.get("", [])] + [""]
     mined = report.get("mined_prompts")
     if mined and "rows" in mined:
@@ -454,7 +455,7 @@ def markdown(report: dict[str, Any], plots: dict[str, list[str]]) -> str:
                   f"guard (guard_score <= {mined['input_threshold']:g}): `{mined['file']}`.", ""]
     elif mined:
         parts += [f"Mined prompts: skipped ({mined['skipped']}).", ""]
-    for name, section in sections.items():
+    for name, section in sections:
         parts += section_markdown(section, plots.get(name, []))
     return "\n".join(parts) + "\n"
 
@@ -557,13 +558,13 @@ def summary_plot(report: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(report["targets"])
+    names = [name for name, _ in _ordered(report)]
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(names) + 2), 4))
     x = np.arange(len(names))
     for offset, (label, pick) in zip((-0.2, 0.2), (("probe", lambda s: s["probes"][s["best_probe"]]),
                                                      ("guard", lambda s: s.get("guard")))):
         values, low, high = [], [], []
-        for s in report["targets"].values():
+        for _, s in _ordered(report):
             auc, ci = _auc(pick(s))
             values.append(np.nan if auc is None else auc)
             low.append(0.0 if not ci or auc is None else max(0.0, auc - ci[0]))
@@ -574,6 +575,11 @@ def summary_plot(report: dict[str, Any], path: Path) -> Path:
     ax.legend(), ax.set_title("ROC AUC by target (95% CI)")
     path.parent.mkdir(parents=True, exist_ok=True)
     return _save(fig, path)
+
+
+def _ordered(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The sections in the spec's order (report.json's keys are sorted)."""
+    return [(t, report["targets"][t]) for t in report.get("target_order", report["targets"])]
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -589,4 +595,4 @@ def rerender(stage: Location) -> str:
     """Re-render report.md and plots from a finished report directory; returns the comparison tables."""
     report = stage.join("report.json").read_json()
     render(report, stage)
-    return "\n\n".join(f"{t}:\n{s['comparison_table']}" for t, s in report["targets"].items())
+    return "\n\n".join(f"{t}:\n{s['comparison_table']}" for t, s in _ordered(report))

@@ -133,3 +133,15 @@ def test_grid_runs_per_target() -> None:
     assert len(configs) == 2 * 2 * 2
     assert [c["target"] for c in configs] == ["harmful"] * 4 + ["cat_x"] * 4
     assert np.all([c["feature"] for c in configs[:2]] == np.array(["act_last_L1"] * 2))
+
+
+def test_probes_stage_fails_on_an_unknown_target_before_any_trial(tmp_path: Path) -> None:
+    from guardray.probes.cv import run_probes
+    from tests.synthetic import write_feature_parts
+
+    write_feature_parts(tmp_path / "features", {"act_last_L1": (8, 1.0)}, rows=40, parts=1)
+    spec = _spec(probes={"targets": ["harmful", "cat_violance"]})
+    with pytest.raises(InputError) as e:  # from the schema alone: no Ray started, nothing read
+        run_probes(spec, {"features": resolve(str(tmp_path / "features"))}, resolve(str(tmp_path / "probes")))
+    assert "\n" not in str(e.value) and "'cat_violance' is neither" in str(e.value)
+    assert not (tmp_path / "probes").exists()
