@@ -1,7 +1,9 @@
 """The column contract between the features stage and the stages after it, and the one way to read it.
 
 The features stage writes `parts/part-*.parquet` with the columns in `META_COLUMNS`, the label columns, the guard
-score and one `act_<pooling>_L<layer>` column per activation (a fixed-size list of float16 or float32). The
+scores and one `act_<pooling>_L<layer>` column per activation (a fixed-size list of float16 or float32). A
+target's label is a column read as is or an expression over the guard scores (`guardray/targets.py`): either
+way it is projected and filtered in the scan. The
 probes and report stages never load that table whole: each worker reads ONE feature column (column projection),
 of one split (a pushed-down filter), straight into a preallocated float32 matrix, so a process holds one
 column's matrix whatever the number of columns or the size of the stage.

@@ -161,28 +161,36 @@ def _guard_items(section: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 # -------------------------------------------------------------------------------------- scoring tasks
 def score_one(features: Location, out: Location, scorer: Scorer, index: int) -> None:
-    """Runs on a worker: score every row of the parts, batch by batch, and write (id, score) to scores/<index>."""
+    """Runs on a worker: score every row of the parts, batch by batch, streaming (id, score) to scores/<index>;
+    the features of a batch are dropped once scored."""
+    schema = pa.schema([("id", pa.string()), ("score", pa.float64())])
     with tempfile.TemporaryDirectory() as tmp:
         probe = artifact.load(_download(scorer.artifact, Path(tmp))) if scorer.artifact else None
-        ids, scores = [], []
-        for batch in scan_batches(features, {"id": pc.field("id"), scorer.column: pc.field(scorer.column)}):
-            ids.append(batch.column("id"))
-            column = batch.column(scorer.column)
-            scores.append(pa.array(probe.score(batch_matrix(batch, scorer.column)), pa.float64()) if probe
-                          else column.cast(pa.float64()))
-    table = pa.table({"id": pa.chunked_array(ids, pa.string()), "score": pa.chunked_array(scores, pa.float64())})
-    out.join(SCORES_DIR, f"{index:05d}.parquet").write_table(table)
+
+        def write(f: Any) -> None:
+            with pq.ParquetWriter(f, schema) as writer:
+                for batch in scan_batches(features, {"id": pc.field("id"), scorer.column: pc.field(scorer.column)}):
+                    column = batch.column(scorer.column)
+                    score = (pa.array(probe.score(batch_matrix(batch, scorer.column)), pa.float64()) if probe
+                             else column.cast(pa.float64()))
+                    writer.write_table(pa.table({"id": batch.column("id").cast(pa.string()), "score": score},
+                                                schema=schema))
+
+        out.join(SCORES_DIR, f"{index:05d}.parquet").write_with(write)
 
 
 def write_labels(features: Location, out: Location, resolved: Sequence[Target]) -> None:
-    """Runs on a worker: every row's id, split, source and each target's label (null where unknown), the labels
-    computed in the scan by the same expressions the probes trained on."""
+    """Runs on a worker: every row's id, split, source and each target's label (null where unknown), computed in
+    the scan by the same expressions the probes trained on, streamed to scores/labels.parquet."""
     projection = {**{c: pc.field(c) for c in META}, **{t.name: t.expression for t in resolved}}
-    batches = list(scan_batches(features, projection))
-    schema = pa.schema([pa.field("id", pa.string()), pa.field("split", pa.string()), pa.field("source", pa.string()),
-                        *(pa.field(t.name, pa.bool_()) for t in resolved)])
-    table = pa.Table.from_batches(batches).cast(schema) if batches else schema.empty_table()
-    out.join(SCORES_DIR, LABELS_FILE).write_table(table)
+    schema = pa.schema([*(pa.field(c, pa.string()) for c in META), *(pa.field(t.name, pa.bool_()) for t in resolved)])
+
+    def write(f: Any) -> None:
+        with pq.ParquetWriter(f, schema) as writer:
+            for batch in scan_batches(features, projection):
+                writer.write_table(pa.Table.from_batches([batch]).cast(schema))
+
+    out.join(SCORES_DIR, LABELS_FILE).write_with(write)
 
 
 def merge_scores(out: Location, names: list[str], label_columns: list[str]) -> None:

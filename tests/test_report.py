@@ -101,6 +101,9 @@ def test_probes_and_report_stages_on_gcs_where_the_data_is(ray_local: None, gcs_
     assert best["name"] == "harmful/act_last_L2-ridge" and best["id"]["feature"] == "act_last_L2"
     assert {t: p["name"] for t, p in summary["best_by_target"].items()} == {
         t: f"{t}/act_last_L2-ridge" for t in TARGETS}
+    for target, probe in summary["best_by_target"].items():  # each target picks its own best alpha
+        of_column = results[(results["target"] == target) & (results["feature"] == "act_last_L2")]
+        assert probe["id"]["params"] == of_column.loc[of_column["roc_auc_mean"].idxmax(), "params"]
     loaded = {}
     for probe in summary["probes"]:
         identity = probe["id"]

@@ -145,3 +145,12 @@ def test_probes_stage_fails_on_an_unknown_target_before_any_trial(tmp_path: Path
         run_probes(spec, {"features": resolve(str(tmp_path / "features"))}, resolve(str(tmp_path / "probes")))
     assert "\n" not in str(e.value) and "'cat_violance' is neither" in str(e.value)
     assert not (tmp_path / "probes").exists()
+
+
+def test_class_check_names_every_short_target() -> None:
+    from guardray.probes.cv import class_problem
+
+    assert class_problem({"harmful": (10, 12), "cat_x": (5, 5)}, 5) is None
+    problem = class_problem({"harmful": (10, 12), "response_unsafe": (2, 40), "cat_x": (9, 4)}, 5)
+    assert "\n" not in problem and "'response_unsafe' (has 2 true, 40 false)" in problem
+    assert "'cat_x' (has 9 true, 4 false)" in problem and "harmful" not in problem

@@ -165,17 +165,25 @@ def _check_classes(spec: JobSpec, features: Location, resolved: dict[str, Target
 
     count = ray.remote(num_cpus=0.5)(label_counts)
     counts = ray_get([count.remote(features, target) for target in resolved.values()])
-    folds = spec.probes.cv.folds
-    for name, (true, false) in zip(resolved, counts):
-        if min(true, false) < folds:
-            raise InputError(f"probes: the train split needs at least {folds} rows of each class of '{name}' "
-                             f"(has {true} true, {false} false)")
+    problem = class_problem(dict(zip(resolved, counts)), spec.probes.cv.folds)
+    if problem:
+        raise InputError(problem)
+
+
+def class_problem(counts: dict[str, tuple[int, int]], folds: int) -> str | None:
+    """One line naming every target whose train split has fewer than `folds` rows of a class, or None."""
+    short = [f"'{name}' (has {true} true, {false} false)" for name, (true, false) in counts.items()
+             if min(true, false) < folds]
+    if not short:
+        return None
+    return f"probes: the train split needs at least {folds} rows of each class of every target: {'; '.join(short)}"
 
 
 def best_configurations(results: pd.DataFrame, selection: str) -> pd.DataFrame:
-    """The best row per (target, feature) by the selection metric; ties go to the earlier trial."""
+    """The best row per (target, feature) by the selection metric (ties go to the earlier trial), in grid order:
+    targets as in the spec, then feature columns."""
     ranked = results.sort_values(selection, ascending=False, kind="stable")
-    return ranked.groupby(["target", "feature"], sort=False).head(1)
+    return ranked.groupby(["target", "feature"], sort=False).head(1).sort_values("trial_id")
 
 
 def run_probes(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dict[str, Any]:
