@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from guardray import targets
 from guardray.columns import batch_matrix, feature_schema, scan_batches
-from guardray.errors import StageError, ray_get
+from guardray.errors import InputError, StageError, ray_get
 from guardray.evaluate import (at_threshold, by_source, fpr_at_recall, score_metrics, threshold_for_recall,
                                threshold_sweep)
 from guardray.metrics import peak_rss_mb
@@ -602,5 +602,7 @@ def _save(fig: Any, path: Path) -> Path:
 def rerender(stage: Location) -> str:
     """Re-render report.md and plots from a finished report directory; returns the comparison tables."""
     report = stage.join("report.json").read_json()
+    if "targets" not in report:
+        raise InputError(f"{stage.uri}: report.json predates per-target reports; run the report stage again")
     render(report, stage)
     return "\n\n".join(f"{t}:\n{s['comparison_table']}" for t, s in _ordered(report))

@@ -5,6 +5,7 @@ feedback label derived from the response guard, a category label with nulls) in 
 section per target and the mined prompts. One test, so the suite pays for one Tune start and one Ray Train start."""
 from __future__ import annotations
 
+import json
 import sys
 import tracemalloc
 import types
@@ -103,7 +104,7 @@ def test_probes_and_report_stages_on_gcs_where_the_data_is(ray_local: None, gcs_
         t: f"{t}/act_last_L2-ridge" for t in TARGETS}
     for target, probe in summary["best_by_target"].items():  # each target picks its own best alpha
         of_column = results[(results["target"] == target) & (results["feature"] == "act_last_L2")]
-        assert probe["id"]["params"] == of_column.loc[of_column["roc_auc_mean"].idxmax(), "params"]
+        assert probe["id"]["params"] == json.loads(of_column.loc[of_column["roc_auc_mean"].idxmax(), "params"])
     loaded = {}
     for probe in summary["probes"]:
         identity = probe["id"]
