@@ -154,3 +154,14 @@ def test_class_check_names_every_short_target() -> None:
     problem = class_problem({"harmful": (10, 12), "response_unsafe": (2, 40), "cat_x": (9, 4)}, 5)
     assert "\n" not in problem and "'response_unsafe' (has 2 true, 40 false)" in problem
     assert "'cat_x' (has 9 true, 4 false)" in problem and "harmful" not in problem
+
+
+def test_torch_probe_rows_use_a_derived_target() -> None:
+    from guardray.probes.torch_probe import train_rows
+
+    table = pa.table({"split": ["train", "test", "train", "train"], "guard_response_score": [2.0, 2.0, None, -1.0],
+                      "f": pa.FixedSizeListArray.from_arrays(pa.array(np.arange(8, dtype=np.float16)), 2)})
+    unsafe = targets.resolve("response_unsafe", table.schema, FeedbackSpec())
+    rows = train_rows(table, "f", unsafe)  # the test row and the unjudged row are left out
+    np.testing.assert_array_equal(rows["x"], [[0, 1], [6, 7]])
+    np.testing.assert_array_equal(rows["y"], [1.0, 0.0])
