@@ -414,7 +414,8 @@ def comparison_markdown(section: dict[str, Any]) -> str:
     rows += [("probe " + name, entry["test"]) for name, entry in section["probes"].items()
              if entry["id"]["type"] == TORCH_PROBE_TYPE]
     if "guard" in section:
-        rows.append((f"guard {section['guard_scorer']}", section["guard"]["test"]))
+        guard = section["guard_scorer"]
+        rows.append(("guard" if guard == GUARD_SCORE else f"guard {guard}", section["guard"]["test"]))
     lines = ["| scorer | threshold | accuracy | precision | recall | precision@0.99 | ROC AUC | ROC AUC 95% CI | "
              "AP | recall@1% FPR |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in rows:
