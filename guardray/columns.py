@@ -1,7 +1,9 @@
 """The column contract between the features stage and the stages after it, and the one way to read it.
 
 The features stage writes `parts/part-*.parquet` with the columns in `META_COLUMNS`, the label columns, the guard
-score and one `act_<pooling>_L<layer>` column per activation (a fixed-size list of float16 or float32). The
+scores and one `act_<pooling>_L<layer>` column per activation (a fixed-size list of float16 or float32). A
+target's label is a column read as is or an expression over the guard scores (`guardray/targets.py`): either
+way it is projected and filtered in the scan. The
 probes and report stages never load that table whole: each worker reads ONE feature column (column projection),
 of one split (a pushed-down filter), straight into a preallocated float32 matrix, so a process holds one
 column's matrix whatever the number of columns or the size of the stage.
@@ -22,6 +24,10 @@ import pyarrow.dataset as pads
 from guardray.errors import InputError
 from guardray.shards import PARTS_DIR
 from guardray.storage import Location
+from guardray.targets import Target
+
+#: A target as resolved (`targets.resolve`), or the name of a label column read as is.
+TargetLike = Target | str
 
 META_COLUMNS = ["id", "harmful", "source", "split"]
 FEATURE_PREFIX = "act_"
@@ -89,57 +95,73 @@ class ColumnData:
     columns_read: tuple[str, ...] = ()
 
 
-def split_filter(target: str, split: str | None) -> pc.Expression:
+def as_target(target: TargetLike) -> Target:
+    return target if isinstance(target, Target) else Target.column(target)
+
+
+def split_filter(target: TargetLike, split: str | None) -> pc.Expression:
     """Rows with a known `target` label, of `split` when given."""
-    known = pc.field(target).is_valid()
+    known = as_target(target).valid()
     return known if split is None else known & (pc.field("split") == split)
 
 
-def _scan(dataset: pads.Dataset, column: str | None, target: str, split: str | None,
-          extra: Sequence[str]) -> tuple[pc.Expression, list[str], int, tuple[str, ...]]:
+@dataclass(frozen=True)
+class _Scan:
+    where: pc.Expression
+    projection: dict[str, pc.Expression]  # output name → expression: the label is computed in the scan
+    dim: int
+    filtered_on: tuple[str, ...]
+
+
+def _scan(dataset: pads.Dataset, column: str | None, target: Target, split: str | None,
+          extra: Sequence[str]) -> _Scan:
     if column is not None and column not in dataset.schema.names:
         raise InputError(f"feature column '{column}' not in the features stage")
-    projected = [c for c in (column, target, *extra) if c is not None]
+    projection = {c: pc.field(c) for c in (column, *extra) if c is not None}
+    projection = {**({column: projection.pop(column)} if column else {}), target.name: target.expression,
+                  **projection}
     dim = dataset.schema.field(column).type.list_size if column else 0
-    filtered_on = (target,) if split is None else (target, "split")
-    return split_filter(target, split), projected, dim, filtered_on
+    filtered_on = (*target.needs, *(() if split is None else ("split",)))
+    return _Scan(split_filter(target, split), projection, dim, filtered_on)
 
 
-def column_batches(stage: Location, column: str | None, target: str, split: str | None = "train",
+def column_batches(stage: Location, column: str | None, target: TargetLike, split: str | None = "train",
                    extra: Sequence[str] = ()) -> Iterator[ColumnData]:
     """Stream one column's labelled rows (of `split`, when given) as record batches of `READ_BATCH_ROWS`:
     a scorer keeps its scores and drops the features batch by batch. `x` keeps the stored dtype (float16)."""
-    dataset = parts_dataset(stage)
-    where, projected, dim, filtered_on = _scan(dataset, column, target, split, extra)
+    dataset, target = parts_dataset(stage), as_target(target)
+    scan = _scan(dataset, column, target, split, extra)
     # little read-ahead: the default (16 batches x 4 files) decodes far more than one batch at a time
-    for batch in dataset.to_batches(columns=projected, filter=where, batch_size=READ_BATCH_ROWS,
+    for batch in dataset.to_batches(columns=scan.projection, filter=scan.where, batch_size=READ_BATCH_ROWS,
                                     batch_readahead=2, fragment_readahead=1):
         if batch.num_rows:
-            yield _as_data(batch, column, target, dim, extra, filtered_on)
+            yield _as_data(batch, column, target, scan.dim, extra, scan.filtered_on)
 
 
-def _as_data(batch: pa.RecordBatch, column: str | None, target: str, dim: int, extra: Sequence[str],
+def _as_data(batch: pa.RecordBatch, column: str | None, target: Target, dim: int, extra: Sequence[str],
              filtered_on: tuple[str, ...]) -> ColumnData:
     n = batch.num_rows
-    touched = tuple(dict.fromkeys([*batch.schema.names, *filtered_on]))  # what the scan returned, and filtered on
+    # what the scan returned (a derived label stands for the columns it reads), and what it filtered on
+    returned = [c for name in batch.schema.names for c in (target.needs if name == target.name else (name,))]
+    touched = tuple(dict.fromkeys([*returned, *filtered_on]))
     x = (batch.column(column).flatten().to_numpy(zero_copy_only=False).reshape(n, dim) if column
          else np.empty((n, 0), np.float32))
-    y = batch.column(target).to_numpy(zero_copy_only=False).astype(bool)
+    y = batch.column(target.name).to_numpy(zero_copy_only=False).astype(bool)
     return ColumnData(x, y, {c: pa.chunked_array([batch.column(c)]) for c in extra}, touched)
 
 
-def read_column(stage: Location, column: str | None, target: str, split: str | None = "train",
+def read_column(stage: Location, column: str | None, target: TargetLike, split: str | None = "train",
                 extra: Sequence[str] = ()) -> ColumnData:
     """One column's labelled rows (of `split`, when given) in a preallocated float32 matrix.
 
     Memory: the matrix plus one record batch. `column=None` reads labels and `extra` only (the guard score).
     `columns_read` lists every column the scan touched (projection and filter), for tests and logs.
     """
-    dataset = parts_dataset(stage)
-    where, _, dim, _ = _scan(dataset, column, target, split, extra)
+    dataset, target = parts_dataset(stage), as_target(target)
+    scan = _scan(dataset, column, target, split, extra)
     touched: tuple[str, ...] = ()
-    rows = dataset.count_rows(filter=where)
-    x = np.empty((rows, dim), dtype=np.float32)
+    rows = dataset.count_rows(filter=scan.where)
+    x = np.empty((rows, scan.dim), dtype=np.float32)
     y = np.empty(rows, dtype=bool)
     extras: dict[str, list[pa.Array]] = {c: [] for c in extra}
     at = 0
@@ -155,7 +177,24 @@ def read_column(stage: Location, column: str | None, target: str, split: str | N
                       touched)
 
 
-def label_counts(stage: Location, target: str, split: str | None = "train") -> tuple[int, int]:
+def label_counts(stage: Location, target: TargetLike, split: str | None = "train") -> tuple[int, int]:
     """(true, false) counts of `target` in `split`, reading only the label and split columns."""
     data = read_column(stage, None, target, split)
     return int(data.y.sum()), int((~data.y).sum())
+
+
+def scan_batches(stage: Location, projection: dict[str, pc.Expression],
+                 where: pc.Expression | None = None) -> Iterator[pa.RecordBatch]:
+    """Every row (matching `where`) of the parts as record batches of `projection` (name → expression, so a
+    derived label is computed in the scan), in part order, with the same small read-ahead as `column_batches`."""
+    dataset = parts_dataset(stage)
+    for batch in dataset.to_batches(columns=projection, filter=where, batch_size=READ_BATCH_ROWS,
+                                    batch_readahead=2, fragment_readahead=1):
+        if batch.num_rows:
+            yield batch
+
+
+def batch_matrix(batch: pa.RecordBatch, column: str) -> np.ndarray:
+    """A fixed-size-list column of one record batch as a [rows, dim] array (stored dtype)."""
+    dim = batch.schema.field(column).type.list_size
+    return batch.column(column).flatten().to_numpy(zero_copy_only=False).reshape(batch.num_rows, dim)

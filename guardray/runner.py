@@ -101,9 +101,29 @@ def _report_stage(spec: JobSpec, inputs: dict[str, Location], out: Location) -> 
     return run_report(spec, inputs, out)
 
 
+def _feedback_key(spec: JobSpec, reads_feedback: bool) -> dict[str, Any]:
+    """The feedback thresholds, in the key of a stage whose labels they define (and only then: tuning them does
+    not invalidate a job that never reads a feedback label)."""
+    return {"feedback": spec.feedback.cache_payload()} if reads_feedback else {}
+
+
+def _probes_key(spec: JobSpec) -> dict[str, Any]:
+    from guardray.targets import uses_feedback
+
+    return {**spec.probes.cache_payload(), **_feedback_key(spec, uses_feedback(spec.probes.all_targets))}
+
+
 def _report_key(spec: JobSpec) -> dict[str, Any]:
-    # Scores come from the inputs; the report adds thresholds/metrics (evaluate), the label and the title.
-    return {"evaluate": spec.evaluate.cache_payload(), "target": spec.probes.target, "job": spec.name}
+    # Scores come from the inputs; the report adds thresholds/metrics (evaluate), the labels and the title; the
+    # feedback thresholds define the feedback labels and the mined prompts (whenever responses are judged).
+    # The category mapping picks the guard column a cat_<name> target is compared with.
+    from guardray.targets import CATEGORY_PREFIX, category_codes, uses_feedback
+
+    names = spec.probes.all_targets
+    reads_feedback = uses_feedback(names) or spec.judges_responses
+    categories = {"category_codes": category_codes(spec)} if any(t.startswith(CATEGORY_PREFIX) for t in names) else {}
+    return {"evaluate": spec.evaluate.cache_payload(), "targets": list(names), "job": spec.name,
+            **_feedback_key(spec, reads_feedback), **categories}
 
 
 STAGES: dict[str, Stage] = {
@@ -112,7 +132,7 @@ STAGES: dict[str, Stage] = {
                        enabled=_generates),
     "features": Stage("features", lambda s: (_prompts_from(s),), _features_key, _features_stage, needs_ray=True,
                       resumable=True),
-    "probes": Stage("probes", ("features",), lambda s: s.probes.cache_payload(), _probes_stage, needs_ray=True),
+    "probes": Stage("probes", ("features",), _probes_key, _probes_stage, needs_ray=True),
     "report": Stage("report", lambda s: ("features", "probes", *(("responses",) if _generates(s) else ())),
                     _report_key, _report_stage, needs_ray=True),
 }

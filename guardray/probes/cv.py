@@ -1,5 +1,7 @@
 """The probes stage: a grid of (feature column × probe type × hyper-parameters), cross-validated in parallel
-with Ray Tune, then the best configuration per feature column refit on the whole train split.
+with Ray Tune, then the best configuration per feature column refit on the whole train split. With several
+`probes.targets`, each target has its own grid in the same Tune run (the trial's config names its target) and its
+own refits; artifacts live under `artifacts/<target>/<feature>-<type>/`.
 
 Work goes where the data is. The driver reads the parts' schema (a footer) and holds configurations and metrics,
 never a feature matrix. Each Tune trial reads only its own feature column of the train split straight from the
@@ -25,6 +27,7 @@ import pyarrow as pa
 from sklearn import metrics
 from sklearn.model_selection import StratifiedKFold
 
+from guardray import targets
 from guardray.columns import ColumnData, feature_dims, feature_schema, label_counts, read_column
 from guardray.errors import InputError, StageError, one_line, ray_get
 from guardray.evaluate import recall_at_fpr
@@ -33,21 +36,23 @@ from guardray.probes import artifact
 from guardray.probes.registry import ProbeId, build_probe, grid_points, probe_scores
 from guardray.spec import JobSpec, ProbesSpec
 from guardray.storage import Location, resolve
+from guardray.targets import Target
 
 log = logging.getLogger(__name__)
 
 CV_METRICS = ("roc_auc", "average_precision", "recall_at_fpr")
 
 
-def expand_grid(spec: ProbesSpec, feature_columns: list[str]) -> list[dict[str, Any]]:
-    """Every (feature, probe type, preprocessing, params) combination, grouped by feature column so that the
-    trials reading one column run one after the other."""
+def expand_grid(spec: ProbesSpec, feature_columns: list[str], targets: list[str] | None = None) -> list[dict[str, Any]]:
+    """Every (target, feature, probe type, preprocessing, params) combination, grouped by (target, feature) so
+    that the trials reading one column's rows for one target run one after the other."""
     configs = []
-    for feature in feature_columns:
-        for entry in spec.grid:
-            for params in grid_points(entry.params):
-                configs.append({"feature": feature, "type": entry.type, "preprocessing": entry.preprocessing,
-                                "params": params})
+    for target in targets if targets is not None else spec.all_targets:
+        for feature in feature_columns:
+            for entry in spec.grid:
+                for params in grid_points(entry.params):
+                    configs.append({"target": target, "feature": feature, "type": entry.type,
+                                    "preprocessing": entry.preprocessing, "params": params})
     return configs
 
 
@@ -77,35 +82,39 @@ def cross_validate(config: dict[str, Any], x: np.ndarray, y: np.ndarray, folds: 
 _last_column: dict[tuple[str, str, str], ColumnData] = {}
 
 
-def train_column(stage_uri: str, feature: str, target: str) -> ColumnData:
-    """The train split of one feature column, read on this worker (or kept from its previous trial)."""
-    key = (stage_uri, feature, target)
+def train_column(stage_uri: str, feature: str, target: Target) -> ColumnData:
+    """The train split of one feature column, rows with a known `target` label, read on this worker (or kept
+    from its previous trial). The key holds the label's expression: other thresholds are other rows."""
+    key = (stage_uri, feature, f"{target.name}:{target.expression}")
     if key not in _last_column:
         _last_column.clear()  # drop the previous column before reading the next
         _last_column[key] = read_column(resolve(stage_uri), feature, target, "train")
     return _last_column[key]
 
 
-def _trial(config: dict[str, Any], stage_uri: str, target: str, folds: int, seed: int, max_fpr: float) -> None:
+def _trial(config: dict[str, Any], stage_uri: str, targets: dict[str, Target], folds: int, seed: int,
+           max_fpr: float) -> None:
     from ray import tune
 
     trial = config["trial"]
     started = time.time()
-    data = train_column(stage_uri, trial["feature"], target)
+    data = train_column(stage_uri, trial["feature"], targets[trial["target"]])
     result = cross_validate(trial, data.x, data.y, folds, seed, max_fpr)
     tune.report({**result, "trial_id": trial["id"], "trial_start": started, "trial_end": time.time(),
                  "columns_read": ",".join(data.columns_read), "train_rows": len(data.y), "peak_rss_mb": peak_rss_mb(),
                  "pid": os.getpid()})
 
 
-def run_grid(spec: ProbesSpec, features: Location, configs: list[dict[str, Any]]) -> pd.DataFrame:
-    """One Ray Tune trial per configuration, `max_concurrent_trials` at a time; the trials read their own data."""
+def run_grid(spec: ProbesSpec, features: Location, configs: list[dict[str, Any]],
+             targets: dict[str, Target]) -> pd.DataFrame:
+    """One Ray Tune trial per configuration (all targets in one run), `max_concurrent_trials` at a time; the
+    trials read their own data."""
     import ray
     from ray import tune
 
     for i, config in enumerate(configs):
         config["id"] = i
-    trainable = tune.with_parameters(_trial, stage_uri=features.uri, target=spec.target, folds=spec.cv.folds,
+    trainable = tune.with_parameters(_trial, stage_uri=features.uri, targets=targets, folds=spec.cv.folds,
                                      seed=spec.cv.seed, max_fpr=spec.cv.max_fpr)
     trainable = tune.with_resources(trainable, {"cpu": spec.cpus_per_trial})
     concurrency = spec.max_concurrent_trials or max(1, int(ray.cluster_resources().get("CPU", 1) // spec.cpus_per_trial))
@@ -125,7 +134,7 @@ def run_grid(spec: ProbesSpec, features: Location, configs: list[dict[str, Any]]
                 raise cause
             raise StageError(f"probe trial {result.config['trial']} failed: {one_line(result.error, 500)}")
         trial, m = result.config["trial"], result.metrics
-        rows.append({"trial_id": trial["id"], "feature": trial["feature"], "type": trial["type"],
+        rows.append({"trial_id": trial["id"], "target": trial["target"], "feature": trial["feature"], "type": trial["type"],
                      "preprocessing": trial["preprocessing"], "params": trial["params"],
                      **{k: v for k, v in m.items() if k.endswith(("_mean", "_std")) or k == "fit_seconds"},
                      **{k: m.get(k) for k in ("trial_start", "trial_end", "columns_read", "train_rows",
@@ -135,12 +144,7 @@ def run_grid(spec: ProbesSpec, features: Location, configs: list[dict[str, Any]]
 
 def feature_columns(spec: JobSpec, features: Location) -> dict[str, int]:
     """{feature column: width} to probe, from the parts' schema (no rows read); bad names fail with one line."""
-    schema = feature_schema(features)
-    target = spec.probes.target
-    if target not in schema.names:
-        labels = [f.name for f in schema if f.type == pa.bool_() and f.name != "truncated"]
-        raise InputError(f"probes.target: column '{target}' not in the features; labels are: {', '.join(labels)}")
-    dims = feature_dims(schema)
+    dims = feature_dims(feature_schema(features))
     if spec.probes.features:
         unknown = sorted(set(spec.probes.features) - set(dims))
         if unknown:
@@ -149,37 +153,67 @@ def feature_columns(spec: JobSpec, features: Location) -> dict[str, int]:
     return dims
 
 
-def _check_classes(spec: JobSpec, features: Location) -> None:
-    """Enough rows of each class for the folds; counted in a Ray task (it reads every row's label)."""
+def resolve_targets(spec: JobSpec, features: Location) -> dict[str, Target]:
+    """Each of `probes.targets` as a label expression over the parts (schema only); one line for a bad name."""
+    return targets.resolve_all(spec.probes.all_targets, feature_schema(features), spec.feedback)
+
+
+def _check_classes(spec: JobSpec, features: Location, resolved: dict[str, Target]) -> None:
+    """Enough rows of each class of every target for the folds; counted in Ray tasks (they read every row's
+    label), one per target."""
     import ray
 
-    true, false = ray_get(ray.remote(num_cpus=0.5)(label_counts).remote(features, spec.probes.target))
-    if min(true, false) < spec.probes.cv.folds:
-        raise InputError(f"probes: the train split needs at least {spec.probes.cv.folds} rows of each class "
-                         f"of '{spec.probes.target}' (has {true} true, {false} false)")
+    count = ray.remote(num_cpus=0.5)(label_counts)
+    counts = ray_get([count.remote(features, target) for target in resolved.values()])
+    problem = class_problem(dict(zip(resolved, counts)), spec.probes.cv.folds)
+    if problem:
+        raise InputError(problem)
+
+
+def class_problem(counts: dict[str, tuple[int, int]], folds: int) -> str | None:
+    """One line naming every target whose train split has fewer than `folds` rows of a class, or None."""
+    short = [f"'{name}' (has {true} true, {false} false)" for name, (true, false) in counts.items()
+             if min(true, false) < folds]
+    if not short:
+        return None
+    return f"probes: the train split needs at least {folds} rows of each class of every target: {'; '.join(short)}"
+
+
+def best_configurations(results: pd.DataFrame, selection: str) -> pd.DataFrame:
+    """The best row per (target, feature) by the selection metric (ties go to the earlier trial), in grid order:
+    targets as in the spec, then feature columns."""
+    ranked = results.sort_values(selection, ascending=False, kind="stable")
+    return ranked.groupby(["target", "feature"], sort=False).head(1).sort_values("trial_id")
 
 
 def run_probes(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dict[str, Any]:
-    """The probes stage: CV grid with Tune, refit the best per feature column where the data is, save artifacts."""
+    """The probes stage: CV grid with Tune, refit the best per (target, feature column) where the data is, save
+    artifacts."""
     features = inputs["features"]
     dims = feature_columns(spec, features)
-    _check_classes(spec, features)
-    configs = expand_grid(spec.probes, list(dims))
-    log.info("probes: %d configurations x %d folds over %d feature columns", len(configs), spec.probes.cv.folds,
-             len(dims))
-    results = run_grid(spec.probes, features, configs)
+    resolved = resolve_targets(spec, features)
+    _check_classes(spec, features, resolved)
+    configs = expand_grid(spec.probes, list(dims), list(resolved))
+    log.info("probes: %d configurations x %d folds over %d feature columns and %d targets", len(configs),
+             spec.probes.cv.folds, len(dims), len(resolved))
+    results = run_grid(spec.probes, features, configs, resolved)
     write_cv_results(results, out)
     selection = f"{spec.probes.cv.metric}_mean"
-    best_per_feature = results.sort_values(selection, ascending=False, kind="stable").groupby("feature", sort=False).head(1)
-    best = [ProbeId(r.feature, r.type, r.preprocessing, r.params) for r in best_per_feature.itertuples()]
-    cv_score = dict(zip(best_per_feature["feature"], best_per_feature[selection]))
-    saved = refit_all(spec, features, out, best, {p.feature: {selection: cv_score[p.feature]} for p in best})
+    chosen = best_configurations(results, selection)
+    best = [ProbeId(r.feature, r.type, r.preprocessing, r.params, r.target) for r in chosen.itertuples()]
+    cv_score = {p.name: {selection: float(score)} for p, score in zip(best, chosen[selection])}
+    saved = refit_all(spec, features, out, best, cv_score, resolved)
     for probe in saved:
-        probe[selection] = cv_score[probe["id"]["feature"]]
-    if spec.probes.torch_probe.enabled:
-        saved.append(_torch_probe(spec, features, dims, best[0].feature, out))
-    return {"configurations": len(configs), "selection_metric": selection, "best": saved[0], "probes": saved,
-            "train_rows": int(results["train_rows"].iloc[0]),
+        probe[selection] = cv_score[probe["name"]][selection]
+    best_by_target = {t: next(p for p in saved if p["id"]["target"] == t) for t in resolved}
+    first = next(iter(resolved))
+    if spec.probes.torch_probe.enabled:  # on the first target only
+        saved.append(_torch_probe(spec, features, dims, best_by_target[first]["id"]["feature"], out,
+                                  resolved[first]))
+    train_rows = results.groupby("target", sort=False)["train_rows"].first()
+    return {"configurations": len(configs), "selection_metric": selection, "targets": list(resolved),
+            "best": best_by_target[first], "best_by_target": best_by_target, "probes": saved,
+            "train_rows": int(train_rows[first]), "train_rows_by_target": {t: int(n) for t, n in train_rows.items()},
             "trial_peak_rss_mb": _max(results["peak_rss_mb"]),
             "refit_peak_rss_mb": _max(pd.Series([p.pop("peak_rss_mb") for p in saved if "peak_rss_mb" in p]))}
 
@@ -197,19 +231,20 @@ def write_cv_results(results: pd.DataFrame, out: Location) -> None:
 
 
 def refit_all(spec: JobSpec, features: Location, out: Location, best: list[ProbeId],
-              cv: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
-    """One Ray task per feature column: read the column, refit its best configuration, write the artifact."""
+              cv: dict[str, dict[str, float]], resolved: dict[str, Target]) -> list[dict[str, Any]]:
+    """One Ray task per (target, feature column): read the column, refit its best configuration, write the
+    artifact."""
     import ray
 
     task = ray.remote(num_cpus=spec.probes.cpus_per_trial, max_retries=1)(refit_and_save)
-    futures = [task.remote(spec, features, out, probe, cv[probe.feature]) for probe in best]
+    futures = [task.remote(spec, features, out, probe, cv[probe.name], resolved[probe.target]) for probe in best]
     return ray_get(futures)
 
 
 def refit_and_save(spec: JobSpec, features: Location, out: Location, probe: ProbeId,
-                   cv: dict[str, float]) -> dict[str, Any]:
+                   cv: dict[str, float], target: Target) -> dict[str, Any]:
     """Runs on a worker: fit `probe` on the whole train split of its column and store the artifact."""
-    data = read_column(features, probe.feature, spec.probes.target, "train")
+    data = read_column(features, probe.feature, target, "train")
     pipeline = build_probe(probe.type, probe.preprocessing, probe.params, spec.probes.cv.seed).fit(data.x, data.y)
     meta = {**probe_meta(spec, probe), "cv": cv}
     store_artifact(out, probe.name, lambda directory: artifact.save(pipeline, meta, directory))
@@ -217,18 +252,19 @@ def refit_and_save(spec: JobSpec, features: Location, out: Location, probe: Prob
 
 
 def _torch_probe(spec: JobSpec, features: Location, dims: dict[str, int], best_feature: str,
-                 out: Location) -> dict[str, Any]:
-    """Train the torch probe with Ray Train on the configured feature (default: the best CV feature)."""
+                 out: Location, target: Target) -> dict[str, Any]:
+    """Train the torch probe with Ray Train on the configured feature (default: the best CV feature), for the
+    first target only: one Ray Train run per target would multiply the stage's longest step."""
     from guardray.probes.torch_probe import TORCH_PROBE_TYPE, train_torch_probe
 
     config = spec.probes.torch_probe
     feature = config.feature or best_feature
     if feature not in dims:
         raise InputError(f"probes.torch_probe.feature: '{feature}' not extracted; available: {', '.join(dims)}")
-    fitted = train_torch_probe(config, features, feature, spec.probes.target, out.join("torch_train"),
+    fitted = train_torch_probe(config, features, feature, target, out.join("torch_train"),
                                seed=spec.probes.cv.seed)
     params = config.model_dump(include={"workers", "epochs", "lr", "weight_decay", "batch_size"})
-    probe = ProbeId(feature, TORCH_PROBE_TYPE, "standardize", params)
+    probe = ProbeId(feature, TORCH_PROBE_TYPE, "standardize", params, target.name)
     meta = {**probe_meta(spec, probe), "history": fitted["history"], "use_gpu": fitted["use_gpu"]}
     store_artifact(out, probe.name, lambda directory: artifact.save_linear(
         directory, meta, fitted["weight"], fitted["bias"], fitted["mean"], fitted["scale"]))
@@ -245,9 +281,11 @@ def store_artifact(out: Location, name: str, write: Callable[[Path], None]) -> N
 
 
 def probe_meta(spec: JobSpec, probe: ProbeId) -> dict[str, Any]:
-    """What a serving system needs besides the weights: where the features come from and how prompts render."""
+    """What a serving system needs besides the weights: where the features come from, how prompts render, and
+    for a feedback target the thresholds that defined its label."""
     return {
-        **probe.to_dict(), "target": spec.probes.target,
+        **probe.to_dict(),
+        **({"feedback": spec.feedback.cache_payload()} if targets.is_feedback(probe.target) else {}),
         "chat_model": spec.model.id, "rendering": spec.model.model_dump(
             include={"chat_template", "system_prompt", "max_length", "truncation"}),
         "threshold": spec.evaluate.probe_threshold,

@@ -46,25 +46,29 @@ PREPROCESSING: dict[str, Callable[[], Any]] = {
 
 @dataclass(frozen=True)
 class ProbeId:
-    """What a probe is: its feature column, type, preprocessing and hyper-parameters. Results, artifacts and the
-    report carry this structure (`to_dict`), so no code parses a probe's name back into its parts."""
+    """What a probe is: the target it predicts, its feature column, type, preprocessing and hyper-parameters.
+    Results, artifacts and the report carry this structure (`to_dict`), so no code parses a probe's name back
+    into its parts."""
 
     feature: str
     type: str
     preprocessing: str
     params: dict[str, Any]
+    target: str = "harmful"
 
     @property
     def name(self) -> str:
-        """The artifact directory: one best probe of each type per feature column."""
-        return f"{self.feature}-{self.type}"
+        """`<target>/<feature>-<type>`: the artifact directory under `artifacts/` and the scorer's name, one best
+        probe of each type per (target, feature column)."""
+        return f"{self.target}/{self.feature}-{self.type}"
 
     def to_dict(self) -> dict[str, Any]:
         from guardray.columns import FeatureName
 
         column = FeatureName.parse(self.feature)
-        return {"name": self.name, "feature": self.feature, "layer": column.layer, "pooling": column.pooling,
-                "type": self.type, "preprocessing": self.preprocessing, "params": dict(self.params)}
+        return {"name": self.name, "target": self.target, "feature": self.feature, "layer": column.layer,
+                "pooling": column.pooling, "type": self.type, "preprocessing": self.preprocessing,
+                "params": dict(self.params)}
 
 
 def check_probe_type(probe_type: str) -> None:

@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 
-from guardray.columns import feature_dims, feature_schema, labelled, matrix, parts_dataset
+from guardray.columns import TargetLike, as_target, feature_dims, feature_schema, matrix, parts_dataset, split_filter
 from guardray.shards import PARTS_DIR
 from guardray.accelerators import gpu_capacity
 from guardray.spec import TorchProbeSpec
@@ -30,19 +31,25 @@ TORCH_PROBE_TYPE = "torch_logistic_regression"
 CHECKPOINT_FILE = "probe.pt"
 
 
-def train_rows(batch: pa.Table, column: str, target: str) -> dict[str, np.ndarray]:
-    """A parquet batch → {"x": float32 [rows, dim], "y": float32 [rows]} for the train split only."""
-    train = labelled(batch.filter(pc.equal(batch.column("split"), "train")), target)
-    return {"x": matrix(train, column), "y": np.asarray(train.column(target).to_pylist(), dtype=np.float32)}
+def train_rows(batch: pa.Table, column: str, target: TargetLike) -> dict[str, np.ndarray]:
+    """A parquet batch → {"x": float32 [rows, dim], "y": float32 [rows]} for the train split's rows with a known
+    label (a derived label is computed by the same Arrow expression the other readers use)."""
+    target = as_target(target)
+    train = pads.dataset(batch).to_table(columns={column: pc.field(column), "y": target.expression},
+                                         filter=split_filter(target, "train"))
+    return {"x": matrix(train, column), "y": np.asarray(train.column("y").to_pylist(), dtype=np.float32)}
 
 
-def train_dataset(features: Location, column: str, target: str) -> Any:
-    """The features stage's parts as a lazy Ray Dataset of train rows: read tasks project the three columns and
-    stream blocks to the training workers, each epoch; nothing is loaded on the driver or materialised whole."""
+def train_dataset(features: Location, column: str, target: TargetLike) -> Any:
+    """The features stage's parts as a lazy Ray Dataset of train rows: read tasks project the feature column, the
+    columns the label reads and the split, and stream blocks to the training workers, each epoch; nothing is
+    loaded on the driver or materialised whole."""
     import ray
 
+    target = as_target(target)
     parts = features.join(PARTS_DIR)
-    dataset = ray.data.read_parquet(parts.path, filesystem=parts.fs).select_columns([column, target, "split"])
+    needed = list(dict.fromkeys([column, *target.needs, "split"]))
+    dataset = ray.data.read_parquet(parts.path, filesystem=parts.fs).select_columns(needed)
     return dataset.map_batches(train_rows, batch_format="pyarrow", fn_kwargs={"column": column, "target": target})
 
 
@@ -157,7 +164,7 @@ def train_loop(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=saved)
 
 
-def train_torch_probe(spec: TorchProbeSpec, features: Location, column: str, target: str,
+def train_torch_probe(spec: TorchProbeSpec, features: Location, column: str, target: TargetLike,
                       storage: Location, seed: int = 0) -> dict[str, Any]:
     """Fit the probe with a TorchTrainer; returns its linear parameters and the per-epoch history.
 
