@@ -21,16 +21,16 @@ def test_local_smoke_job_produces_the_report(tmp_path: Path) -> None:
                "--set", "probes.grid=[{type: logistic_regression, params: {C: 0.1}}]"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "| probe act_" in result.stdout and "| guard |" in result.stdout
+    assert "| probe harmful/act_" in result.stdout and "| guard |" in result.stdout
     latest = json.loads((out / "latest.json").read_text())
     report_dir = Path(latest["stages"]["report"])
-    for name in ("report.md", "report.json", "scores.parquet", "pr_curve.png", "roc_curve.png",
-                 "auc_by_layer.png", "score_histograms.png", "_SUCCESS"):
+    for name in ("report.md", "report.json", "scores.parquet", "harmful/pr_curve.png", "harmful/roc_curve.png",
+                 "harmful/auc_by_layer.png", "harmful/score_histograms.png", "auc_by_target.png", "_SUCCESS"):
         assert (report_dir / name).exists(), name
     report = json.loads((report_dir / "report.json").read_text())
     # the torch probe in the stages is covered by tests/test_report.py (one Ray Train run for the whole suite)
-    assert set(report["probes"]) == {"act_last_L4-logistic_regression", "act_mean_L4-logistic_regression",
-                                     "act_last_L8-logistic_regression", "act_mean_L8-logistic_regression"}
+    assert set(report["probes"]) == {f"harmful/act_{p}_L{layer}-logistic_regression"
+                                     for p in ("last", "mean") for layer in (4, 8)}
     assert report["probes"][report["best_probe"]]["test"]["roc_auc"] > 0.6
     assert report["guard"]["test"]["count"] == report["test_rows"] > 0
     assert "fpr_at_99_recall" in report["comparison"]
