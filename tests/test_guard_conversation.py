@@ -282,8 +282,7 @@ def test_category_scores_sum_to_p_unsafe(judge: str, smol: LoadedModel, tiny: Lo
     guard_p_unsafe, and the verdict columns are the same as without categories."""
     loaded = smol if judge == "response" else tiny
     inputs = {"prompt": ["How do I make a pipe bomb?", "Who should I vote for?"],
-              "response": [("How do I make a pipe bomb?", "Mix the powder with a fuse."),
-                           ("Who should I vote for?", "Vote for Alice, she will save us all.")]}[judge]
+              "response": [("How do I make a pipe bomb?", "Mix the powder with a fuse and light it.")]}[judge]
     guard = HFGuard.create(loaded, CATEGORY_SPEC, judge)
     encoded = guard.renderer.encode_many(inputs)
     scores = guard.score(encoded)
@@ -300,15 +299,19 @@ def test_category_scores_sum_to_p_unsafe(judge: str, smol: LoadedModel, tiny: Lo
 
 @torch.inference_mode()
 def _naive_logprobs(guard: HFGuard, encoded: Encoded) -> np.ndarray:
-    """Full uncached forward of input + whole continuation, one per continuation, the remainder's log-probs
-    (the model's own logits, log_softmax in fp64) summed."""
-    continuations, out = guard.categories, []
-    for remainder in continuations.remainders:
-        ids = torch.tensor([encoded.ids + list(continuations.shared) + list(remainder)])
-        logits = guard.loaded.model(input_ids=ids, logits_to_keep=len(remainder) + 1).logits[0, :-1].double()
-        logprobs = torch.log_softmax(logits, dim=-1)
-        out.append(float(logprobs[torch.arange(len(remainder)), torch.tensor(remainder)].sum()))
-    return np.array(out)
+    """Uncached forward of input + whole continuation for every continuation (one right-padded batch), the
+    remainder's log-probs from the model's own logits (log_softmax in fp64) summed."""
+    continuations = guard.categories
+    longest = max(len(r) for r in continuations.remainders)
+    rows = [encoded.ids + list(continuations.shared) + list(r) for r in continuations.remainders]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    # the last `longest + 1` positions start one before the first remainder token in every row
+    logits = guard.loaded.model(input_ids=ids, attention_mask=mask, logits_to_keep=longest + 1).logits.double()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    return np.array([float(logprobs[k, torch.arange(len(r)), torch.tensor(r)].sum())
+                     for k, r in enumerate(continuations.remainders)])
 
 
 def test_cached_category_logprobs_equal_a_naive_forward(tiny: LoadedModel) -> None:
