@@ -43,7 +43,8 @@ class CategoryContinuations:
         sequences, code_of = [], []
         for index, code in enumerate(codes):
             stem = label + "\n" + code
-            for ids in [_ids(tokenizer, stem + t) for t in TERMINATOR_TEXTS] + [_ids(tokenizer, stem) + [e] for e in enders]:
+            ended = [_ids(tokenizer, stem + t) for t in TERMINATOR_TEXTS] + [_ids(tokenizer, stem) + [e] for e in enders]
+            for ids in ended:
                 if ids[0] != unsafe_id:
                     raise InputError(f"guard.categories: {stem!r} does not tokenise to the unsafe label's token "
                                      f"{unsafe_id} first ({ids[:3]}...): this tokenizer cannot force the categories")
@@ -61,7 +62,8 @@ class CategoryContinuations:
         return all(len(r) == 1 for r in self.remainders)
 
     def columns(self, logprobs: np.ndarray, p_unsafe: np.ndarray) -> dict[str, np.ndarray]:
-        """(rows, sequences) log-probabilities of the remainders → {guard_cat_<code>: P(code | unsafe) × P(unsafe)}."""
+        """(rows, sequences) log-probabilities of the remainders → {guard_cat_<code>: P(code | unsafe) ×
+        P(unsafe)}."""
         per_code = np.stack([_logsumexp(logprobs[:, [s for s, c in enumerate(self.code_of) if c == i]])
                              for i in range(len(self.codes))], axis=1)
         conditional = np.exp(per_code - _logsumexp(per_code)[:, None])
