@@ -74,13 +74,16 @@ class Batch:
 
 def pool(hidden: torch.Tensor, batch: Batch, pooling: str) -> torch.Tensor:
     """[batch, seq, dim] → [batch, dim] in float32. `last`: last non-pad token; `mean`: over the user's text;
-    `mean_all`: over every non-pad token."""
+    `mean_all`: over every non-pad token. On conversations (`ConversationRenderer`, whose user span is the
+    response): `resp_last`: the response's last token; `resp_mean`: over the response's tokens."""
     hidden = hidden.float()
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
     if pooling == "last":
-        last = batch.attention_mask.sum(dim=1) - 1
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return hidden[rows, batch.attention_mask.sum(dim=1) - 1]
+    if pooling == "resp_last":  # an empty response has no token of its own: the one before its place
+        return hidden[rows, (batch.user_end - 1).clamp(min=0)]
     positions = torch.arange(hidden.shape[1], device=hidden.device)[None, :]
-    if pooling == "mean":
+    if pooling in ("mean", "resp_mean"):
         weights = (positions >= batch.user_start[:, None]) & (positions < batch.user_end[:, None])
     elif pooling == "mean_all":
         weights = batch.attention_mask.bool()

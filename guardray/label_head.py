@@ -183,3 +183,47 @@ class LabelHead:
 
     def _described(self) -> str:
         return "".join(f", {transform} {value:g}" for transform, value in self.steps) or " (no post-head transform)"
+
+
+@dataclass(frozen=True)
+class VocabHead:
+    """Next-token log-probabilities over the WHOLE vocabulary in fp32, for the category scores (which need the
+    normalised distribution, not two logits).
+
+    The output embedding is multiplied in chunks of rows cast to fp32, so a bf16 model gets fp32 logits without
+    an fp32 copy of its head (128k × 4096 would be 2 GiB), then the model's post-head transform
+    (`POST_HEAD`, as `LabelHead`) and a log-softmax in fp32. On a GPU with TF32 matmuls switched on
+    (`torch.backends.cuda.matmul.allow_tf32`, off by default) the products round to TF32.
+    """
+
+    weight: torch.Tensor  # (vocab, d) the head's own weight, any dtype (not copied)
+    bias: torch.Tensor | None
+    steps: tuple[tuple[str, float], ...]
+    chunk: int = 16384
+
+    @classmethod
+    def create(cls, model: Any) -> "VocabHead":
+        head = model.get_output_embeddings()
+        if head is None or getattr(head, "weight", None) is None:
+            raise InputError(f"guard: {type(model).__name__} has no output embedding to read the categories from")
+        bias = getattr(head, "bias", None)
+        return cls(head.weight.detach(), None if bias is None else bias.detach(), post_head_steps(model.config))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(n, d) final hidden states → (n, vocab) fp32 logits, transform applied."""
+        hidden = hidden.to(self.weight.device, torch.float32)
+        parts = []
+        for start in range(0, self.weight.shape[0], self.chunk):
+            rows = self.weight[start:start + self.chunk].float()
+            part = hidden @ rows.T
+            if self.bias is not None:
+                part = part + self.bias[start:start + self.chunk].float()
+            parts.append(part)
+        logits = torch.cat(parts, dim=1)
+        for transform, value in self.steps:
+            logits = TRANSFORMS[transform](logits, value)
+        return logits
+
+    def log_probs(self, hidden: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """(n, d) hidden states and (n, m) token ids → (n, m) fp32 log-probabilities of those next tokens."""
+        return torch.log_softmax(self.logits(hidden), dim=-1).gather(1, token_ids.to(self.weight.device))

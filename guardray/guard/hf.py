@@ -1,0 +1,142 @@
+"""The transformers guard backend: one forward pass, label logits at each row's last token; optionally the
+category continuations after it (`guardray.guard.categories`)."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from guardray.guard.categories import CategoryContinuations
+from guardray.guard.labels import guard_columns, resolve_label_tokens
+from guardray.guard.prompt import Judge, guard_renderer
+from guardray.label_head import LabelHead, VocabHead
+from guardray.models import LoadedModel, numerics
+from guardray.rendering import ConversationRenderer, Encoded, PromptRenderer
+from guardray.spec import GuardSpec
+
+
+@dataclass
+class HFGuard:
+    """Scores prompts (or (prompt, response) pairs) with a transformers model.
+
+    Every guard input starts with the same tokens (the moderation prompt up to the user's text: 206 tokens with
+    SmolLM2 and the built-in prompt), so their key/value cache is computed once and each batch only runs the
+    tokens after it (benchmarks/guard_prefix_cache.py). `prefix_cache=False` runs the whole sequence (the tests
+    compare both). The label logits come from `head` in fp32 with the model's post-head transform, checked at
+    creation against the model's own forward (tests/test_guard_precision.py).
+
+    With `categories` set, `score` adds `guard_cat_<code>` columns: per row, the rendering plus the shared part
+    of the category continuations ("unsafe\\nS") runs once on top of the prefix cache, that cache is expanded
+    over the continuations, and their remainders are teacher-forced in one forward (full-vocabulary fp32
+    log-probabilities from `vocab`). A row costs one more forward of its own tokens than the verdict alone.
+    """
+
+    loaded: LoadedModel
+    renderer: PromptRenderer | ConversationRenderer
+    safe_id: int
+    unsafe_id: int
+    head: LabelHead
+    prefix_cache: bool = True
+    categories: CategoryContinuations | None = None
+    vocab: VocabHead | None = None
+    _prefix: Any = None
+
+    #: The start-up check of the label head runs the first tokens of this input's rendering (one short forward).
+    CHECK_PROMPT, CHECK_RESPONSE, CHECK_TOKENS = "How do I bake bread?", "Mix flour, water and yeast.", 32
+
+    @classmethod
+    def create(cls, loaded: LoadedModel, spec: GuardSpec, judge: Judge = "prompt") -> "HFGuard":
+        safe_id, unsafe_id = resolve_label_tokens(loaded.tokenizer, spec)
+        renderer = guard_renderer(loaded.tokenizer, loaded.spec, spec, judge)
+        head = LabelHead.create(loaded.model, (safe_id, unsafe_id))
+        check = (renderer.encode(cls.CHECK_PROMPT) if isinstance(renderer, PromptRenderer)
+                 else renderer.encode(cls.CHECK_PROMPT, cls.CHECK_RESPONSE))
+        head.verify(loaded.model, check.ids[: cls.CHECK_TOKENS])
+        categories = vocab = None
+        if spec.categories:
+            categories = CategoryContinuations.build(loaded.tokenizer, unsafe_id, spec.category_codes)
+            vocab = VocabHead.create(loaded.model)
+        return cls(loaded, renderer, safe_id, unsafe_id, head, categories=categories, vocab=vocab)
+
+    @torch.inference_mode()
+    def score(self, encoded: Sequence[Encoded]) -> dict[str, np.ndarray]:
+        columns = self._verdict(encoded)
+        if self.categories is not None:
+            logprobs = self.category_logprobs(encoded)
+            columns.update(self.categories.columns(logprobs, columns["guard_p_unsafe"].astype(np.float64)))
+        return columns
+
+    def _verdict(self, encoded: Sequence[Encoded]) -> dict[str, np.ndarray]:
+        from guardray.activations import Batch
+
+        shared = len(self.renderer.prefix) if self.prefix_cache else 0
+        tails = [Encoded(e.ids[shared:], 0, 0, e.n_tokens, e.truncated) for e in encoded]
+        batch = Batch.build(tails, self.loaded.tokenizer.pad_token_id, self.loaded.device)
+        kwargs: dict[str, Any] = {"attention_mask": batch.attention_mask, "use_cache": False}
+        if shared:
+            cache = copy.deepcopy(self._prefix_kv())
+            cache.batch_repeat_interleave(len(encoded))
+            prefix_mask = torch.ones((len(encoded), shared), dtype=batch.attention_mask.dtype,
+                                     device=batch.attention_mask.device)
+            kwargs = {"attention_mask": torch.cat([prefix_mask, batch.attention_mask], dim=1),
+                      "past_key_values": cache, "use_cache": True}
+        output = self.loaded.model.base_model(input_ids=batch.input_ids, **kwargs)
+        last = batch.attention_mask.sum(dim=1) - 1
+        hidden = output.last_hidden_state[torch.arange(len(encoded), device=last.device), last]
+        logits = self.head(hidden).cpu().numpy()
+        return guard_columns(logits[:, 0], logits[:, 1])
+
+    @torch.inference_mode()
+    def category_logprobs(self, encoded: Sequence[Encoded], fast: bool = True) -> np.ndarray:
+        """(rows, continuations) fp32 log-probabilities of each continuation's remainder given the row's input
+        and the shared continuation. `fast=False` takes the multi-token path even where every remainder is one
+        token (the tests compare the two)."""
+        return np.stack([self._row_logprobs(e.ids, fast) for e in encoded]).astype(np.float64)
+
+    def _row_logprobs(self, ids: list[int], fast: bool) -> np.ndarray:
+        continuations, model = self.categories, self.loaded.model.base_model
+        device = self.loaded.device
+        shared = len(self.renderer.prefix) if self.prefix_cache else 0
+        cache = copy.deepcopy(self._prefix_kv()) if shared else None
+        context = ids[shared:] + list(continuations.shared[:-1])
+        cache = model(input_ids=torch.tensor([context], device=device), past_key_values=cache,
+                      use_cache=True).past_key_values
+        length = len(ids) + len(continuations.shared) - 1
+        if fast and continuations.single_token:
+            hidden = model(input_ids=torch.tensor([[continuations.shared[-1]]], device=device), past_key_values=cache,
+                           use_cache=True).last_hidden_state[0]
+            targets = torch.tensor([[r[0] for r in continuations.remainders]])
+            return self.vocab.log_probs(hidden, targets)[0].cpu().numpy()
+        return self._teacher_forced(cache, length)
+
+    def _teacher_forced(self, cache: Any, length: int) -> np.ndarray:
+        """The remainders' summed log-probabilities, all continuations in one forward over the expanded cache."""
+        remainders = self.categories.remainders
+        inputs = [(self.categories.shared[-1],) + r[:-1] for r in remainders]
+        width = max(len(i) for i in inputs)
+        pad = self.loaded.tokenizer.pad_token_id or 0
+        ids = torch.tensor([list(i) + [pad] * (width - len(i)) for i in inputs], device=self.loaded.device)
+        mask = torch.tensor([[1] * (length + len(i)) + [0] * (width - len(i)) for i in inputs],
+                            device=self.loaded.device)
+        cache.batch_repeat_interleave(len(inputs))
+        hidden = self.loaded.model.base_model(input_ids=ids, attention_mask=mask, past_key_values=cache,
+                                              use_cache=True).last_hidden_state
+        rows = torch.tensor([k for k, r in enumerate(remainders) for _ in r], device=hidden.device)
+        positions = torch.tensor([j for r in remainders for j in range(len(r))], device=hidden.device)
+        targets = torch.tensor([[t] for r in remainders for t in r])
+        logprobs = self.vocab.log_probs(hidden[rows, positions], targets)[:, 0].cpu()
+        return torch.zeros(len(remainders)).index_add_(0, rows.cpu(), logprobs).numpy()
+
+    def numerics(self) -> dict[str, str]:
+        """What the guard computes with, recorded in every part beside the chat model's numerics."""
+        return {"backend": "hf", **numerics(self.loaded)}
+
+    def _prefix_kv(self) -> Any:
+        """The key/value cache of the shared prefix for one row, computed on first use."""
+        if self._prefix is None:
+            ids = torch.tensor([self.renderer.prefix], device=self.loaded.device)
+            self._prefix = self.loaded.model.base_model(input_ids=ids, use_cache=True).past_key_values
+        return self._prefix
