@@ -34,7 +34,7 @@ from guardray.activations import Batch, capture, resolve_layers
 from guardray.columns import META_COLUMNS, feature_column
 from guardray.datasets.assemble import DATASET_FILE
 from guardray.errors import StageError, one_line
-from guardray.guard import GUARD_BACKENDS, Guard, output_columns, preflight_guard, renamed
+from guardray.guard import Guard, build_guards, output_columns, preflight_guard, renamed
 from guardray.models import LoadedModel, load_model, numerics
 from guardray.rendering import (ConversationRenderer, Encoded, PromptRenderer, caught, chat_conversation_renderer,
                                 chat_renderer)
@@ -105,9 +105,8 @@ class FeatureExtractor:
     @classmethod
     def from_spec(cls, spec: JobSpec) -> "FeatureExtractor":
         chat = load_model(spec.model)
-        make_guard = GUARD_BACKENDS[spec.guard.backend]
         judges = guard_judges(spec)
-        guards = {judge: make_guard(chat, spec, judge) for judge in judges}
+        guards = build_guards(chat, spec, judges)
         names = tuple(name for judge in judges for name in output_columns(spec.guard, judge))
         conversation = (chat_conversation_renderer(chat.tokenizer, chat.spec)
                         if "response" in spec.extract.on else None)

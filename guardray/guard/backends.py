@@ -24,6 +24,18 @@ class Guard(Protocol):
 
     def numerics(self) -> dict[str, str]: ...
 
+    def judging(self, renderer: PromptRenderer | ConversationRenderer) -> "Guard": ...
+
+
+def build_guards(chat: LoadedModel, spec: JobSpec, judges: Sequence[Judge]) -> dict[str, Guard]:
+    """One guard per judge, all sharing ONE loaded guard model or engine (a second judge only adds a renderer)."""
+    if not judges:
+        return {}
+    first = GUARD_BACKENDS[spec.guard.backend](chat, spec, judges[0])
+    tokenizer = first.renderer.tokenizer
+    return {judge: first if judge == judges[0] else
+            first.judging(guard_renderer(tokenizer, spec.guard_model, spec.guard, judge)) for judge in judges}
+
 
 def _hf_guard(chat: LoadedModel, spec: JobSpec, judge: Judge = "prompt") -> Guard:
     from guardray.guard.hf import HFGuard

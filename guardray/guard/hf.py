@@ -3,6 +3,7 @@ category continuations after it (`guardray.guard.categories`)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -60,6 +61,11 @@ class HFGuard:
             categories = CategoryContinuations.build(loaded.tokenizer, unsafe_id, spec.category_codes)
             vocab = VocabHead.create(loaded.model)
         return cls(loaded, renderer, safe_id, unsafe_id, head, categories=categories, vocab=vocab)
+
+    def judging(self, renderer: PromptRenderer | ConversationRenderer) -> "HFGuard":
+        """The same model and heads judging what `renderer` renders (one loaded guard serves prompts and
+        responses); the shared-prefix cache is the new renderer's own."""
+        return dataclasses.replace(self, renderer=renderer, _prefix=None)
 
     @torch.inference_mode()
     def score(self, encoded: Sequence[Encoded]) -> dict[str, np.ndarray]:

@@ -12,6 +12,7 @@ moderation prompt shared by every input is computed once.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -96,6 +97,10 @@ class VLLMGuard:
             os.environ.setdefault(key, value)
         llm = vllm.LLM(**engine_args(model, spec, on_gpu))
         return cls(llm, renderer, safe_id, unsafe_id, label_sampling_params(vllm, safe_id, unsafe_id))
+
+    def judging(self, renderer: PromptRenderer | ConversationRenderer) -> "VLLMGuard":
+        """The same engine judging what `renderer` renders (one engine serves prompts and responses)."""
+        return dataclasses.replace(self, renderer=renderer)
 
     def score(self, encoded: Sequence[Encoded]) -> dict[str, np.ndarray]:
         from vllm.inputs import TokensPrompt
