@@ -121,7 +121,7 @@ class HFGuard:
     def _teacher_forced(self, cache: Any, length: int) -> np.ndarray:
         """The remainders' summed log-probabilities, all continuations in one forward over the expanded cache."""
         remainders = self.categories.remainders
-        inputs = [(self.categories.shared[-1],) + r[:-1] for r in remainders]
+        inputs, row_of = _maximal_inputs([(self.categories.shared[-1],) + r[:-1] for r in remainders])
         width = max(len(i) for i in inputs)
         pad = self.loaded.tokenizer.pad_token_id or 0
         ids = torch.tensor([list(i) + [pad] * (width - len(i)) for i in inputs], device=self.loaded.device)
@@ -130,11 +130,12 @@ class HFGuard:
         cache.batch_repeat_interleave(len(inputs))
         hidden = self.loaded.model.base_model(input_ids=ids, attention_mask=mask, past_key_values=cache,
                                               use_cache=True).last_hidden_state
-        rows = torch.tensor([k for k, r in enumerate(remainders) for _ in r], device=hidden.device)
+        sequence = torch.tensor([k for k, r in enumerate(remainders) for _ in r])
+        rows = torch.tensor([row_of[k] for k in sequence.tolist()], device=hidden.device)
         positions = torch.tensor([j for r in remainders for j in range(len(r))], device=hidden.device)
         targets = torch.tensor([[t] for r in remainders for t in r])
         logprobs = self.vocab.log_probs(hidden[rows, positions], targets)[:, 0].cpu()
-        return torch.zeros(len(remainders)).index_add_(0, rows.cpu(), logprobs).numpy()
+        return torch.zeros(len(remainders)).index_add_(0, sequence, logprobs).numpy()
 
     def numerics(self) -> dict[str, str]:
         """What the guard computes with, recorded in every part beside the chat model's numerics."""
@@ -146,3 +147,17 @@ class HFGuard:
             ids = torch.tensor([self.renderer.prefix], device=self.loaded.device)
             self._prefix = self.loaded.model.base_model(input_ids=ids, use_cache=True).past_key_values
         return self._prefix
+
+
+def _maximal_inputs(inputs: list[tuple[int, ...]]) -> tuple[list[tuple[int, ...]], list[int]]:
+    """The teacher-forced inputs that are no other input's prefix, and for each input the row that holds it.
+
+    A causal model's hidden states over an input's positions are the same in any longer input starting with
+    it, so "S1" + terminator and "S10" + terminator share the row "S", "1", "0": with SmolLM2's digit-split
+    codes 56 continuations need 14 rows over the expanded cache, not 56.
+    """
+    rows: list[tuple[int, ...]] = []
+    for candidate in sorted(set(inputs), key=len, reverse=True):
+        if not any(row[:len(candidate)] == candidate for row in rows):
+            rows.append(candidate)
+    return rows, [next(n for n, row in enumerate(rows) if row[:len(i)] == i) for i in inputs]
