@@ -324,9 +324,16 @@ def test_cached_category_logprobs_equal_a_naive_forward(tiny: LoadedModel) -> No
     reference = np.stack([_naive_logprobs(guard, e) for e in encoded])
     assert len({len(r) for r in guard.categories.remainders}) == 2  # S1..S9 and S10..S15: 2 and 3 tokens
     for prefix_cache in (True, False):
-        ours = dataclasses.replace(guard, prefix_cache=prefix_cache).category_logprobs(encoded)
+        variant = dataclasses.replace(guard, prefix_cache=prefix_cache)
+        ours = variant.category_logprobs(encoded)
         delta = np.abs(ours - reference).max()
         assert delta < 1e-4, (prefix_cache, delta)
+        # score() continues from the verdict pass's right-padded batch cache (rows of different lengths)
+        with torch.inference_mode():
+            _, batch_cache = variant._verdict(encoded, keep_cache=True)
+            continued = variant.category_logprobs(encoded, cache=batch_cache)
+        assert len(encoded[0].ids) != len(encoded[1].ids)
+        assert np.abs(continued - reference).max() < 1e-4, prefix_cache
 
 
 def test_single_token_fast_path_equals_the_multi_token_path(tiny: LoadedModel) -> None:

@@ -69,19 +69,21 @@ class HFGuard:
 
     @torch.inference_mode()
     def score(self, encoded: Sequence[Encoded]) -> dict[str, np.ndarray]:
-        columns = self._verdict(encoded)
+        columns, cache = self._verdict(encoded, keep_cache=self.categories is not None)
         if self.categories is not None:
-            logprobs = self.category_logprobs(encoded)
+            logprobs = self.category_logprobs(encoded, cache=cache)
             columns.update(self.categories.columns(logprobs, columns["guard_p_unsafe"].astype(np.float64)))
         return columns
 
-    def _verdict(self, encoded: Sequence[Encoded]) -> dict[str, np.ndarray]:
+    def _verdict(self, encoded: Sequence[Encoded], keep_cache: bool = False) -> tuple[dict[str, np.ndarray], Any]:
+        """The verdict columns, and (`keep_cache`) the batch's key/value cache, which the category pass
+        continues from instead of running each row's tokens again."""
         from guardray.activations import Batch
 
         shared = len(self.renderer.prefix) if self.prefix_cache else 0
         tails = [Encoded(e.ids[shared:], 0, 0, e.n_tokens, e.truncated) for e in encoded]
         batch = Batch.build(tails, self.loaded.tokenizer.pad_token_id, self.loaded.device)
-        kwargs: dict[str, Any] = {"attention_mask": batch.attention_mask, "use_cache": False}
+        kwargs: dict[str, Any] = {"attention_mask": batch.attention_mask, "use_cache": keep_cache}
         if shared:
             cache = copy.deepcopy(self._prefix_kv())
             cache.batch_repeat_interleave(len(encoded))
@@ -93,21 +95,26 @@ class HFGuard:
         last = batch.attention_mask.sum(dim=1) - 1
         hidden = output.last_hidden_state[torch.arange(len(encoded), device=last.device), last]
         logits = self.head(hidden).cpu().numpy()
-        return guard_columns(logits[:, 0], logits[:, 1])
+        return guard_columns(logits[:, 0], logits[:, 1]), output.past_key_values if keep_cache else None
 
     @torch.inference_mode()
-    def category_logprobs(self, encoded: Sequence[Encoded], fast: bool = True) -> np.ndarray:
+    def category_logprobs(self, encoded: Sequence[Encoded], fast: bool = True, cache: Any = None) -> np.ndarray:
         """(rows, continuations) fp32 log-probabilities of each continuation's remainder given the row's input
         and the shared continuation. `fast=False` takes the multi-token path even where every remainder is one
-        token (the tests compare the two)."""
-        return np.stack([self._row_logprobs(e.ids, fast) for e in encoded]).astype(np.float64)
+        token (the tests compare the two). `cache`: the verdict pass's right-padded batch cache over these
+        rows (each row's own slice is taken); without it each row's tokens run again from the prefix cache."""
+        return np.stack([self._row_logprobs(e.ids, fast, _row_cache(cache, row, len(e.ids)) if cache else None)
+                         for row, e in enumerate(encoded)]).astype(np.float64)
 
-    def _row_logprobs(self, ids: list[int], fast: bool) -> np.ndarray:
+    def _row_logprobs(self, ids: list[int], fast: bool, row_cache: Any = None) -> np.ndarray:
         continuations, model = self.categories, self.loaded.model.base_model
         device = self.loaded.device
         shared = len(self.renderer.prefix) if self.prefix_cache else 0
-        cache = copy.deepcopy(self._prefix_kv()) if shared else None
-        context = ids[shared:] + list(continuations.shared[:-1])
+        if row_cache is not None:
+            cache, context = row_cache, list(continuations.shared[:-1])
+        else:
+            cache = copy.deepcopy(self._prefix_kv()) if shared else None
+            context = ids[shared:] + list(continuations.shared[:-1])
         cache = model(input_ids=torch.tensor([context], device=device), past_key_values=cache,
                       use_cache=True).past_key_values
         length = len(ids) + len(continuations.shared) - 1
@@ -161,3 +168,15 @@ def _maximal_inputs(inputs: list[tuple[int, ...]]) -> tuple[list[tuple[int, ...]
         if not any(row[:len(candidate)] == candidate for row in rows):
             rows.append(candidate)
     return rows, [next(n for n, row in enumerate(rows) if row[:len(i)] == i) for i in inputs]
+
+
+def _row_cache(cache: Any, row: int, length: int) -> Any:
+    """Row `row` of a right-padded batch cache, cut to its own `length` tokens (its padding dropped). The
+    layers are copied before selecting, so the batch cache itself is left as it was."""
+    own = copy.copy(cache)
+    own.layers = [copy.copy(layer) for layer in cache.layers]
+    own.batch_select_indices(torch.tensor([row], device=cache.layers[0].keys.device))
+    extra = own.get_seq_length() - length
+    if extra:
+        own.crop(-extra)  # a negative value drops that many trailing positions
+    return own
