@@ -93,8 +93,14 @@ class HFGenerator:
         self.pad_id = chat.tokenizer.pad_token_id
         sampling = {"do_sample": True, "temperature": spec.temperature, "top_p": spec.top_p, "top_k": 0} \
             if spec.temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        # Every logits processor the model's own generation_config could switch on is set to off explicitly
+        # (transformers fills unset fields from it): the answer depends on the spec alone, as with vLLM's.
+        neutral = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_p": None, "typical_p": None,
+                   "encoder_repetition_penalty": 1.0, "length_penalty": 1.0, "min_new_tokens": 0,
+                   "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+                   "epsilon_cutoff": None, "eta_cutoff": None}
         self.config = GenerationConfig(max_new_tokens=spec.max_new_tokens, eos_token_id=list(self.stops),
-                                       pad_token_id=self.pad_id, use_cache=True, **sampling)
+                                       pad_token_id=self.pad_id, use_cache=True, **neutral, **sampling)
 
     def numerics(self) -> dict[str, Any]:
         return {"backend": "hf", **numerics(self.chat)}

@@ -310,7 +310,8 @@ class GenerateSpec(ActorPoolSpec):
     max_new_tokens: int = Field(64, ge=1, description="Tokens generated at most; generation stops earlier at EOS.")
     temperature: float = Field(0.0, ge=0, description="0 = greedy decoding; above 0 samples with `seed`.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (sampling only).")
-    seed: int = Field(0, description="Sampling seed (each row's draws depend on the seed and the row's id).")
+    seed: int = Field(0, description="Sampling seed. vllm: each row's draws depend on the seed and its id; hf: on "
+                      "the seed and the ids of the rows batched with it, so they change with batch_size.")
     rows_per_shard: int = Field(64, ge=1, description="Rows per output part (the unit of work and resume).")
     vllm_engine_args: dict[str, Any] = Field(
         default_factory=dict, description="Extra keyword arguments for the vLLM engine (e.g. gpu_memory_utilization).")
@@ -373,6 +374,12 @@ class GuardSpec(Section):
             raise ValueError(f"codes {', '.join(taken)} are built in or repeated; custom categories take new codes "
                              f"(S15 and up)")
         return value
+
+    @model_validator(mode="after")
+    def _categories_on_hf(self) -> "GuardSpec":
+        if self.categories and self.backend != "hf":
+            raise ValueError("categories needs backend: hf (the vLLM backend scores the verdict only)")
+        return self
 
     @property
     def category_codes(self) -> tuple[str, ...]:
@@ -531,11 +538,15 @@ class JobSpec(Section):
 
     @model_validator(mode="after")
     def _responses_needed(self) -> "JobSpec":
-        """Whatever reads responses needs the responses stage."""
+        """Whatever reads responses needs the responses stage; feedback labels also need the guard to judge them."""
+        feedback = [t for t in self.probes.all_targets if t in FEEDBACK_TARGETS]
         if self.generate.enabled:
+            if feedback and not self.judges_responses:
+                raise ValueError(f"probes.targets: {', '.join(feedback)} are read from the response guard's "
+                                 "scores: set guard.enabled: true and guard.response: auto or true")
             return self
         wants = [("extract.on", "response" in self.extract.on), ("guard.response", self.guard.response is True)]
-        wants += [(f"probes.targets: {t}", True) for t in self.probes.all_targets if t in FEEDBACK_TARGETS]
+        wants += [(f"probes.targets: {t}", True) for t in feedback]
         needing = [field for field, wanted in wants if wanted]
         if needing:
             raise ValueError(f"{'; '.join(needing)} need generated responses: set generate.enabled: true")
@@ -772,4 +783,4 @@ def _typed_value(keys: list[str], text: str) -> Any:
             _, model = _step(model, int(key) if key.lstrip("-").isdigit() else key)
     if _unwrap(model) is str:
         return text
-    return yaml.safe_load(text) if text.strip() else None
+    return yaml.load(text, Loader=StrictSafeLoader) if text.strip() else None  # noqa: S506 - a SafeLoader subclass

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -132,17 +133,21 @@ def category_codes(spec: JobSpec) -> dict[str, str] | None:
         codes = dict(importlib.import_module("guardray.datasets.categories").CATEGORY_CODES)
     except (ImportError, AttributeError):
         return None
-    return {**codes, **{c.name: c.code for c in spec.guard.custom_categories}}
+    return {**codes, **{category_column(c.name): c.code for c in spec.guard.custom_categories}}
+
+
+def category_column(name: str) -> str:
+    """The label column a custom category's name stands for: 'Political persuasion' → cat_political_persuasion."""
+    return CATEGORY_PREFIX + re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
 def _category_guard(spec: JobSpec, target: str) -> tuple[str, str | None]:
     codes = category_codes(spec)
     if codes is None:
         return GUARD_SCORE, "no category mapping (guardray.datasets.categories.CATEGORY_CODES): compared with guard_score"
-    name = target.removeprefix(CATEGORY_PREFIX)
-    if name not in codes:
-        return GUARD_SCORE, f"category '{name}' has no guard code: compared with guard_score"
-    return f"{GUARD_CATEGORY_PREFIX}{codes[name]}", None
+    if target not in codes:
+        return GUARD_SCORE, f"category '{target}' has no guard code: compared with guard_score"
+    return f"{GUARD_CATEGORY_PREFIX}{codes[target]}", None
 
 
 #: Default guard score per kind of target (evaluate.guard_for overrides it). Feedback labels are compared with

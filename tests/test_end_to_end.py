@@ -1,4 +1,6 @@
-"""jobs/local-smoke.yaml end to end (smaller via overrides): dataset → features → probes → report."""
+"""jobs/local-conversations.yaml end to end through the CLI, made small by overrides: dataset → responses →
+features (prompt and response activations, the guard on prompts and responses with categories and a custom
+policy) → probes for four targets → report. It covers what jobs/local-smoke.yaml (`make run`) does too."""
 from __future__ import annotations
 
 import json
@@ -6,38 +8,71 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import REPO
 
+SMALL = {  # source index → rows kept: advbench, harmbench, donotanswer, (normal_instructions), sharegpt, politics
+    0: 6, 1: 4, 2: 20, 4: 8, 5: 16}
+
 
 @pytest.mark.slow
-def test_local_smoke_job_produces_the_report(tmp_path: Path) -> None:
+def test_local_conversations_job_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "guardray", "run", str(REPO / "jobs/local-smoke.yaml"), "--output", str(out),
-               "--set", "dataset.subsample.every=96", "--set", "extract.layers=[4, 8]",
-               "--set", "model.max_length=128", "--set", "guard.max_length=420",
-               "--set", "probes.cv.folds=3", "--set", "evaluate.bootstrap=20",
-               "--set", "probes.grid=[{type: logistic_regression, params: {C: 0.1}}]"]
+    limits = [item for index, rows in SMALL.items() for item in ("--set", f"dataset.sources.{index}.limit={rows}")]
+    command = [sys.executable, "-m", "guardray", "run", str(REPO / "jobs/local-conversations.yaml"), "--output",
+               str(out), *limits, "--set", "generate.max_new_tokens=6", "--set", "generate.rows_per_shard=16",
+               "--set", "extract.rows_per_shard=16", "--set", "extract.layers=[4]",
+               "--set", "model.max_length=128", "--set", "guard.max_length=512",
+               # SmolLM2's scores sit around -2.8: median thresholds give both classes at this size
+               "--set", "feedback.response_threshold=-2.8", "--set", "feedback.input_threshold=-2.8",
+               "--set", "probes.cv.folds=2", "--set", "probes.grid=[{type: logistic_regression, params: {C: 0.1}}]",
+               "--set", "evaluate.bootstrap=20"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| probe harmful/act_" in result.stdout and "| guard |" in result.stdout
-    latest = json.loads((out / "latest.json").read_text())
-    report_dir = Path(latest["stages"]["report"])
-    for name in ("report.md", "report.json", "scores.parquet", "harmful/pr_curve.png", "harmful/roc_curve.png",
-                 "harmful/auc_by_layer.png", "harmful/score_histograms.png", "auc_by_target.png", "_SUCCESS"):
+    stages = json.loads((out / "latest.json").read_text())["stages"]
+    assert list(stages) == ["dataset", "responses", "features", "probes", "report"]
+
+    # every prompt is accounted for: answered, or an error row of the responses stage
+    dataset = pq.read_table(Path(stages["dataset"]) / "dataset.parquet")
+    answered = pq.read_table(Path(stages["responses"]) / "dataset.parquet")
+    failed = pq.read_table(Path(stages["responses"]) / "errors.parquet")
+    assert answered.num_rows + failed.num_rows == dataset.num_rows > 50
+    assert set(answered.column("finish_reason").to_pylist()) <= {"stop", "length"}
+
+    parts = pads.dataset(Path(stages["features"]) / "parts").to_table()
+    names = set(parts.column_names)
+    assert {"act_last_L4", "act_mean_L4", "act_resp_last_L4", "act_resp_mean_L4"} <= names
+    assert {"guard_score", "guard_response_score", "guard_cat_S15", "guard_response_cat_S15", "politics",
+            "cat_hate"} <= names and "response" not in names and "prompt" not in names
+    for judge in ("guard_", "guard_response_"):
+        total = sum(parts.column(f"{judge}cat_S{i}").to_numpy().astype(np.float64) for i in range(1, 16))
+        np.testing.assert_allclose(total, parts.column(f"{judge}p_unsafe").to_numpy(), atol=1e-4)
+
+    report_dir = Path(stages["report"])
+    for name in ("report.md", "report.json", "scores.parquet", "mined_prompts.parquet", "auc_by_target.png",
+                 "harmful/roc_curve.png", "response_unsafe/roc_curve.png", "politics/pr_curve.png", "_SUCCESS"):
         assert (report_dir / name).exists(), name
     report = json.loads((report_dir / "report.json").read_text())
-    # the torch probe in the stages is covered by tests/test_report.py (one Ray Train run for the whole suite)
-    assert set(report["probes"]) == {f"harmful/act_{p}_L{layer}-logistic_regression"
-                                     for p in ("last", "mean") for layer in (4, 8)}
-    assert report["probes"][report["best_probe"]]["test"]["roc_auc"] > 0.6
-    assert report["guard"]["test"]["count"] == report["test_rows"] > 0
-    assert "fpr_at_99_recall" in report["comparison"]
-    probes_dir = Path(latest["stages"]["probes"])
-    assert (probes_dir / "cv_results.csv").exists() and (probes_dir / "cv_results.parquet").exists()
+    sections = report["targets"]
+    assert list(report["target_order"]) == ["harmful", "response_unsafe", "cat_hate", "politics"]
+    assert sections["politics"]["guard_scorer"] == "guard_cat_S15"  # evaluate.guard_for: the custom policy
+    assert sections["cat_hate"]["guard_scorer"] == "guard_cat_S10"  # the category mapping
+    assert sections["response_unsafe"]["guard_scorer"] == "guard_score"  # the INPUT guard, for the same target
+    assert "before any token is generated" in sections["response_unsafe"]["answer"]
+    for name, section in sections.items():
+        assert section["best_probe"].startswith(f"{name}/"), name
+    mined = pq.read_table(report_dir / "mined_prompts.parquet")
+    flagged = parts.column("guard_response_score").to_numpy() > -2.8
+    assert mined.num_rows == int(flagged.sum()) > 0
+    assert all(mined.column("prompt").to_pylist()) and "response" in mined.column_names
+
     # re-rendering reads stored results only
     (report_dir / "report.md").unlink()
     rerender = subprocess.run([sys.executable, "-m", "guardray", "report", str(out)], capture_output=True, text=True)
     assert rerender.returncode == 0, rerender.stderr
-    assert (report_dir / "report.md").read_text().startswith("# guardray report: local-smoke")
+    assert (report_dir / "report.md").read_text().startswith("# guardray report: local-conversations")

@@ -18,7 +18,7 @@ import transformers
 from transformers import AutoTokenizer
 
 from guardray.activations import Batch, capture, decoder_layers
-from guardray.errors import InputError
+from guardray.errors import InputError, SpecError
 from guardray.guard import (GUARD_BACKENDS, HFGuard, guard_renderer, output_columns, preflight_guard, renamed)
 from guardray.guard.categories import CategoryContinuations
 from guardray.label_head import VocabHead
@@ -382,10 +382,10 @@ def test_response_guard_prefix_cache_matches_the_full_sequence(tiny: LoadedModel
         np.testing.assert_allclose(a[name], b[name], atol=1e-4, rtol=0)
 
 
-def test_vllm_backend_rejects_categories_at_preflight(tmp_path: Path, smol_tok: Any) -> None:
-    spec = validate_spec(small_spec(str(tmp_path), guard={"backend": "vllm", "categories": True}))
-    with pytest.raises(InputError, match="guard.categories needs guard.backend: hf"):
-        preflight_guard(smol_tok, spec, ("prompt", "response"))
+def test_vllm_backend_rejects_categories_at_validate(tmp_path: Path, smol_tok: Any) -> None:
+    """Categories on the vLLM guard fail when the spec is validated, before any stage runs."""
+    with pytest.raises(SpecError, match="guard: categories needs backend: hf"):
+        validate_spec(small_spec(str(tmp_path), guard={"backend": "vllm", "categories": True}))
     preflight_guard(smol_tok, validate_spec(small_spec(str(tmp_path), guard={"categories": True})),
                     ("prompt", "response"))
     assert set(GUARD_BACKENDS) == {"hf", "vllm"}

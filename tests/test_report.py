@@ -138,7 +138,7 @@ def test_probes_and_report_stages_on_gcs_where_the_data_is(ray_local: None, gcs_
         "response": [f"response {i}" for i in order], "split": data["split"][order]}))
     # the category mapping belongs to the dataset side; the report reads it on the driver
     monkeypatch.setitem(sys.modules, "guardray.datasets.categories",
-                        types.SimpleNamespace(CATEGORY_CODES={"violence": "S1"}))
+                        types.SimpleNamespace(CATEGORY_CODES={"cat_violence": "S1"}))
     probes_out.join("summary.json").write_json(summary)
     result = run_report(spec, {"features": features, "probes": probes_out, "responses": responses}, report_out)
     assert result["best_probe"] == "harmful/act_last_L2-ridge" and result["targets"] == TARGETS

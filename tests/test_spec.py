@@ -227,3 +227,10 @@ def test_on_is_a_key_not_a_boolean(tmp_path: Path) -> None:
                     "generate: {enabled: yes}\nextract:\n  on: [prompt, response]\n")
     spec = load_spec(path)
     assert spec.extract.on == ("prompt", "response") and spec.generate.enabled is True
+
+
+def test_feedback_targets_need_the_response_guard() -> None:
+    raw = small_spec("runs/x", generate={"enabled": True}, guard={"response": False},
+                     probes={"targets": ["harmful", "slipped_through"]})
+    with pytest.raises(SpecError, match="slipped_through are read from the response guard"):
+        validate_spec(raw)

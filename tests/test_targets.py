@@ -98,7 +98,7 @@ def _spec(**sections: object):  # noqa: ANN202
 def test_matching_guard_score(monkeypatch: pytest.MonkeyPatch) -> None:
     names = ["guard_score", "guard_cat_S1", "guard_cat_S15", "guard_response_score"]
     spec = _spec(generate={"enabled": True}, guard={"categories": True, "custom_categories": [
-        {"code": "S15", "name": "persuasion"}]}, evaluate={"guard_for": {"cat_other": "guard_response_score"}})
+        {"code": "S15", "name": "Persuasion"}]}, evaluate={"guard_for": {"cat_other": "guard_response_score"}})
     for target in ("harmful", "response_unsafe", "slipped_through", "my_label"):
         assert targets.guard_column(spec, target, names) == ("guard_score", None)
     assert targets.guard_column(spec, "cat_other", names) == ("guard_response_score", None)  # guard_for wins
@@ -106,7 +106,7 @@ def test_matching_guard_score(monkeypatch: pytest.MonkeyPatch) -> None:
     column, note = targets.guard_column(spec, "cat_violence", names)
     assert column == "guard_score" and "no category mapping" in note
     monkeypatch.setitem(sys.modules, "guardray.datasets.categories",
-                        types.SimpleNamespace(CATEGORY_CODES={"violence": "S1", "weapons": "S9"}))
+                        types.SimpleNamespace(CATEGORY_CODES={"cat_violence": "S1", "cat_weapons": "S9"}))
     assert targets.guard_column(spec, "cat_violence", names) == ("guard_cat_S1", None)
     assert targets.guard_column(spec, "cat_persuasion", names) == ("guard_cat_S15", None)  # a custom category
     column, note = targets.guard_column(spec, "cat_weapons", names)  # mapped, but not extracted
@@ -165,3 +165,18 @@ def test_torch_probe_rows_use_a_derived_target() -> None:
     rows = train_rows(table, "f", unsafe)  # the test row and the unjudged row are left out
     np.testing.assert_array_equal(rows["x"], [[0, 1], [6, 7]])
     np.testing.assert_array_equal(rows["y"], [1.0, 0.0])
+
+
+def test_headline_probe_is_the_best_by_cv_on_prompt_features() -> None:
+    """Per target the report's headline probe is the best CV score, not the first feature of the grid; probes on
+    the response's activations (an output guard) do not take the headline."""
+    from guardray.probes.cv import headline_probes
+
+    def probe(target: str, pooling: str, score: float) -> dict:
+        return {"id": {"target": target, "pooling": pooling}, "roc_auc_mean": score}
+
+    saved = [probe("harmful", "last", 0.6), probe("harmful", "mean", 0.9), probe("harmful", "resp_last", 0.99),
+             probe("response_unsafe", "resp_mean", 0.8)]
+    best = headline_probes(saved, "roc_auc_mean", ["harmful", "response_unsafe"])
+    assert best["harmful"] is saved[1]
+    assert best["response_unsafe"] is saved[3]  # no prompt feature probed: the response's is all there is

@@ -32,7 +32,8 @@ class HFGuard:
     With `categories` set, `score` adds `guard_cat_<code>` columns: per row, the rendering plus the shared part
     of the category continuations ("unsafe\\nS") runs once on top of the prefix cache, that cache is expanded
     over the continuations, and their remainders are teacher-forced in one forward (full-vocabulary fp32
-    log-probabilities from `vocab`). A row costs one more forward of its own tokens than the verdict alone.
+    log-probabilities from `vocab`). The category pass continues from the verdict pass's own cache (each row's
+    slice), so it only runs the continuation tokens.
     """
 
     loaded: LoadedModel
@@ -103,7 +104,7 @@ class HFGuard:
         and the shared continuation. `fast=False` takes the multi-token path even where every remainder is one
         token (the tests compare the two). `cache`: the verdict pass's right-padded batch cache over these
         rows (each row's own slice is taken); without it each row's tokens run again from the prefix cache."""
-        return np.stack([self._row_logprobs(e.ids, fast, _row_cache(cache, row, len(e.ids)) if cache else None)
+        return np.stack([self._row_logprobs(e.ids, fast, _row_cache(cache, row, len(e.ids)) if cache is not None else None)
                          for row, e in enumerate(encoded)]).astype(np.float64)
 
     def _row_logprobs(self, ids: list[int], fast: bool, row_cache: Any = None) -> np.ndarray:

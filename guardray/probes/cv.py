@@ -34,7 +34,7 @@ from guardray.evaluate import recall_at_fpr
 from guardray.metrics import peak_rss_mb
 from guardray.probes import artifact
 from guardray.probes.registry import ProbeId, build_probe, grid_points, probe_scores
-from guardray.spec import JobSpec, ProbesSpec
+from guardray.spec import RESPONSE_POOLINGS, JobSpec, ProbesSpec
 from guardray.storage import Location, resolve
 from guardray.targets import Target
 
@@ -186,6 +186,18 @@ def best_configurations(results: pd.DataFrame, selection: str) -> pd.DataFrame:
     return ranked.groupby(["target", "feature"], sort=False).head(1).sort_values("trial_id")
 
 
+def headline_probes(saved: list[dict[str, Any]], selection: str, targets: list[str]) -> dict[str, dict[str, Any]]:
+    """Per target, the refit probe with the best CV score: the report's headline probe. It is taken among the
+    prompt features when there are any, since the report asks what the prompt alone tells before any token is
+    generated; probes on the response's activations (act_resp_*, an output guard) stay in the tables."""
+    best = {}
+    for target in targets:
+        candidates = [p for p in saved if p["id"]["target"] == target]
+        on_prompt = [p for p in candidates if p["id"]["pooling"] not in RESPONSE_POOLINGS] or candidates
+        best[target] = max(on_prompt, key=lambda p: p[selection])  # max keeps the first (grid order) of ties
+    return best
+
+
 def run_probes(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dict[str, Any]:
     """The probes stage: CV grid with Tune, refit the best per (target, feature column) where the data is, save
     artifacts."""
@@ -205,7 +217,7 @@ def run_probes(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dic
     saved = refit_all(spec, features, out, best, cv_score, resolved)
     for probe in saved:
         probe[selection] = cv_score[probe["name"]][selection]
-    best_by_target = {t: next(p for p in saved if p["id"]["target"] == t) for t in resolved}
+    best_by_target = headline_probes(saved, selection, list(resolved))
     first = next(iter(resolved))
     if spec.probes.torch_probe.enabled:  # on the first target only
         saved.append(_torch_probe(spec, features, dims, best_by_target[first]["id"]["feature"], out,
