@@ -378,9 +378,18 @@ def _auc(entry: dict[str, Any] | None) -> tuple[float | None, list[float] | None
 
 
 def _auc_text(entry: dict[str, Any] | None) -> str:
+    """ROC AUC, precision at 99% recall and recall at 1% FPR, with the bootstrap CIs there are."""
     auc, ci = _auc(entry)
-    interval = f" (95% CI {_fmt(ci[0])}–{_fmt(ci[1])})" if ci else ""
-    return f"ROC AUC {_fmt(auc)}{interval}"
+    test = (entry or {}).get("test") or {}
+    ci95 = test.get("ci95") or {}
+
+    def interval(bounds: list[float] | None) -> str:
+        return f" (95% CI {_fmt(bounds[0])}–{_fmt(bounds[1])})" if bounds else ""
+
+    precision = (test.get("precision_at_recall") or {}).get("0.99")
+    recall = (test.get("recall_at_fpr") or {}).get("0.01")
+    return (f"ROC AUC {_fmt(auc)}{interval(ci)}, precision at 99% recall {_fmt(precision)}"
+            f"{interval(ci95.get('precision@0.99'))}, recall at 1% FPR {_fmt(recall)}")
 
 
 def answer(section: dict[str, Any]) -> str:

@@ -154,8 +154,13 @@ def _category_guard(spec: JobSpec, target: str) -> tuple[str, str | None]:
 #: the INPUT guard: the question is how well the prompt alone predicts them, before any token is generated.
 DEFAULT_GUARD: dict[str, Callable[[JobSpec, str], tuple[str, str | None]]] = {
     "category": _category_guard,
-    "other": lambda spec, target: (GUARD_SCORE, None),
+    "other": lambda spec, target: (GUARD_SCORE, SLIPPED_NOTE if target == "slipped_through" else None),
 }
+
+#: Why the input guard's figures for `slipped_through` are no benchmark (the section says so).
+SLIPPED_NOTE = ("by construction every positive of slipped_through passed the input guard (guard_score <= "
+                "feedback.input_threshold), so the input guard ranks them low: its figures here show what it "
+                "missed, not how well it could do")
 
 
 def _kind(target: str) -> str:

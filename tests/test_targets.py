@@ -99,8 +99,9 @@ def test_matching_guard_score(monkeypatch: pytest.MonkeyPatch) -> None:
     names = ["guard_score", "guard_cat_S1", "guard_cat_S15", "guard_response_score"]
     spec = _spec(generate={"enabled": True}, guard={"categories": True, "custom_categories": [
         {"code": "S15", "name": "Persuasion"}]}, evaluate={"guard_for": {"cat_other": "guard_response_score"}})
-    for target in ("harmful", "response_unsafe", "slipped_through", "my_label"):
+    for target in ("harmful", "response_unsafe", "my_label"):
         assert targets.guard_column(spec, target, names) == ("guard_score", None)
+    assert targets.guard_column(spec, "slipped_through", names) == ("guard_score", targets.SLIPPED_NOTE)
     assert targets.guard_column(spec, "cat_other", names) == ("guard_response_score", None)  # guard_for wins
     monkeypatch.setitem(sys.modules, "guardray.datasets.categories", None)  # the module is absent
     column, note = targets.guard_column(spec, "cat_violence", names)
