@@ -414,7 +414,11 @@ class ConversationRenderer:
         # A text's last token that also holds template characters is kept, so the template stays whole.
         keep_prompt = p1 > p0 and tokens.offsets[p1 - 1][1] > chars[1]
         keep_response = r1 > r0 and tokens.offsets[r1 - 1][1] > chars[3]
-        response_budget = min(r1 - r0, budget - int(keep_prompt))
+        # Likewise its first token, when it starts inside the template's text (" How" after "User:"): `_cut`
+        # keeps a text's head, so one token of budget keeps it.
+        keep_first = p1 > p0 and tokens.offsets[p0][0] < chars[0]
+        prompt_floor = min(p1 - p0, int(keep_prompt) + int(keep_first))
+        response_budget = min(r1 - r0, budget - prompt_floor)
         if response_budget < 1 + int(keep_response):
             raise InputError(f"max_length {self.max_length} leaves no room for this response: its template takes "
                              f"{n_tokens - (p1 - p0) - (r1 - r0)} tokens")
