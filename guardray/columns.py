@@ -63,11 +63,6 @@ def matrix(table: pa.Table, column: str) -> np.ndarray:
     return np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
 
 
-def labelled(table: pa.Table, target: str) -> pa.Table:
-    """The rows whose `target` label is known: a label that some source lacks is null, never False."""
-    return table.filter(pc.is_valid(table.column(target)))
-
-
 def parts_dataset(stage: Location) -> pads.Dataset:
     """The features stage's parts as a lazy Arrow dataset (file order = range order, so row order is fixed)."""
     parts = stage.join(PARTS_DIR)

@@ -32,6 +32,7 @@ import pyarrow as pa
 
 from guardray.errors import InputError
 from guardray.generate import Generation, batch_seed, response_table, split_stop, stop_ids
+from guardray.guard.vllm import CPU_ENGINE_DEFAULTS  # eager on CPU, as the guard engine
 from guardray.models import load_tokenizer, resolve_dtype, resolve_model_path
 from guardray.rendering import chat_renderer
 from guardray.sharded import ErrorBudget, RunTally, ShardedStage, drain, error_table, write_shard
@@ -44,8 +45,6 @@ log = logging.getLogger(__name__)
 #: CPU builds: a KV cache of this many GiB (vLLM's default is sized for servers) and one OpenMP thread per core
 #: (the default binds one); see DATA-NOTES.
 CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 1) - 1}"}
-#: CPU builds: eager mode (torch.compile's start-up costs minutes on a small CPU).
-CPU_ENGINE_DEFAULTS = {"enforce_eager": True}
 ROW_COLUMNS = ("_start", "_end", "_row", "id", "source", "_error")
 
 
