@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from guardray.errors import InputError
+from guardray.errors import InputError, one_line
 from guardray.generate import Generation, batch_seed, response_table, split_stop, stop_ids
 from guardray.guard.vllm import CPU_ENGINE_DEFAULTS  # eager on CPU, as the guard engine
 from guardray.models import load_tokenizer, resolve_dtype, resolve_model_path
@@ -175,7 +175,8 @@ class ShardWriter:
         self.tokenizer, self.max_new = tokenizer, spec.generate.max_new_tokens
         self.out, self.numerics, self.device = resolve(out_uri), numerics, device
         self.node_id = ray.get_runtime_context().get_node_id()
-        self.pending: dict[tuple[int, int], list[dict[str, Any]]] = {}
+        # Keyed by row: an upstream batch that Ray Data retries may emit a row twice; it counts once.
+        self.pending: dict[tuple[int, int], dict[int, dict[str, Any]]] = {}
         self.started: dict[tuple[int, int], float] = {}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
@@ -184,9 +185,9 @@ class ShardWriter:
             row = {name: batch[name][i] for name in batch}
             key = (int(row["_start"]), int(row["_end"]))
             self.started.setdefault(key, time.perf_counter())
-            self.pending.setdefault(key, []).append(row)
+            self.pending.setdefault(key, {})[int(row["_row"])] = row
             if len(self.pending[key]) == key[1] - key[0]:
-                ready.append(self._write(Shard(*key), self.pending.pop(key)))
+                ready.append(self._write(Shard(*key), list(self.pending.pop(key).values())))
         names = ("start", "end", "rows", "errors", "tokens", "seconds", "node_id", "device", "gpu_ids", "first_error")
         return {name: [summary[name] for summary in ready] for name in names}
 
@@ -195,7 +196,7 @@ class ShardWriter:
         errors: dict[int, str] = {}
         generations: dict[int, Generation] = {}
         for i, row in enumerate(rows):
-            reason = str(row.get("_error") or "") or str(row.get("__inference_error__") or "")
+            reason = one_line(str(row.get("_error") or "") or str(row.get("__inference_error__") or ""))
             if reason:
                 errors[i] = reason if reason.startswith("render:") else f"generate: {reason}"
             else:
