@@ -544,5 +544,5 @@ def test_category_codes_are_builtin_llamaguard_codes() -> None:
 
 
 def guard_module_file() -> str:
-    """guardray/guard.py's path without importing it (it imports torch)."""
-    return str(Path(tables.__file__).parents[1] / "guard.py")
+    """guardray/guard/prompt.py's path without importing it (the guard package imports torch)."""
+    return str(Path(tables.__file__).parents[1] / "guard" / "prompt.py")

@@ -16,7 +16,8 @@ import pytest
 from tests.conftest import REPO
 
 SMALL = {  # source index → rows kept: advbench, harmbench, donotanswer, (normal_instructions), sharegpt, politics
-    0: 6, 1: 4, 2: 20, 4: 8, 5: 16}
+    0: 5, 1: 2, 2: 8, 4: 6, 5: 14}
+TARGETS = ["harmful", "response_unsafe", "politics"]  # cat_hate's mapping is checked in tests/test_targets.py
 
 
 @pytest.mark.slow
@@ -26,6 +27,10 @@ def test_local_conversations_job_end_to_end(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "guardray", "run", str(REPO / "jobs/local-conversations.yaml"), "--output",
                str(out), *limits, "--set", "generate.max_new_tokens=6", "--set", "generate.rows_per_shard=16",
                "--set", "extract.rows_per_shard=16", "--set", "extract.layers=[4]",
+               # one actor per stage with both cores: two model loads fewer than the job's two actors
+               "--set", "generate.actors=1", "--set", "generate.num_cpus_per_actor=2",
+               "--set", "extract.actors=1", "--set", "extract.num_cpus_per_actor=2",
+               "--set", f"probes.targets={TARGETS}",
                "--set", "model.max_length=128", "--set", "guard.max_length=512",
                # SmolLM2's scores sit around -2.8: median thresholds give both classes at this size
                "--set", "feedback.response_threshold=-2.8", "--set", "feedback.input_threshold=-2.8",
@@ -41,10 +46,11 @@ def test_local_conversations_job_end_to_end(tmp_path: Path) -> None:
     dataset = pq.read_table(Path(stages["dataset"]) / "dataset.parquet")
     answered = pq.read_table(Path(stages["responses"]) / "dataset.parquet")
     failed = pq.read_table(Path(stages["responses"]) / "errors.parquet")
-    assert answered.num_rows + failed.num_rows == dataset.num_rows > 50
+    assert answered.num_rows + failed.num_rows == dataset.num_rows > 30
     assert set(answered.column("finish_reason").to_pylist()) <= {"stop", "length"}
 
     parts = pads.dataset(Path(stages["features"]) / "parts").to_table()
+    assert sorted(parts.column("id").to_pylist()) == sorted(answered.column("id").to_pylist())  # reads responses
     names = set(parts.column_names)
     assert {"act_last_L4", "act_mean_L4", "act_resp_last_L4", "act_resp_mean_L4"} <= names
     assert {"guard_score", "guard_response_score", "guard_cat_S15", "guard_response_cat_S15", "politics",
@@ -59,9 +65,8 @@ def test_local_conversations_job_end_to_end(tmp_path: Path) -> None:
         assert (report_dir / name).exists(), name
     report = json.loads((report_dir / "report.json").read_text())
     sections = report["targets"]
-    assert list(report["target_order"]) == ["harmful", "response_unsafe", "cat_hate", "politics"]
+    assert list(report["target_order"]) == TARGETS
     assert sections["politics"]["guard_scorer"] == "guard_cat_S15"  # evaluate.guard_for: the custom policy
-    assert sections["cat_hate"]["guard_scorer"] == "guard_cat_S10"  # the category mapping
     assert sections["response_unsafe"]["guard_scorer"] == "guard_score"  # the INPUT guard, for the same target
     assert "before any token is generated" in sections["response_unsafe"]["answer"]
     for name, section in sections.items():

@@ -114,6 +114,8 @@ def test_matching_guard_score(monkeypatch: pytest.MonkeyPatch) -> None:
     assert column == "guard_score" and "guard_cat_S9 is not in the features" in note
     column, note = targets.guard_column(spec, "cat_unknown", names)
     assert column == "guard_score" and "no guard code" in note
+    monkeypatch.undo()  # the real mapping: a Do-Not-Answer risk area against its LlamaGuard code
+    assert targets.guard_column(spec, "cat_hate", [*names, "guard_cat_S10"]) == ("guard_cat_S10", None)
 
 
 def test_feedback_thresholds_enter_the_probes_and_report_keys_only() -> None:
