@@ -151,7 +151,7 @@ def caught(fn: Callable[..., Any], *args: Any) -> Any:
         return e
 
 
-def _common_prefix(rows: Sequence[Sequence[Any]]) -> int:
+def common_prefix(rows: Sequence[Sequence[Any]]) -> int:
     """Length of the longest prefix all rows share."""
     n = min(len(r) for r in rows)
     for i in range(n):
@@ -193,8 +193,8 @@ class PromptRenderer:
         """Sets `prefix`, `suffix` and `user_budget` from the probe renderings."""
         cuts = [_token_span(t, a, b, 0) for t, (a, b) in zip(probes, spans)]
         first = probes[0]
-        head = min(_common_prefix([t.ids for t in probes]), *(start for start, _ in cuts))
-        tail = min(_common_prefix([t.ids[::-1] for t in probes]),
+        head = min(common_prefix([t.ids for t in probes]), *(start for start, _ in cuts))
+        tail = min(common_prefix([t.ids[::-1] for t in probes]),
                    *(len(t.ids) - end for t, (_, end) in zip(probes, cuts)))
         # One token of margin: the last head token can merge with text no probe tried. Tokens the tokenizer
         # added itself (raw text's BOS) never merge.
@@ -229,7 +229,7 @@ class PromptRenderer:
         if not text.strip():
             # A template that strips the message (Llama-2 with a system prompt) also strips its own whitespace
             # around an empty one: the user's span is empty where the renderings part.
-            a = _common_prefix([full, self._before])
+            a = common_prefix([full, self._before])
             return full, a, a
         raise InputError("the chat template changed its own text around this prompt, so the prompt's place in "
                          "the rendering is unknown")
@@ -361,7 +361,7 @@ class ConversationRenderer:
     def _measure(self, probes: list[_Tokens], located: list[tuple[str, int, int, int, int]]) -> None:
         """Sets `prefix` (less one token of margin, as `PromptRenderer`) and checks the template leaves room."""
         spans = [self._spans(t, loc[1:], 0) for t, loc in zip(probes, located)]
-        head = min(_common_prefix([t.ids for t in probes]), *(prompt[0] for prompt, _ in spans))
+        head = min(common_prefix([t.ids for t in probes]), *(prompt[0] for prompt, _ in spans))
         self.prefix = probes[0].ids[:max(head - 1, 0)]
         template_tokens = max(len(t.ids) - (p1 - p0) - (r1 - r0) for t, ((p0, p1), (r0, r1)) in zip(probes, spans))
         self.text_budget = self.max_length - template_tokens

@@ -19,6 +19,8 @@ per shard); a stage subclasses it with `load` and `compute`.
 """
 from __future__ import annotations
 
+import abc
+
 import json
 import logging
 import os
@@ -175,7 +177,7 @@ def write_shard(out: Location, shard: Shard, part: pa.Table, errors: pa.Table, n
     out.join(PARTS_DIR, shard.part_name).write_table(part)
 
 
-class ShardActor:
+class ShardActor(abc.ABC):
     """Ray Data UDF base: one actor per model replica; each call gets shard descriptors and writes their parts.
 
     Subclasses implement `load(spec)` (build the model; returns the numerics JSON it computes with) and
@@ -211,11 +213,13 @@ class ShardActor:
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         self.metrics = ActorMetrics(model=spec.model.id, stage=self.stage)
 
+    @abc.abstractmethod
     def load(self, spec: JobSpec) -> str:
-        raise NotImplementedError
+        """Build the model(s) this actor runs; return the numerics JSON they compute with."""
 
+    @abc.abstractmethod
     def compute(self, rows: pa.Table) -> tuple[pa.Table, dict[int, str], int]:
-        raise NotImplementedError
+        """One shard's rows → (the part, {row index: error reason}, tokens processed)."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         summaries = [self.run_shard(Shard(int(s), int(e))) for s, e in zip(batch["start"], batch["end"])]

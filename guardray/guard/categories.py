@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from guardray.errors import InputError
+from guardray.rendering import common_prefix
 
 #: Text that may follow a code in LlamaGuard's answer ("S1,S10" or "S1\n"); end of turn is added as token ids.
 TERMINATOR_TEXTS = ("\n", ",")
@@ -51,7 +52,7 @@ class CategoryContinuations:
                 sequences.append(tuple(ids))
                 code_of.append(index)
         _check_disjoint(sequences)
-        n = _common_prefix_length(sequences)
+        n = common_prefix(sequences)
         if n == len(min(sequences, key=len)):
             n -= 1  # every sequence keeps a remainder of at least one token
         return cls(tuple(codes), sequences[0][:n], tuple(s[n:] for s in sequences), tuple(code_of))
@@ -88,14 +89,6 @@ def _check_disjoint(sequences: list[tuple[int, ...]]) -> None:
     if len(ordered) != len(sequences) or any(b[:len(a)] == a for a, b in zip(ordered, ordered[1:])):
         raise InputError("guard.categories: two category continuations overlap in this tokenizer (a code and its "
                          "terminator merge into one token); the category scores would double count")
-
-
-def _common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
-    n = min(len(r) for r in rows)
-    for i in range(n):
-        if any(r[i] != rows[0][i] for r in rows[1:]):
-            return i
-    return n
 
 
 def _logsumexp(values: np.ndarray) -> np.ndarray:
