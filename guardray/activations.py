@@ -52,7 +52,8 @@ class _StopForward(Exception):
 
 @dataclass
 class Batch:
-    """A padded batch (right padding) plus each row's user-text span."""
+    """A padded batch plus each row's user-text span (positions in the padded rows). `build` pads on the right;
+    serving pads on the left (generation continues every row from its end) and shifts the spans."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -78,8 +79,9 @@ def pool(hidden: torch.Tensor, batch: Batch, pooling: str) -> torch.Tensor:
     response): `resp_last`: the response's last token; `resp_mean`: over the response's tokens."""
     hidden = hidden.float()
     rows = torch.arange(hidden.shape[0], device=hidden.device)
-    if pooling == "last":
-        return hidden[rows, batch.attention_mask.sum(dim=1) - 1]
+    if pooling == "last":  # the last non-pad position, with right padding (features) or left (serving)
+        positions = torch.arange(hidden.shape[1], device=hidden.device)[None, :]
+        return hidden[rows, (batch.attention_mask * positions).max(dim=1).values]
     if pooling == "resp_last":  # an empty response has no token of its own: the one before its place
         return hidden[rows, (batch.user_end - 1).clamp(min=0)]
     positions = torch.arange(hidden.shape[1], device=hidden.device)[None, :]

@@ -1,4 +1,4 @@
-"""`guardray validate | run | status | datasets | report | submit | jobs`.
+"""`guardray validate | run | status | datasets | report | submit | jobs | serve`.
 
 Exit codes: 0 success, 2 invalid input (spec, paths, columns), 1 failure while running. Errors print as one
 readable line each (no traceback unless --debug).
@@ -113,6 +113,28 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return submit.job_stop(args.address, args.id)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a trained probe in front of its chat model until interrupted, or write a Serve config and return."""
+    from guardray.serve.api import ServeSettings
+    from guardray.serve.artifact import find_probe
+
+    fields = {k: v for k, v in vars(args).items() if k in ServeSettings.model_fields and v is not None}
+    try:
+        settings = ServeSettings(artifact=args.target, **fields)
+    except ValueError as e:
+        raise InputError(one_line(e)) from None
+    served = find_probe(settings.artifact, settings.probe)  # a bad path or probe name: exit 2 before Ray starts
+    if args.write_config:
+        from guardray.serve.deploy import write_serve_config
+
+        write_serve_config(args.write_config, settings, args.host, args.port)
+        print(f"wrote {args.write_config}: `serve deploy {args.write_config}` (artifact {served.uri})")
+        return EXIT_OK
+    from guardray.serve.deploy import run_server
+
+    return run_server(settings, args.host, args.port, args.address, served)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "validate": cmd_validate,
     "run": cmd_run,
@@ -121,6 +143,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "report": cmd_report,
     "submit": cmd_submit,
     "jobs": cmd_jobs,
+    "serve": cmd_serve,
 }
 
 
@@ -155,6 +178,22 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("id", help="submission id")
     jobs.add_argument("--address", default=default_address())
     jobs.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
+    serve = sub.add_parser("serve", help="serve a trained probe in front of its chat model (Ray Serve)")
+    serve.add_argument("target", help="job output, probes stage or probe artifact directory (local or gs://)")
+    serve.add_argument("--probe", help="probe name in the job's probes stage (default: the headline probe)")
+    serve.add_argument("--threshold", type=float, help="decision threshold (default: the artifact's)")
+    serve.add_argument("--policy", choices=["block", "flag"], help="over the threshold: refuse, or answer and flag")
+    serve.add_argument("--guard", choices=["probe", "both", "model", "none"],
+                       help="probe (default), both (and the guard model, shadow), model (guard model alone), none")
+    serve.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--address", help="Ray cluster to deploy on (default: embedded local Ray)")
+    serve.add_argument("--device", help="override the model's device (cpu, cuda)")
+    serve.add_argument("--max-batch-size", dest="max_batch_size", type=int)
+    serve.add_argument("--num-replicas", dest="num_replicas", type=int)
+    serve.add_argument("--num-gpus", dest="num_gpus", type=float, help="per replica")
+    serve.add_argument("--write-config", dest="write_config", metavar="PATH",
+                       help="write a Serve config for `serve deploy` instead of serving")
     return parser
 
 

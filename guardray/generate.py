@@ -82,25 +82,46 @@ def batch_seed(seed: int, keys: Sequence[str]) -> int:
     return int(stable_hash([seed, list(keys)], 15), 16)
 
 
+def generation_config(stops: Sequence[int], pad_id: int | None, max_new_tokens: int, temperature: float,
+                      top_p: float) -> Any:
+    """A GenerationConfig that depends on these settings alone: greedy at temperature 0, else nucleus sampling.
+
+    Every logits processor the model's own generation_config could switch on is set to off explicitly
+    (transformers fills unset fields from it), so the answer depends on the settings alone, as with vLLM's.
+    """
+    from transformers import GenerationConfig
+
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} \
+        if temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    neutral = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_p": None, "typical_p": None,
+               "encoder_repetition_penalty": 1.0, "length_penalty": 1.0, "min_new_tokens": 0,
+               "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+               "epsilon_cutoff": None, "eta_cutoff": None}
+    return GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=list(stops), pad_token_id=pad_id,
+                            use_cache=True, **neutral, **sampling)
+
+
+def left_padded(encoded: Sequence[Encoded], pad_id: int) -> tuple[Any, Any]:
+    """(input_ids, attention_mask) with left padding: every prompt ends where generation starts."""
+    import torch
+
+    width = max(len(e.ids) for e in encoded)
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, e in enumerate(encoded):
+        ids[row, width - len(e.ids):] = torch.tensor(e.ids)
+        mask[row, width - len(e.ids):] = 1
+    return ids, mask
+
+
 class HFGenerator:
     """transformers `generate` over left-padded batches of rendered ids, with the KV cache on."""
 
     def __init__(self, chat: LoadedModel, spec: GenerateSpec):
-        from transformers import GenerationConfig
-
         self.chat, self.spec = chat, spec
         self.stops = stop_ids(chat.tokenizer, chat.model.generation_config)
         self.pad_id = chat.tokenizer.pad_token_id
-        sampling = {"do_sample": True, "temperature": spec.temperature, "top_p": spec.top_p, "top_k": 0} \
-            if spec.temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        # Every logits processor the model's own generation_config could switch on is set to off explicitly
-        # (transformers fills unset fields from it): the answer depends on the spec alone, as with vLLM's.
-        neutral = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_p": None, "typical_p": None,
-                   "encoder_repetition_penalty": 1.0, "length_penalty": 1.0, "min_new_tokens": 0,
-                   "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
-                   "epsilon_cutoff": None, "eta_cutoff": None}
-        self.config = GenerationConfig(max_new_tokens=spec.max_new_tokens, eos_token_id=list(self.stops),
-                                       pad_token_id=self.pad_id, use_cache=True, **neutral, **sampling)
+        self.config = generation_config(self.stops, self.pad_id, spec.max_new_tokens, spec.temperature, spec.top_p)
 
     def numerics(self) -> dict[str, Any]:
         return {"backend": "hf", **numerics(self.chat)}
@@ -109,12 +130,8 @@ class HFGenerator:
         """One `generate` call for the batch; `keys` (row ids) seed it when sampling."""
         import torch
 
-        width = max(len(e.ids) for e in encoded)
-        ids = torch.full((len(encoded), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for row, e in enumerate(encoded):  # left padding: every prompt ends where generation starts
-            ids[row, width - len(e.ids):] = torch.tensor(e.ids)
-            mask[row, width - len(e.ids):] = 1
+        ids, mask = left_padded(encoded, self.pad_id)
+        width = ids.shape[1]
         if self.spec.temperature > 0:
             torch.manual_seed(batch_seed(self.spec.seed, keys))
         with torch.inference_mode():

@@ -301,4 +301,11 @@ def probe_meta(spec: JobSpec, probe: ProbeId) -> dict[str, Any]:
         "chat_model": spec.model.id, "rendering": spec.model.model_dump(
             include={"chat_template", "system_prompt", "max_length", "truncation"}),
         "threshold": spec.evaluate.probe_threshold,
+        # `guardray serve` loads exactly this model (id, revision, dtype, attention) and, for `guard: both`,
+        # this guard; `features_dtype` says how the training activations were stored (float16 rounds them)
+        "model": spec.model.model_dump(mode="json"),
+        "features_dtype": spec.extract.store_dtype,
+        "guard": {"spec": spec.guard.model_dump(mode="json"), "model": spec.guard_model.model_dump(mode="json"),
+                  "is_chat_model": spec.guard_is_chat, "threshold": spec.evaluate.guard_threshold}
+        if spec.guard.enabled else None,
     }

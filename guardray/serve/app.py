@@ -1,0 +1,172 @@
+"""The Ray Serve application: a FastAPI ingress over `GuardedChatModel`, with batching, bounded queueing and
+Prometheus metrics.
+
+Endpoints: `POST /v1/chat/completions` (OpenAI-compatible, `stream: true` as server-sent events; every response
+carries `guard`), `POST /v1/score` (probe scores of a batch of prompts, no generation), `GET /health`.
+
+Concurrent non-streamed completions are gathered by `@serve.batch` (up to `max_batch_size`, waiting at most
+`batch_wait_timeout_s`) and answered by one `generate` call per group of requests with the same decoding
+settings. Beyond `max_ongoing_requests` requests queue in Serve, beyond `max_queued_requests` they get 503.
+A request Serve cannot parse, or whose prompt does not fit, gets 400 with one message.
+
+Metrics (Ray's Prometheus export, the dashboard's Metrics tab): `guardray_serve_requests{endpoint,decision}`
+(decision: allow, flag, block), `guardray_serve_probe_score_sigmoid`, `guardray_serve_latency_ms{phase}` (phase: total,
+prefill, probe, guard_model).
+"""
+# No `from __future__ import annotations`: FastAPI reads the endpoints' annotations to parse request bodies.
+
+import asyncio
+import logging
+import math
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from starlette.concurrency import iterate_in_threadpool
+
+from guardray.errors import InputError, one_line
+from guardray.serve.api import (ChatCompletionRequest, ScoreRequest, ServeSettings, chunk, completion_body,
+                                score_body, sse, usage)
+from guardray.serve.engine import ChatRequest, Completion, Verdict
+
+log = logging.getLogger(__name__)
+api = FastAPI(title="guardray", description="A trained probe in front of its chat model.")
+
+#: Ray histograms take positive boundaries: the score is recorded through a sigmoid (for a logistic probe, its
+#: probability of unsafe; for any linear probe, a monotone squash of the score).
+SCORE_BOUNDARIES = [0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
+LATENCY_BOUNDARIES_MS = [0.1, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
+
+
+def _bad_request(message: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": "invalid_request_error"}}, status_code=400)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+    """One line naming the field (FastAPI's default is a 422 with a list)."""
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first.get("loc", ())[1:]) or "body"
+    return _bad_request(f"{where}: {first.get('msg', 'invalid')}")
+
+
+@api.exception_handler(InputError)
+async def _input_error(request: Request, error: InputError) -> JSONResponse:
+    return _bad_request(one_line(error))
+
+
+class ServeMetrics:
+    def __init__(self, probe: str):
+        from ray.util import metrics
+
+        self.tags = {"probe": probe}
+        self.requests = metrics.Counter("guardray_serve_requests", "Requests by endpoint and guard decision",
+                                        tag_keys=("probe", "endpoint", "decision"))
+        self.score = metrics.Histogram("guardray_serve_probe_score_sigmoid", "sigmoid(probe score) of served prompts",
+                                       boundaries=SCORE_BOUNDARIES, tag_keys=("probe",))
+        self.latency = metrics.Histogram("guardray_serve_latency_ms", "Latency by phase (ms)",
+                                         boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("probe", "phase"))
+
+    def record(self, endpoint: str, verdict: Verdict, total_ms: float | None = None) -> None:
+        self.requests.inc(tags={**self.tags, "endpoint": endpoint, "decision": verdict.decision})
+        if verdict.score is not None:
+            self.score.observe(1.0 / (1.0 + math.exp(-max(min(verdict.score, 50.0), -50.0))), tags=self.tags)
+        for phase, value in (("total", total_ms), ("prefill", verdict.prefill_ms), ("probe", verdict.probe_ms),
+                             ("guard_model", verdict.guard_model_ms)):
+            if value is not None:
+                self.latency.observe(value, tags={**self.tags, "phase": phase})
+
+
+@serve.deployment(name="guardray")
+@serve.ingress(api)
+class GuardrayServer:
+    """One replica: the chat model with its probe (and the guard model for 'model'/'both')."""
+
+    def __init__(self, settings: dict[str, Any]):
+        from guardray.serve.loading import load_guarded_model
+
+        self.settings = ServeSettings(**settings)
+        self.engine = load_guarded_model(self.settings)
+        self.model_name = self.engine.loaded.spec.id
+        self.metrics = ServeMetrics(self.engine.name)
+        self._batched.set_max_batch_size(self.settings.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+
+    @api.get("/health")
+    async def health(self) -> dict[str, Any]:
+        engine = self.engine
+        return {"status": "ok", "model": self.model_name, "probe": engine.name, "layer": engine.layer,
+                "pooling": engine.pooling, "threshold": engine.threshold, "policy": self.settings.policy,
+                "guard": self.settings.guard, "guard_model": engine.guard is not None, "steps": engine.steps}
+
+    @api.post("/v1/score")
+    async def score(self, body: ScoreRequest) -> dict[str, Any]:
+        verdicts = await asyncio.to_thread(self.engine.score, body.prompts)
+        for verdict in verdicts:
+            self.metrics.record("score", verdict)
+        return score_body(body.prompts, verdicts)
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, body: ChatCompletionRequest) -> Any:
+        started = asyncio.get_running_loop().time()
+        request = body.to_request(self.settings)
+        encoded = await asyncio.to_thread(self.engine.encode, request.messages)  # 400 before queueing
+        if body.stream:
+            return StreamingResponse(self._events(request), media_type="text/event-stream")
+        completion = await self._batched((request, encoded))
+        if isinstance(completion, Exception):
+            raise completion
+        self.metrics.record("chat", completion.verdict, (asyncio.get_running_loop().time() - started) * 1e3)
+        return completion_body(completion, self.model_name)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _batched(self, items: list[tuple[ChatRequest, Any]]) -> list[Completion | Exception]:
+        """Requests with the same decoding settings share one generate call; a failing group fails alone."""
+        results: list[Completion | Exception | None] = [None] * len(items)
+        groups: dict[Any, list[int]] = {}
+        for index, (request, _) in enumerate(items):
+            groups.setdefault(request.group(), []).append(index)
+        for members in groups.values():
+            try:
+                done = await asyncio.to_thread(self.engine.complete, [items[i][0] for i in members],
+                                               [items[i][1] for i in members])
+            except Exception as e:  # noqa: BLE001 - returned to each request of the group
+                log.exception("generate failed for %d requests", len(members))
+                done = [e] * len(members)
+            for index, result in zip(members, done):
+                results[index] = result
+        return results  # type: ignore[return-value]
+
+    async def _events(self, request: ChatRequest) -> AsyncIterator[str]:
+        """Server-sent events: the guard result first (before any token), text deltas, then the finish."""
+        stream_id, model = f"chatcmpl-{uuid.uuid4().hex}", self.model_name
+        started = asyncio.get_running_loop().time()
+        async for item in iterate_in_threadpool(self.engine.stream(request)):
+            if isinstance(item, Verdict):
+                yield sse(chunk(stream_id, model, {"role": "assistant", "content": ""}, guard=item.to_dict()))
+            elif isinstance(item, str):
+                yield sse(chunk(stream_id, model, {"content": item}))
+            else:
+                if item.finish_reason == "content_filter":
+                    yield sse(chunk(stream_id, model, {"content": item.text}))
+                self.metrics.record("chat", item.verdict, (asyncio.get_running_loop().time() - started) * 1e3)
+                yield sse(chunk(stream_id, model, {}, item.finish_reason, guard=item.verdict.to_dict(),
+                                 usage=usage(item)))
+        yield "data: [DONE]\n\n"
+
+
+def build_app(settings: ServeSettings) -> serve.Application:
+    """The application `guardray serve` runs and a Serve config's `import_path` names (`app_builder`)."""
+    actor_options = {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus}
+    return GuardrayServer.options(
+        num_replicas=settings.num_replicas, ray_actor_options=actor_options,
+        max_ongoing_requests=settings.max_ongoing_requests, max_queued_requests=settings.max_queued_requests,
+    ).bind(settings.model_dump())
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """For `serve run guardray.serve.app:app_builder artifact=...` and `serve deploy cluster/serve.yaml`."""
+    return build_app(ServeSettings(**args))

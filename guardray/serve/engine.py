@@ -1,0 +1,352 @@
+"""The chat model with a trained probe on its residual stream, scored in the prefill pass generation runs anyway.
+
+A forward hook on decoder block `layer` fires during `generate`'s first forward (the prefill, over the whole
+prompt), pools that block's output exactly as the features stage does (`guardray.activations.pool`) and scores
+the probe (`guardray.probes.artifact`). No second model and no second pass: the probe adds one pooling and one
+dot product per prompt. Where every row of the batch is to be blocked, the hook ends the prefill right there,
+so a blocked prompt never reaches the upper blocks, the LM head or a decoding step; in a batch that mixes
+blocked and allowed rows, the blocked rows are forced to end at their first step and their output is dropped.
+
+Guard modes (`GUARD_MODES`): 'none' (the model alone, the benchmark's baseline), 'probe', 'model' (a separate
+guard-model call before generation: the LlamaGuard-style scoring of the features stage), 'both' (the probe
+decides; the guard model's score rides along for a side-by-side comparison, shadow mode).
+
+This module knows nothing of HTTP or Ray: `guardray.serve.app` wraps it in a Ray Serve deployment.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from guardray.activations import Batch, decoder_layers, pool
+from guardray.errors import InputError
+from guardray.generate import generation_config, left_padded, split_stop, stop_ids
+from guardray.models import LoadedModel
+from guardray.rendering import TEMPLATE_DATE, Encoded, PromptRenderer, chat_renderer
+
+POLICIES = ("block", "flag")
+GUARD_MODES = ("none", "probe", "model", "both")
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one request decodes: greedy at temperature 0, else nucleus sampling (seeded when `seed` is set)."""
+
+    max_new_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """One conversation to answer: OpenAI-style messages whose last one is the user's."""
+
+    messages: tuple[tuple[str, str], ...]  # (role, content)
+    sampling: Sampling = Sampling()
+    policy: str = "flag"
+    guard: str = "probe"
+
+    def group(self) -> tuple[Any, ...]:
+        """Requests that can share one `generate` call."""
+        return (self.sampling, self.guard)
+
+
+@dataclass
+class Verdict:
+    """The guard result a response carries. `decision`: 'allow', 'flag' (over the threshold, answered and
+    marked) or 'block' (over the threshold, refused). Latencies in milliseconds: `prefill_ms` is the whole
+    prefill forward the probe rode on, `probe_ms` the probe's own pooling and scoring inside it."""
+
+    probe: str
+    threshold: float
+    score: float | None = None
+    decision: str = "allow"
+    prefill_ms: float | None = None
+    probe_ms: float | None = None
+    guard_model_score: float | None = None
+    guard_model_threshold: float | None = None
+    guard_model_ms: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str  # 'stop', 'length', or 'content_filter' (blocked: the refusal, nothing generated)
+    prompt_tokens: int
+    completion_tokens: int
+    verdict: Verdict
+
+
+@dataclass
+class _Prefill:
+    """What the hook saw during one `generate` call's prefill."""
+
+    batch: Batch
+    scores: np.ndarray | None = None
+    blocked: list[bool] = field(default_factory=list)
+    probe_s: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+    prefill_s: float | None = None
+
+
+class _AllBlocked(Exception):
+    """Raised by the probe hook to end a prefill whose every row is blocked."""
+
+
+class GuardedChatModel:
+    """A loaded chat model, its probe (layer, pooling, scorer) and the policy around them. Thread-safe: one
+    model call at a time (`lock`), since the hooks belong to the shared model."""
+
+    def __init__(self, loaded: LoadedModel, probe: Any, meta: dict[str, Any], threshold: float,
+                 refusal: str, guard: Any = None, guard_threshold: float = 0.0):
+        self.loaded, self.probe, self.meta = loaded, probe, meta
+        self.name, self.layer, self.pooling = meta["name"], int(meta["layer"]), meta["pooling"]
+        self.threshold, self.refusal = threshold, refusal
+        self.guard, self.guard_threshold = guard, guard_threshold
+        self.renderer = chat_renderer(loaded.tokenizer, loaded.spec)  # the features stage's own rendering
+        self.max_length, self.system_prompt = loaded.spec.max_length, loaded.spec.system_prompt
+        self.block = decoder_layers(loaded.model)[self.layer]
+        self.stops = stop_ids(loaded.tokenizer, loaded.model.generation_config)
+        self.pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else self.stops[0]
+        self.lock = threading.Lock()
+        self.steps = 0  # forward passes of the whole model (prefill and decoding), for tests and metrics
+        loaded.model.register_forward_hook(self._count_step)
+
+    # ------------------------------------------------------------------------------------------ rendering
+    def encode(self, messages: Sequence[tuple[str, str]]) -> Encoded:
+        """The prompt's ids as the features stage renders them: the spec's system prompt unless the request
+        has its own, the user's last message in the model's chat template. Over `max_length` → InputError
+        (the server does not cut a live prompt, as the features stage does for training)."""
+        history, (role, text) = tuple(messages[:-1]), messages[-1]
+        if role != "user":
+            raise InputError(f"messages: the last message must be the user's, not {role!r}")
+        system = self.system_prompt
+        if history and history[0][0] == "system":
+            (_, system), history = history[0], history[1:]
+        if not history and system == self.system_prompt:
+            renderer = self.renderer
+        elif not self.loaded.spec.chat_template:
+            raise InputError("messages: this model renders raw text (no chat template): send one user message")
+        else:
+            renderer = _renderer(self.loaded.tokenizer, history, system, self.max_length, self.loaded.spec.truncation)
+        encoded = renderer.encode(text)
+        if encoded.truncated:
+            raise InputError(f"messages: the prompt renders to {encoded.n_tokens} tokens; this server's max_length "
+                             f"is {self.max_length}")
+        return encoded
+
+    # ------------------------------------------------------------------------------------------- scoring
+    @torch.inference_mode()
+    def score(self, prompts: Sequence[str]) -> list[Verdict]:
+        """Probe scores without generating: the forward stops after the probe's block (as in the features
+        stage), so this costs a partial prefill."""
+        from guardray.activations import capture
+
+        encoded = [self.encode((("user", p),)) for p in prompts]
+        batch = Batch.build(encoded, self.pad_id, self.loaded.device)
+        with self.lock:
+            started = time.perf_counter()
+            pooled = capture(self.loaded.model, batch, [self.layer], [self.pooling])[(self.pooling, self.layer)]
+            forward = time.perf_counter() - started
+            scores = self.probe.score(pooled.cpu().numpy())
+            probe_s = time.perf_counter() - started - forward
+        return [self._verdict(float(s), "flag", forward, probe_s / len(prompts)) for s in scores]
+
+    def _verdict(self, score: float, policy: str, prefill_s: float | None, probe_s: float) -> Verdict:
+        over = score > self.threshold
+        return Verdict(self.name, self.threshold, score, ("block" if policy == "block" else "flag") if over else "allow",
+                       None if prefill_s is None else prefill_s * 1e3, probe_s * 1e3)
+
+    # ---------------------------------------------------------------------------------------- generation
+    def complete(self, requests: Sequence[ChatRequest], encoded: Sequence[Encoded] | None = None) -> list[Completion]:
+        """Answer requests that share a group (`ChatRequest.group`) in one `generate` call (`encoded`: their
+        `encode`, when the caller has it already)."""
+        encoded = encoded or [self.encode(r.messages) for r in requests]
+        with self.lock:
+            return self._complete(requests, encoded)
+
+    def stream(self, request: ChatRequest) -> Iterator[Verdict | str | Completion]:
+        """The verdict as soon as the prefill has it, then text pieces, then the finished Completion."""
+        from transformers import TextIteratorStreamer
+
+        encoded = self.encode(request.messages)
+        streamer = TextIteratorStreamer(self.loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        verdict_ready = threading.Event()
+        done: dict[str, Any] = {}
+
+        def on_verdict(verdict: Verdict) -> None:
+            done["verdict"] = verdict
+            verdict_ready.set()
+
+        def run() -> None:
+            try:
+                with self.lock:
+                    done["completion"] = self._complete([request], [encoded], streamer, on_verdict)[0]
+            except BaseException as e:  # noqa: BLE001 - reported to the consumer below
+                done["error"] = e
+            finally:
+                verdict_ready.set()
+                streamer.end()
+
+        thread = threading.Thread(target=run, name="guardray-stream", daemon=True)
+        thread.start()
+        verdict_ready.wait()
+        if "error" in done:
+            raise done["error"]
+        yield done["verdict"]
+        for piece in streamer:
+            if piece:
+                yield piece
+        thread.join()
+        if "error" in done:
+            raise done["error"]
+        yield done["completion"]
+
+    def _complete(self, requests: Sequence[ChatRequest], encoded: Sequence[Encoded], streamer: Any = None,
+                  on_verdict: Callable[[Verdict], None] | None = None) -> list[Completion]:
+        sampling, mode = requests[0].sampling, requests[0].guard
+        ids, mask = left_padded(encoded, self.pad_id)
+        width = ids.shape[1]
+        pads = torch.tensor([width - len(e.ids) for e in encoded])
+        batch = Batch(ids.to(self.loaded.device), mask.to(self.loaded.device),
+                      (torch.tensor([e.user_start for e in encoded]) + pads).to(self.loaded.device),
+                      (torch.tensor([e.user_end for e in encoded]) + pads).to(self.loaded.device))
+        verdicts = [Verdict(self.name, self.threshold) for _ in requests]
+        model_blocked = self._guard_model(requests, encoded, verdicts) if mode in ("model", "both") else []
+        state = _Prefill(batch, blocked=model_blocked or [False] * len(requests))
+        policies = [r.policy for r in requests]
+
+        def publish() -> None:  # streaming: the consumer gets the verdict before any token
+            if on_verdict is not None:
+                on_verdict(verdicts[0])
+
+        hooks = []
+        if mode in ("probe", "both"):
+            hooks.append(self.block.register_forward_hook(self._probe_hook(state, policies, verdicts, publish)))
+        hooks.append(self.loaded.model.register_forward_hook(self._prefill_end(state)))
+        if mode not in ("probe", "both"):
+            publish()
+        config = generation_config(self.stops, self.pad_id, sampling.max_new_tokens, sampling.temperature,
+                                   sampling.top_p)
+        if sampling.temperature > 0 and sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        try:
+            if all(state.blocked):
+                raise _AllBlocked
+            with torch.inference_mode():
+                out = self.loaded.model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                                 generation_config=config, streamer=streamer,
+                                                 logits_processor=[_EndBlockedRows(state, self.stops[0])])
+            generated = out[:, width:].tolist()
+        except _AllBlocked:
+            generated = [[] for _ in requests]
+        finally:
+            for hook in hooks:
+                hook.remove()
+        completions = []
+        for row, (request, verdict) in enumerate(zip(requests, verdicts)):
+            if verdict.prefill_ms is None and state.prefill_s is not None:
+                verdict.prefill_ms = state.prefill_s * 1e3
+            if state.blocked[row]:
+                completions.append(Completion(self.refusal, "content_filter", len(encoded[row].ids), 0, verdict))
+                continue
+            generation = split_stop(generated[row], self.stops, sampling.max_new_tokens)
+            text = self.loaded.tokenizer.decode(generation.tokens, skip_special_tokens=True)
+            completions.append(Completion(text, generation.finish_reason, len(encoded[row].ids),
+                                          len(generation.tokens), verdict))
+        return completions
+
+    def _probe_hook(self, state: _Prefill, policies: list[str], verdicts: list[Verdict],
+                    publish: Callable[[], None]) -> Callable[..., None]:
+        def hook(module: Any, args: Any, output: Any) -> None:
+            if state.scores is not None:  # a decoding step: the probe read the prefill already
+                return
+            started = time.perf_counter()
+            hidden = output[0] if isinstance(output, tuple) else output
+            scores = self.probe.score(pool(hidden, state.batch, self.pooling).cpu().numpy())
+            state.scores, state.probe_s = scores, time.perf_counter() - started
+            for row, score in enumerate(scores):
+                judged = self._verdict(float(score), policies[row], None, state.probe_s / len(scores))
+                verdicts[row].score, verdicts[row].decision = judged.score, judged.decision
+                verdicts[row].probe_ms = judged.probe_ms
+                state.blocked[row] = state.blocked[row] or judged.decision == "block"
+            if all(state.blocked):  # the prefill ends here, at the probe's block
+                state.prefill_s = time.perf_counter() - state.started
+                publish()
+                raise _AllBlocked
+            publish()
+
+        return hook
+
+    @staticmethod
+    def _prefill_end(state: _Prefill) -> Callable[..., None]:
+        def hook(module: Any, args: Any, output: Any) -> None:
+            if state.prefill_s is None:
+                state.prefill_s = time.perf_counter() - state.started
+
+        return hook
+
+    def _count_step(self, module: Any, args: Any, output: Any) -> None:
+        self.steps += 1
+
+    def _guard_model(self, requests: Sequence[ChatRequest], encoded: Sequence[Encoded],
+                     verdicts: list[Verdict]) -> list[bool]:
+        """The separate guard-model call ('model', 'both'): the moderation prompt over each user text. In
+        'model' mode its score decides; in 'both' it is reported beside the probe's."""
+        if self.guard is None:
+            raise InputError("guard: this server has no guard model (the probe's run had none, or it was not loaded)")
+        started = time.perf_counter()
+        texts = [r.messages[-1][1] for r in requests]
+        columns = self.guard.score(self.guard.renderer.encode_many(texts))
+        spent = (time.perf_counter() - started) * 1e3 / len(requests)
+        blocked = []
+        for row, (request, verdict) in enumerate(zip(requests, verdicts)):
+            score = float(columns["guard_score"][row])
+            verdict.guard_model_score, verdict.guard_model_threshold = score, self.guard_threshold
+            verdict.guard_model_ms = spent
+            over = score > self.guard_threshold
+            if request.guard == "model":
+                verdict.decision = ("block" if request.policy == "block" else "flag") if over else "allow"
+            blocked.append(request.guard == "model" and over and request.policy == "block")
+        return blocked
+
+
+class _EndBlockedRows:
+    """A logits processor that ends blocked rows at their first step (their output is replaced by the refusal)."""
+
+    def __init__(self, state: _Prefill, eos_id: int):
+        self.state, self.eos_id = state, eos_id
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        rows = [row for row, blocked in enumerate(self.state.blocked) if blocked]
+        if rows:
+            scores[rows] = float("-inf")
+            scores[rows, self.eos_id] = 0.0
+        return scores
+
+
+@lru_cache(maxsize=64)
+def _renderer(tokenizer: Any, history: tuple[tuple[str, str], ...], system: str | None,
+              max_length: int, truncation: str) -> PromptRenderer:
+    """The renderer of a conversation's last user turn after `history` (cached per distinct conversation
+    head); a single user turn uses `chat_renderer`, exactly the features stage's rendering."""
+
+    def template(text: str) -> str:
+        messages = ([{"role": "system", "content": system}] if system else []) + \
+            [{"role": role, "content": content} for role, content in history] + [{"role": "user", "content": text}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             date_string=TEMPLATE_DATE)
+
+    return PromptRenderer(tokenizer, template, max_length, truncation)
+

@@ -1,0 +1,185 @@
+"""`guardray serve` for real: a small job trains a probe on SmolLM2 (features stored as float32), Ray Serve
+serves it over HTTP on 127.0.0.1, and its scores are checked against the features stage's own activations."""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+import yaml
+
+from guardray.probes import artifact
+from tests.conftest import small_spec, write_spec
+
+LAYER, POOLING = 8, "mean"
+TOLERANCE = 1e-4  # float32 features: only the padding side (right in the features stage, left here) differs
+
+
+@pytest.fixture(scope="module")
+def trained(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A job through its probes stage: one probe on the mean of block 8, the chat model as the guard."""
+    from guardray.runner import run_job
+    from guardray.spec import load_spec
+
+    out = tmp_path_factory.mktemp("serve-run")
+    spec = small_spec(str(out), dataset={"sources": [{"type": "advbench", "limit": 24},
+                                                     {"type": "sharegpt", "limit": 24}]},
+                      model={"id": "smollm2-135m-instruct", "dtype": "float32", "max_length": 160},
+                      extract={"layers": [LAYER], "poolings": [POOLING], "actors": 1, "num_cpus_per_actor": 2,
+                               "store_dtype": "float32", "rows_per_shard": 64},
+                      guard={"enabled": True, "max_length": 512, "safe_token": " safe", "unsafe_token": " unsafe"},
+                      probes={"grid": [{"type": "logistic_regression", "preprocessing": "standardize",
+                                        "params": {"C": 0.1}}], "cv": {"folds": 2}})
+    results = run_job(load_spec(write_spec(out / "job.yaml", spec)), ["probes"])
+    features = pads.dataset(Path(results["features"]["dir"]) / "parts").to_table()
+    dataset = pads.dataset(Path(results["dataset"]["dir"]) / "dataset.parquet").to_table()
+    prompts = dict(zip(dataset.column("id").to_pylist(), dataset.column("prompt").to_pylist()))
+    kept = [row for row, t in enumerate(features.column("truncated").to_pylist()) if not t]  # a server refuses cuts
+    probe = artifact.load(Path(results["probes"]["dir"]) / "artifacts" / results["probes"]["best"]["name"])
+    x = np.stack(features.column(f"act_{POOLING}_L{LAYER}").to_numpy(zero_copy_only=False))[kept]
+    ids = [features.column("id")[row].as_py() for row in kept]
+    return {"out": out, "probe": probe, "prompts": [prompts[i] for i in ids], "x": x, "expected": probe.score(x),
+            "guard_score": features.column("guard_score").to_numpy()[kept]}
+
+
+@pytest.fixture(scope="module")
+def server(trained: dict[str, Any]) -> Iterator[str]:
+    from ray import serve
+
+    from guardray.serve.api import ServeSettings
+    from guardray.serve.deploy import start
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = ServeSettings(artifact=str(trained["out"]), guard="both", max_tokens=32, max_batch_size=8,
+                             refusal="Refused by guardray.")
+    url = start(settings, "127.0.0.1", port)
+    yield url
+    serve.shutdown()
+
+
+def _post(url: str, body: Any, raw: bytes | None = None) -> tuple[int, Any]:
+    request = urllib.request.Request(url, data=raw if raw is not None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            text = response.read().decode()
+            return response.status, text if text.startswith("data:") else json.loads(text)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read().decode())
+
+
+def _chat(url: str, prompt: str, **fields: Any) -> tuple[int, Any]:
+    body = {"model": "smollm2", "messages": [{"role": "user", "content": prompt}], "max_tokens": 2,
+            "guard": "probe", **fields}
+    return _post(f"{url}/v1/chat/completions", body)
+
+
+def _steps(url: str) -> int:
+    return json.loads(urllib.request.urlopen(f"{url}/health", timeout=30).read())["steps"]
+
+
+def test_scores_equal_the_probe_on_the_features_stage_activations(server: str, trained: dict[str, Any]) -> None:
+    prompts, expected = trained["prompts"][:12], trained["expected"][:12]
+    status, body = _post(f"{server}/v1/score", {"prompts": prompts})
+    assert status == 200, body
+    scored = np.array([row["score"] for row in body["data"]])
+    np.testing.assert_allclose(scored, expected, atol=TOLERANCE, rtol=0)
+    # the same probe fed float16-stored features: off by at most |w/scale| . |x| . 2^-11 (float16's half ulp)
+    x16 = trained["x"][:12].astype(np.float16).astype(np.float64)
+    probe = trained["probe"]
+    bound = np.abs(trained["x"][:12]) @ np.abs(probe.weight / probe.scale) * 2.0 ** -11
+    assert np.all(np.abs(probe.score(x16) - scored) <= bound + TOLERANCE)
+    assert {row["decision"] for row in body["data"]} <= {"allow", "flag"}
+
+    status, chat = _chat(server, prompts[0])  # the probe read generation's own prefill
+    assert status == 200 and chat["object"] == "chat.completion"
+    guard = chat["guard"]
+    assert abs(guard["score"] - expected[0]) < TOLERANCE and guard["probe"] == trained["probe"].meta["name"]
+    assert guard["prefill_ms"] > guard["probe_ms"] > 0 and guard["threshold"] == 0.0
+    assert chat["usage"]["completion_tokens"] >= 1 and chat["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_block_refuses_without_a_generation_step_and_flag_generates(server: str, trained: dict[str, Any]) -> None:
+    worst = int(np.argmax(trained["expected"]))  # a clearly harmful training prompt (AdvBench)
+    assert trained["expected"][worst] > 0
+    before = _steps(server)
+    status, blocked = _chat(server, trained["prompts"][worst], policy="block")
+    assert status == 200 and blocked["choices"][0]["message"]["content"] == "Refused by guardray."
+    assert blocked["choices"][0]["finish_reason"] == "content_filter" and blocked["guard"]["decision"] == "block"
+    assert blocked["usage"]["completion_tokens"] == 0 and _steps(server) == before  # no full forward ran at all
+
+    status, flagged = _chat(server, trained["prompts"][worst], policy="flag", max_tokens=3)
+    assert status == 200 and flagged["guard"]["decision"] == "flag" and flagged["usage"]["completion_tokens"] >= 1
+    assert _steps(server) > before and flagged["choices"][0]["message"]["content"] != "Refused by guardray."
+
+    # shadow mode: the guard model's score beside the probe's, equal to the features stage's guard_score
+    status, both = _chat(server, trained["prompts"][worst], guard="both", policy="flag")
+    assert status == 200 and both["guard"]["decision"] == "flag"
+    assert abs(both["guard"]["guard_model_score"] - trained["guard_score"][worst]) < 1e-3
+
+
+def test_streaming_carries_the_guard_result(server: str, trained: dict[str, Any]) -> None:
+    status, text = _chat(server, trained["prompts"][1], stream=True, max_tokens=4)
+    assert status == 200
+    events = [line.removeprefix("data: ") for line in text.split("\n\n") if line]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert abs(chunks[0]["guard"]["score"] - trained["expected"][1]) < TOLERANCE  # before any token
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length") and "guard" in chunks[-1]
+    streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    status, whole = _chat(server, trained["prompts"][1], max_tokens=4)
+    assert streamed == whole["choices"][0]["message"]["content"]  # greedy: the same answer either way
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role: Input should be"),
+    ({"messages": []}, "messages: List should have at least 1 item"),
+    ({"prompt": "hi"}, "messages: Field required"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+     "messages: the last message must be the user's"),
+    ({"messages": [{"role": "user", "content": "word " * 400}]}, "tokens; this server's max_length is 160"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 33}, "max_tokens: 33 is over this server's limit"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, "temperature: Input should be greater"),
+    (None, "JSON decode error"),
+])
+def test_malformed_requests_get_400_with_one_message(server: str, body: Any, message: str) -> None:
+    status, answer = _post(f"{server}/v1/chat/completions", body, raw=b"{not json" if body is None else None)
+    assert status == 400 and message in answer["error"]["message"], answer
+    assert "\n" not in answer["error"]["message"]
+
+
+def test_concurrent_requests_each_get_their_own_score(server: str, trained: dict[str, Any]) -> None:
+    picks = [i % len(trained["prompts"]) for i in range(0, 96, 3)][:32]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda i: _chat(server, trained["prompts"][i]), picks))
+    assert [status for status, _ in answers] == [200] * len(picks)
+    scores = np.array([body["guard"]["score"] for _, body in answers])
+    np.testing.assert_allclose(scores, trained["expected"][picks], atol=TOLERANCE, rtol=0)
+
+
+def test_cli_serve_refuses_a_bad_target_and_writes_a_serve_config(trained: dict[str, Any], tmp_path: Path) -> None:
+    cli = [sys.executable, "-m", "guardray", "serve"]
+    missing = subprocess.run([*cli, str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "not a job output" in missing.stderr
+    wrong = subprocess.run([*cli, str(trained["out"]), "--probe", "nope"], capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 2 and "--probe 'nope': not in" in wrong.stderr
+    config = tmp_path / "serve.yaml"
+    written = subprocess.run([*cli, str(trained["out"]), "--policy", "block", "--write-config", str(config)],
+                             capture_output=True, text=True, timeout=120)
+    assert written.returncode == 0, written.stderr
+    (app,) = yaml.safe_load(config.read_text())["applications"]
+    assert app["import_path"] == "guardray.serve.app:app_builder"
+    assert app["args"] == {"artifact": str(trained["out"]), "policy": "block"}
+    assert yaml.safe_load(config.read_text())["http_options"]["host"] == "127.0.0.1"
