@@ -18,6 +18,8 @@ from guardray.storage import Location
 MARKER = "_SUCCESS"
 #: Bumped when a stage's output format changes, so old directories are not reused.
 FORMAT_VERSION = 2  # 2: features parts named by row range, dataset.parquet with 1,024-row row groups
+#: A stage's own format, where it changed alone (its directory, and those after it, are recomputed).
+STAGE_FORMATS = {"probes": 3}  # 3: artifacts record the model spec, the features dtype and the guard (serving)
 
 
 def stable_hash(payload: Any, length: int = 12) -> str:
@@ -36,7 +38,7 @@ class StageDir:
 
     @classmethod
     def for_stage(cls, output: Location, stage: str, part: dict[str, Any], upstream: dict[str, str]) -> "StageDir":
-        key = {"stage": stage, "format": FORMAT_VERSION, "spec": part, "inputs": upstream}
+        key = {"stage": stage, "format": STAGE_FORMATS.get(stage, FORMAT_VERSION), "spec": part, "inputs": upstream}
         return cls(stage, key, output.join(f"{stage}-{stable_hash(key)}"))
 
     @property

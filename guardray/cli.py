@@ -127,7 +127,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.write_config:
         from guardray.serve.deploy import write_serve_config
 
-        write_serve_config(args.write_config, settings, args.host, args.port)
+        # the config pins the probe's own directory: a later run of the job must not change what a cluster serves
+        pinned = settings.model_copy(update={"artifact": served.uri, "probe": None})
+        write_serve_config(args.write_config, pinned, args.host, args.port)
         print(f"wrote {args.write_config}: `serve deploy {args.write_config}` (artifact {served.uri})")
         return EXIT_OK
     from guardray.serve.deploy import run_server

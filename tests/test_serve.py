@@ -6,6 +6,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -168,6 +169,20 @@ def test_concurrent_requests_each_get_their_own_score(server: str, trained: dict
     scores = np.array([body["guard"]["score"] for _, body in answers])
     np.testing.assert_allclose(scores, trained["expected"][picks], atol=TOLERANCE, rtol=0)
 
+    # the counters and histograms reach Ray's Prometheus export (the dashboard's Metrics tab reads it)
+    import ray
+
+    port = ray._private.worker._global_node.metrics_export_port
+    wanted = {"ray_guardray_serve_requests_total", "ray_guardray_serve_latency_ms_bucket",
+              "ray_guardray_serve_probe_score_sigmoid_bucket"}
+    seen: set[str] = set()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not wanted <= seen:
+        exported = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        seen = {line.split("{")[0] for line in exported.splitlines() if line.startswith("ray_guardray_serve")}
+        time.sleep(2)
+    assert wanted <= seen, seen
+
 
 def test_cli_serve_refuses_a_bad_target_and_writes_a_serve_config(trained: dict[str, Any], tmp_path: Path) -> None:
     cli = [sys.executable, "-m", "guardray", "serve"]
@@ -181,5 +196,19 @@ def test_cli_serve_refuses_a_bad_target_and_writes_a_serve_config(trained: dict[
     assert written.returncode == 0, written.stderr
     (app,) = yaml.safe_load(config.read_text())["applications"]
     assert app["import_path"] == "guardray.serve.app:app_builder"
-    assert app["args"] == {"artifact": str(trained["out"]), "policy": "block"}
+    assert app["args"] == {"artifact": str(next((trained["out"]).glob("probes-*/artifacts/*/*"))), "policy": "block"}
     assert yaml.safe_load(config.read_text())["http_options"]["host"] == "127.0.0.1"
+
+
+def test_the_cluster_serve_config_names_a_real_builder_and_valid_settings() -> None:
+    from guardray.serve import app
+    from guardray.serve.api import ServeSettings
+    from tests.conftest import REPO
+
+    config = yaml.safe_load((REPO / "cluster/serve.yaml").read_text())
+    (application,) = config["applications"]
+    module, name = application["import_path"].split(":")
+    assert module == app.__name__ and callable(getattr(app, name))
+    settings = ServeSettings(**application["args"])
+    assert settings.artifact.startswith("gs://") and settings.num_gpus == 1 and settings.policy == "block"
+    assert config["http_options"]["host"] == "127.0.0.1"

@@ -46,7 +46,9 @@ def find_probe(target: str, name: str | None = None) -> ServedProbe:
     else:
         stage = _probes_stage(location)
         directory = stage.join("artifacts", _probe_name(stage, name))
-    served = ServedProbe(directory.uri, *_load(directory))
+    meta, probe = _load(directory)
+    meta.setdefault("name", directory.uri.rstrip("/").rsplit("/", 1)[-1])  # artifacts before names were recorded
+    served = ServedProbe(directory.uri, meta, probe)
     _check(served)
     return served
 
