@@ -90,7 +90,8 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    settings = ServeSettings(artifact=str(args.run), guard="both", max_batch_size=8, max_tokens=args.max_tokens)
+    settings = ServeSettings(artifact=str(args.run), guard="both", max_batch_size=8, max_tokens=args.max_tokens,
+                             allow_request_overrides=True)  # each request names its mode
     url = start(settings, "127.0.0.1", port) + "/v1/chat/completions"
     health = json.loads(urllib.request.urlopen(url.replace("/v1/chat/completions", "/health")).read())
     prompts = holdout_prompts(args.run, args.requests)

@@ -91,8 +91,9 @@ def pool(hidden: torch.Tensor, batch: Batch, pooling: str) -> torch.Tensor:
         weights = batch.attention_mask.bool()
     else:
         raise InputError(f"extract.poolings: unknown pooling '{pooling}'")
-    weights = weights.float()[:, :, None]
-    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+    weights = weights[:, :, None]  # where, not a product: a padded position's NaN (some SDPA kernels) stays out
+    total = torch.where(weights, hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device)).sum(dim=1)
+    return total / weights.float().sum(dim=1).clamp(min=1.0)
 
 
 @torch.inference_mode()

@@ -124,17 +124,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise InputError(one_line(e)) from None
     served = find_probe(settings.artifact, settings.probe)  # a bad path or probe name: exit 2 before Ray starts
+    # pinned to the probe's own directory: a later run of the job must not change what a replica (a restarted
+    # or an added one) serves
+    pinned = settings.model_copy(update={"artifact": served.uri, "probe": None})
     if args.write_config:
         from guardray.serve.deploy import write_serve_config
 
-        # the config pins the probe's own directory: a later run of the job must not change what a cluster serves
-        pinned = settings.model_copy(update={"artifact": served.uri, "probe": None})
         write_serve_config(args.write_config, pinned, args.host, args.port)
         print(f"wrote {args.write_config}: `serve deploy {args.write_config}` (artifact {served.uri})")
         return EXIT_OK
     from guardray.serve.deploy import run_server
 
-    return run_server(settings, args.host, args.port, args.address, served)
+    return run_server(pinned, args.host, args.port, args.address, served)
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

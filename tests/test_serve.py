@@ -21,13 +21,14 @@ import yaml
 from guardray.probes import artifact
 from tests.conftest import small_spec, write_spec
 
-LAYER, POOLING = 8, "mean"
+LAYER = 8
 TOLERANCE = 1e-4  # float32 features: only the padding side (right in the features stage, left here) differs
 
 
 @pytest.fixture(scope="module")
 def trained(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A job through its probes stage: one probe on the mean of block 8, the chat model as the guard."""
+    """A job through its probes stage: probes on the last token and the mean of block 8, the chat model as the
+    guard. `expected(name)`: a probe's scores on the features stage's stored activations."""
     from guardray.runner import run_job
     from guardray.spec import load_spec
 
@@ -35,7 +36,7 @@ def trained(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     spec = small_spec(str(out), dataset={"sources": [{"type": "advbench", "limit": 24},
                                                      {"type": "sharegpt", "limit": 24}]},
                       model={"id": "smollm2-135m-instruct", "dtype": "float32", "max_length": 160},
-                      extract={"layers": [LAYER], "poolings": [POOLING], "actors": 1, "num_cpus_per_actor": 2,
+                      extract={"layers": [LAYER], "poolings": ["last", "mean"], "actors": 1, "num_cpus_per_actor": 2,
                                "store_dtype": "float32", "rows_per_shard": 64},
                       guard={"enabled": True, "max_length": 512, "safe_token": " safe", "unsafe_token": " unsafe"},
                       probes={"grid": [{"type": "logistic_regression", "preprocessing": "standardize",
@@ -45,11 +46,18 @@ def trained(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     dataset = pads.dataset(Path(results["dataset"]["dir"]) / "dataset.parquet").to_table()
     prompts = dict(zip(dataset.column("id").to_pylist(), dataset.column("prompt").to_pylist()))
     kept = [row for row, t in enumerate(features.column("truncated").to_pylist()) if not t]  # a server refuses cuts
-    probe = artifact.load(Path(results["probes"]["dir"]) / "artifacts" / results["probes"]["best"]["name"])
-    x = np.stack(features.column(f"act_{POOLING}_L{LAYER}").to_numpy(zero_copy_only=False))[kept]
     ids = [features.column("id")[row].as_py() for row in kept]
-    return {"out": out, "probe": probe, "prompts": [prompts[i] for i in ids], "x": x, "expected": probe.score(x),
-            "guard_score": features.column("guard_score").to_numpy()[kept]}
+    artifacts = Path(results["probes"]["dir"]) / "artifacts"
+
+    def expected(name: str) -> tuple[Any, np.ndarray, np.ndarray]:
+        probe = artifact.load(artifacts / name)
+        x = np.stack(features.column(probe.meta["feature"]).to_numpy(zero_copy_only=False))[kept]
+        return probe, x, probe.score(x)
+
+    probe, x, scores = expected(results["probes"]["best"]["name"])
+    return {"out": out, "probe": probe, "prompts": [prompts[i] for i in ids], "x": x, "expected": scores,
+            "guard_score": features.column("guard_score").to_numpy()[kept], "expected_of": expected,
+            "names": [p["name"] for p in results["probes"]["probes"]]}
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +71,7 @@ def server(trained: dict[str, Any]) -> Iterator[str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     settings = ServeSettings(artifact=str(trained["out"]), guard="both", max_tokens=32, max_batch_size=8,
-                             refusal="Refused by guardray.")
+                             refusal="Refused by guardray.", allow_request_overrides=True)
     url = start(settings, "127.0.0.1", port)
     yield url
     serve.shutdown()
@@ -153,7 +161,7 @@ def test_streaming_carries_the_guard_result(server: str, trained: dict[str, Any]
     ({"messages": [{"role": "user", "content": "word " * 400}]}, "tokens; this server's max_length is 160"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 33}, "max_tokens: 33 is over this server's limit"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, "temperature: Input should be greater"),
-    (None, "JSON decode error"),
+    (None, "body: invalid JSON"),
 ])
 def test_malformed_requests_get_400_with_one_message(server: str, body: Any, message: str) -> None:
     status, answer = _post(f"{server}/v1/chat/completions", body, raw=b"{not json" if body is None else None)
@@ -168,6 +176,7 @@ def test_concurrent_requests_each_get_their_own_score(server: str, trained: dict
     assert [status for status, _ in answers] == [200] * len(picks)
     scores = np.array([body["guard"]["score"] for _, body in answers])
     np.testing.assert_allclose(scores, trained["expected"][picks], atol=TOLERANCE, rtol=0)
+    assert json.loads(urllib.request.urlopen(f"{server}/health", timeout=30).read())["largest_batch"] > 1
 
     # the counters and histograms reach Ray's Prometheus export (the dashboard's Metrics tab reads it)
     import ray
@@ -212,3 +221,39 @@ def test_the_cluster_serve_config_names_a_real_builder_and_valid_settings() -> N
     settings = ServeSettings(**application["args"])
     assert settings.artifact.startswith("gs://") and settings.num_gpus == 1 and settings.policy == "block"
     assert config["http_options"]["host"] == "127.0.0.1"
+
+
+def test_requests_may_only_tighten_the_servers_policy() -> None:
+    from guardray.errors import InputError
+    from guardray.serve.api import ChatCompletionRequest, ServeSettings
+
+    settings = ServeSettings(artifact="unused", policy="block")
+    ask = lambda **f: ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], **f)  # noqa: E731
+    with pytest.raises(InputError, match="policy: this server runs policy 'block'"):
+        ask(policy="flag").to_request(settings)
+    with pytest.raises(InputError, match="guard: this server runs guard 'probe'"):
+        ask(guard="none").to_request(settings)
+    assert ask(guard="both").to_request(settings).guard == "both"
+    assert ask(policy="flag").to_request(settings.model_copy(update={"allow_request_overrides": True})).policy == "flag"
+
+
+def test_one_generate_call_with_mixed_lengths_poolings_and_policies(trained: dict[str, Any]) -> None:
+    """The engine without HTTP: one batch whose rows differ in length (left padding moves the spans) and in
+    policy (a blocked row rides along, ended at its first step); each probe pooling scores its own row."""
+    from guardray.serve.api import ServeSettings
+    from guardray.serve.engine import ChatRequest, Sampling
+    from guardray.serve.loading import load_guarded_model
+
+    for name in trained["names"]:
+        engine = load_guarded_model(ServeSettings(artifact=str(trained["out"]), probe=name))
+        _, _, expected = trained["expected_of"](name)
+        worst = int(np.argmax(expected))
+        rows = [worst, *sorted(range(len(expected)), key=lambda r: len(trained["prompts"][r]))[:1],
+                max(range(len(expected)), key=lambda r: len(trained["prompts"][r]))]
+        requests = [ChatRequest(((("user", trained["prompts"][r]),)), Sampling(max_new_tokens=2),
+                                policy="block" if i == 0 else "flag") for i, r in enumerate(rows)]
+        done = engine.complete(requests)
+        np.testing.assert_allclose([c.verdict.score for c in done], expected[rows], atol=TOLERANCE, rtol=0)
+        assert done[0].finish_reason == "content_filter" and done[0].completion_tokens == 0
+        assert all(c.completion_tokens >= 1 and c.finish_reason != "content_filter" for c in done[1:]), name
+        assert engine.largest_batch == 3

@@ -24,11 +24,15 @@ class ServeSettings(BaseModel):
 
     artifact: str = Field(description="Job output, probes stage or probe artifact directory (local or gs://).")
     probe: str | None = Field(None, description="Probe name in a job's probes stage (default: its headline probe).")
-    threshold: float | None = Field(None, description="Decision threshold on the probe score (default: the artifact's).")
+    threshold: float | None = Field(None, allow_inf_nan=False,
+                                    description="Decision threshold on the probe score (default: the artifact's).")
     policy: Policy = Field("flag", description="Over the threshold: 'block' refuses without generating, 'flag' "
                            "answers and marks the response. A request may ask for either.")
     guard: GuardMode = Field("probe", description="'probe', 'both' (and the guard model, shadow mode), 'model' (the "
                              "guard model alone, before generation), 'none'.")
+    allow_request_overrides: bool = Field(
+        False, description="Let requests choose any `policy` and `guard` (a benchmark, a trusted caller). Without "
+        "it a request may only make its own check stricter: policy 'block', guard 'both'.")
     refusal: str = "I can't help with that request."
     device: str | None = Field(None, description="Override the artifact's model device ('cpu', 'cuda').")
     max_tokens: int = Field(256, ge=1, description="Default and upper bound of a request's max_tokens.")
@@ -69,9 +73,16 @@ class ChatCompletionRequest(BaseModel):
         asked = self.max_completion_tokens or self.max_tokens or settings.max_tokens
         if asked > settings.max_tokens:
             raise InputError(f"max_tokens: {asked} is over this server's limit of {settings.max_tokens}")
+        policy, guard = self.policy or settings.policy, self.guard or settings.guard
+        if not settings.allow_request_overrides:
+            if policy != settings.policy and policy != "block":
+                raise InputError(f"policy: this server runs policy {settings.policy!r}; a request may only ask "
+                                 "for 'block'")
+            if guard != settings.guard and not (settings.guard == "probe" and guard == "both"):
+                raise InputError(f"guard: this server runs guard {settings.guard!r}; a request may only add the "
+                                 "guard model to the probe ('both')")
         return ChatRequest(tuple((m.role, m.content) for m in self.messages),
-                           Sampling(asked, self.temperature, self.top_p, self.seed),
-                           self.policy or settings.policy, self.guard or settings.guard)
+                           Sampling(asked, self.temperature, self.top_p, self.seed), policy, guard)
 
 
 class ScoreRequest(BaseModel):

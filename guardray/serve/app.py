@@ -6,7 +6,8 @@ carries `guard`), `POST /v1/score` (probe scores of a batch of prompts, no gener
 
 Concurrent non-streamed completions are gathered by `@serve.batch` (up to `max_batch_size`, waiting at most
 `batch_wait_timeout_s`) and answered by one `generate` call per group of requests with the same decoding
-settings. Beyond `max_ongoing_requests` requests queue in Serve, beyond `max_queued_requests` they get 503.
+settings. Beyond `max_ongoing_requests` per replica requests queue in Serve; beyond `max_queued_requests`
+(per caller: each proxy) they get 503.
 A request Serve cannot parse, or whose prompt does not fit, gets 400 with one message.
 
 Metrics (Ray's Prometheus export, the dashboard's Metrics tab): `guardray_serve_requests{endpoint,decision}`
@@ -49,6 +50,8 @@ def _bad_request(message: str) -> JSONResponse:
 async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
     """One line naming the field (FastAPI's default is a 422 with a list)."""
     first = error.errors()[0]
+    if first.get("type") == "json_invalid":  # its location is a character offset, not a field
+        return _bad_request(f"body: invalid JSON ({first.get('ctx', {}).get('error', 'cannot parse')})")
     where = ".".join(str(part) for part in first.get("loc", ())[1:]) or "body"
     return _bad_request(f"{where}: {first.get('msg', 'invalid')}")
 
@@ -100,7 +103,8 @@ class GuardrayServer:
         engine = self.engine
         return {"status": "ok", "model": self.model_name, "probe": engine.name, "layer": engine.layer,
                 "pooling": engine.pooling, "threshold": engine.threshold, "policy": self.settings.policy,
-                "guard": self.settings.guard, "guard_model": engine.guard is not None, "steps": engine.steps}
+                "guard": self.settings.guard, "guard_model": engine.guard is not None, "steps": engine.steps,
+                "largest_batch": engine.largest_batch}
 
     @api.post("/v1/score")
     async def score(self, body: ScoreRequest) -> dict[str, Any]:
@@ -114,6 +118,7 @@ class GuardrayServer:
         started = asyncio.get_running_loop().time()
         request = body.to_request(self.settings)
         encoded = await asyncio.to_thread(self.engine.encode, request.messages)  # 400 before queueing
+        await asyncio.to_thread(self.engine.check, request)
         if body.stream:
             return StreamingResponse(self._events(request), media_type="text/event-stream")
         completion = await self._batched((request, encoded))
@@ -134,7 +139,7 @@ class GuardrayServer:
                 done = await asyncio.to_thread(self.engine.complete, [items[i][0] for i in members],
                                                [items[i][1] for i in members])
             except Exception as e:  # noqa: BLE001 - returned to each request of the group
-                log.exception("generate failed for %d requests", len(members))
+                log.error("generate failed for %d requests: %s", len(members), one_line(e))
                 done = [e] * len(members)
             for index, result in zip(members, done):
                 results[index] = result
@@ -144,17 +149,22 @@ class GuardrayServer:
         """Server-sent events: the guard result first (before any token), text deltas, then the finish."""
         stream_id, model = f"chatcmpl-{uuid.uuid4().hex}", self.model_name
         started = asyncio.get_running_loop().time()
-        async for item in iterate_in_threadpool(self.engine.stream(request)):
-            if isinstance(item, Verdict):
-                yield sse(chunk(stream_id, model, {"role": "assistant", "content": ""}, guard=item.to_dict()))
-            elif isinstance(item, str):
-                yield sse(chunk(stream_id, model, {"content": item}))
-            else:
-                if item.finish_reason == "content_filter":
-                    yield sse(chunk(stream_id, model, {"content": item.text}))
-                self.metrics.record("chat", item.verdict, (asyncio.get_running_loop().time() - started) * 1e3)
-                yield sse(chunk(stream_id, model, {}, item.finish_reason, guard=item.verdict.to_dict(),
-                                 usage=usage(item)))
+        try:
+            async for item in iterate_in_threadpool(self.engine.stream(request)):
+                if isinstance(item, Verdict):
+                    yield sse(chunk(stream_id, model, {"role": "assistant", "content": ""}, guard=item.to_dict()))
+                elif isinstance(item, str):
+                    yield sse(chunk(stream_id, model, {"content": item}))
+                else:
+                    if item.finish_reason == "content_filter":
+                        yield sse(chunk(stream_id, model, {"content": item.text}))
+                    self.metrics.record("chat", item.verdict, (asyncio.get_running_loop().time() - started) * 1e3)
+                    yield sse(chunk(stream_id, model, {}, item.finish_reason, guard=item.verdict.to_dict(),
+                                     usage=usage(item)))
+        except Exception as e:  # noqa: BLE001 - the status line is sent: the error goes in the stream
+            log.error("stream failed: %s", one_line(e))
+            kind = "invalid_request_error" if isinstance(e, InputError) else "server_error"
+            yield sse({"error": {"message": one_line(e), "type": kind}})
         yield "data: [DONE]\n\n"
 
 

@@ -121,6 +121,7 @@ class GuardedChatModel:
         self.pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else self.stops[0]
         self.lock = threading.Lock()
         self.steps = 0  # forward passes of the whole model (prefill and decoding), for tests and metrics
+        self.largest_batch = 0  # the most rows one of those passes ran
         loaded.model.register_forward_hook(self._count_step)
 
     # ------------------------------------------------------------------------------------------ rendering
@@ -140,7 +141,12 @@ class GuardedChatModel:
             raise InputError("messages: this model renders raw text (no chat template): send one user message")
         else:
             renderer = _renderer(self.loaded.tokenizer, history, system, self.max_length, self.loaded.spec.truncation)
-        encoded = renderer.encode(text)
+        try:
+            encoded = renderer.encode(text)
+        except InputError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a template refusing these messages (roles, order) is bad input
+            raise InputError(f"messages: the chat template refuses them: {type(e).__name__}: {e}") from None
         if encoded.truncated:
             raise InputError(f"messages: the prompt renders to {encoded.n_tokens} tokens; this server's max_length "
                              f"is {self.max_length}")
@@ -164,7 +170,7 @@ class GuardedChatModel:
         return [self._verdict(float(s), "flag", forward, probe_s / len(prompts)) for s in scores]
 
     def _verdict(self, score: float, policy: str, prefill_s: float | None, probe_s: float) -> Verdict:
-        over = score > self.threshold
+        over = _over(score, self.threshold)
         return Verdict(self.name, self.threshold, score, ("block" if policy == "block" else "flag") if over else "allow",
                        None if prefill_s is None else prefill_s * 1e3, probe_s * 1e3)
 
@@ -231,17 +237,17 @@ class GuardedChatModel:
             if on_verdict is not None:
                 on_verdict(verdicts[0])
 
-        hooks = []
-        if mode in ("probe", "both"):
-            hooks.append(self.block.register_forward_hook(self._probe_hook(state, policies, verdicts, publish)))
-        hooks.append(self.loaded.model.register_forward_hook(self._prefill_end(state)))
-        if mode not in ("probe", "both"):
-            publish()
         config = generation_config(self.stops, self.pad_id, sampling.max_new_tokens, sampling.temperature,
                                    sampling.top_p)
         if sampling.temperature > 0 and sampling.seed is not None:
             torch.manual_seed(sampling.seed)
+        hooks = []
         try:
+            if mode in ("probe", "both"):
+                hooks.append(self.block.register_forward_hook(self._probe_hook(state, policies, verdicts, publish)))
+            hooks.append(self.loaded.model.register_forward_hook(self._prefill_end(state)))
+            if mode not in ("probe", "both"):
+                publish()
             if all(state.blocked):
                 raise _AllBlocked
             with torch.inference_mode():
@@ -272,6 +278,7 @@ class GuardedChatModel:
         def hook(module: Any, args: Any, output: Any) -> None:
             if state.scores is not None:  # a decoding step: the probe read the prefill already
                 return
+            self._synchronize()  # on a GPU, the blocks below have finished: probe_ms is the probe's own
             started = time.perf_counter()
             hidden = output[0] if isinstance(output, tuple) else output
             scores = self.probe.score(pool(hidden, state.batch, self.pooling).cpu().numpy())
@@ -289,16 +296,31 @@ class GuardedChatModel:
 
         return hook
 
-    @staticmethod
-    def _prefill_end(state: _Prefill) -> Callable[..., None]:
+    def _prefill_end(self, state: _Prefill) -> Callable[..., None]:
         def hook(module: Any, args: Any, output: Any) -> None:
             if state.prefill_s is None:
+                self._synchronize()
                 state.prefill_s = time.perf_counter() - state.started
 
         return hook
 
+    def _synchronize(self) -> None:
+        if self.loaded.device.type == "cuda":
+            torch.cuda.synchronize(self.loaded.device)
+
     def _count_step(self, module: Any, args: Any, output: Any) -> None:
         self.steps += 1
+        self.largest_batch = max(self.largest_batch, output.logits.shape[0] if hasattr(output, "logits") else 0)
+
+    def check(self, request: ChatRequest) -> None:
+        """What can fail before a request is queued (a 400 for this request alone): the guard model's
+        presence and its rendering of the prompt."""
+        if request.guard in ("model", "both"):
+            if self.guard is None:
+                raise InputError(f"guard: {request.guard!r} needs the guard model, and this server runs without one")
+            failed = self.guard.renderer.encode_many([request.messages[-1][1]])[0]
+            if isinstance(failed, Exception):
+                raise InputError(f"messages: the guard model cannot render this prompt: {failed}")
 
     def _guard_model(self, requests: Sequence[ChatRequest], encoded: Sequence[Encoded],
                      verdicts: list[Verdict]) -> list[bool]:
@@ -308,18 +330,28 @@ class GuardedChatModel:
             raise InputError("guard: this server has no guard model (the probe's run had none, or it was not loaded)")
         started = time.perf_counter()
         texts = [r.messages[-1][1] for r in requests]
-        columns = self.guard.score(self.guard.renderer.encode_many(texts))
+        encoded = self.guard.renderer.encode_many(texts)
+        failed = next((e for e in encoded if isinstance(e, Exception)), None)
+        if failed is not None:
+            raise InputError(f"messages: the guard model cannot render this prompt: {failed}")
+        columns = self.guard.score(encoded)
         spent = (time.perf_counter() - started) * 1e3 / len(requests)
         blocked = []
         for row, (request, verdict) in enumerate(zip(requests, verdicts)):
             score = float(columns["guard_score"][row])
             verdict.guard_model_score, verdict.guard_model_threshold = score, self.guard_threshold
             verdict.guard_model_ms = spent
-            over = score > self.guard_threshold
+            over = _over(score, self.guard_threshold)
             if request.guard == "model":
                 verdict.decision = ("block" if request.policy == "block" else "flag") if over else "allow"
             blocked.append(request.guard == "model" and over and request.policy == "block")
         return blocked
+
+
+def _over(score: float, threshold: float) -> bool:
+    """At or over the threshold, as the report counts a positive (`evaluate.at_threshold`); a score that is not
+    a number (a broken forward) counts as over, so it is never waved through."""
+    return not score < threshold
 
 
 class _EndBlockedRows:
@@ -336,7 +368,7 @@ class _EndBlockedRows:
         return scores
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=8)  # each holds a private tokenizer copy: conversations with the same head share one
 def _renderer(tokenizer: Any, history: tuple[tuple[str, str], ...], system: str | None,
               max_length: int, truncation: str) -> PromptRenderer:
     """The renderer of a conversation's last user turn after `history` (cached per distinct conversation
