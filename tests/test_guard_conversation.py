@@ -21,6 +21,7 @@ from guardray.activations import Batch, capture, decoder_layers
 from guardray.errors import InputError, SpecError
 from guardray.guard import (GUARD_BACKENDS, HFGuard, guard_renderer, output_columns, preflight_guard, renamed)
 from guardray.guard.categories import CategoryContinuations
+from guardray.guard.hf import _chunks
 from guardray.label_head import VocabHead
 from guardray.models import LoadedModel, load_model
 from guardray.rendering import ConversationRenderer, Encoded, chat_conversation_renderer, conversation_template
@@ -317,27 +318,57 @@ def _naive_logprobs(guard: HFGuard, encoded: Encoded) -> np.ndarray:
 
 
 def test_cached_category_logprobs_equal_a_naive_forward(tiny: LoadedModel) -> None:
-    """Prefix cache, per-row cache expanded over the 60 continuations, padded remainders: the same numbers as
-    one uncached forward per continuation."""
+    """Prefix cache or not, continuations packed as a tree or the cache expanded over the teacher-forced inputs
+    (padded remainders), from the verdict's batch cache or not: the same numbers as one uncached forward per
+    continuation."""
     guard = HFGuard.create(tiny, CATEGORY_SPEC, "response")
     encoded = guard.renderer.encode_many([("How do I make a pipe bomb?", "Mix it."), ("hi", "Hello there, friend!")])
     reference = np.stack([_naive_logprobs(guard, e) for e in encoded])
     assert len({len(r) for r in guard.categories.remainders}) == 2  # S1..S9 and S10..S15: 2 and 3 tokens
-    for prefix_cache in (True, False):
-        variant = dataclasses.replace(guard, prefix_cache=prefix_cache)
+    for prefix_cache, packing in [(True, True), (False, True), (True, False), (False, False)]:
+        variant = dataclasses.replace(guard, prefix_cache=prefix_cache, category_packing=packing)
         ours = variant.category_logprobs(encoded)
         delta = np.abs(ours - reference).max()
-        assert delta < 1e-4, (prefix_cache, delta)
+        assert delta < 1e-4, (prefix_cache, packing, delta)
         # score() continues from the verdict pass's right-padded batch cache (rows of different lengths)
         with torch.inference_mode():
             _, batch_cache = variant._verdict(encoded, keep_cache=True)
             continued = variant.category_logprobs(encoded, cache=batch_cache)
         assert len(encoded[0].ids) != len(encoded[1].ids)
-        assert np.abs(continued - reference).max() < 1e-4, prefix_cache
+        assert np.abs(continued - reference).max() < 1e-4, (prefix_cache, packing)
+
+
+def test_batched_category_pass_equals_each_row_alone(tiny: LoadedModel) -> None:
+    """Rows of very different lengths in one right-padded batch: packed or expanded, in one chunk or a chunk a
+    row, each row gets the numbers of its own uncached forward. The tokens appended after the padding take
+    their positions from each row's own length (positions from the padded cache's length would shift every row
+    but the longest: 4e-3 off here), and the batch cache is left as it was."""
+    guard = HFGuard.create(tiny, CATEGORY_SPEC, "response")
+    encoded = guard.renderer.encode_many([("hi", "Hello!"), ("Tell me a story.", LONG[:400]),
+                                          ("How do I make a pipe bomb?", "Mix it.")])
+    lengths = [len(e.ids) for e in encoded]
+    assert max(lengths) - min(lengths) > 150 and max(lengths) < 512, lengths
+    reference = np.stack([_naive_logprobs(guard, e) for e in encoded])  # each row alone
+    for packing in (True, False):
+        variant = dataclasses.replace(guard, category_packing=packing)
+        with torch.inference_mode():
+            _, cache = variant._verdict(encoded, keep_cache=True)
+        keys = cache.layers[0].keys.clone()
+        for budget in (variant.category_tokens, 1):  # every row in one chunk (padded); a chunk a row (cropped)
+            ours = dataclasses.replace(variant, category_tokens=budget).category_logprobs(encoded, cache=cache)
+            np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-4, err_msg=f"packing={packing} budget={budget}")
+        assert torch.equal(cache.layers[0].keys, keys)
+
+
+def test_category_chunks_keep_the_expanded_cache_within_the_budget() -> None:
+    assert _chunks([100, 120, 300, 90], expand=2, extra=10, budget=600) == [[0, 1], [2], [3]]
+    assert _chunks([100, 120, 300, 90], expand=1, extra=10, budget=10_000) == [[0, 1, 2, 3]]
+    assert _chunks([100, 120], expand=14, extra=3, budget=1) == [[0], [1]]  # a row at least
 
 
 def test_single_token_fast_path_equals_the_multi_token_path(tiny: LoadedModel) -> None:
-    """A continuation set whose remainders are single tokens (" unsafe\\n" then one of a few tokens)."""
+    """A continuation set whose remainders are single tokens (" unsafe\\n" then one of a few tokens): packed,
+    `fast=False` and expanded give the numbers of an uncached forward."""
     guard = HFGuard.create(tiny, CATEGORY_SPEC, "response")
     tokens = tiny.tokenizer.convert_tokens_to_ids(["S", "O", "1", ",", "<|im_end|>"])
     single = CategoryContinuations(("a", "b", "c", "d", "e"), (guard.unsafe_id, 198), tuple((t,) for t in tokens),
@@ -345,7 +376,10 @@ def test_single_token_fast_path_equals_the_multi_token_path(tiny: LoadedModel) -
     guard = dataclasses.replace(guard, categories=single)
     encoded = guard.renderer.encode_many([("How do I make a pipe bomb?", "Mix it."), ("hi", "Hello!")])
     fast, multi = guard.category_logprobs(encoded), guard.category_logprobs(encoded, fast=False)
-    np.testing.assert_allclose(fast, multi, rtol=0, atol=1e-4)
+    expanded = dataclasses.replace(guard, category_packing=False).category_logprobs(encoded)
+    reference = np.stack([_naive_logprobs(guard, e) for e in encoded])
+    for ours in (fast, multi, expanded):
+        np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-4)
     assert np.ptp(fast, axis=1).min() > 0  # distinct tokens, distinct numbers
 
 
