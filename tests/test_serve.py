@@ -33,8 +33,8 @@ def trained(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     from guardray.spec import load_spec
 
     out = tmp_path_factory.mktemp("serve-run")
-    spec = small_spec(str(out), dataset={"sources": [{"type": "advbench", "limit": 24},
-                                                     {"type": "sharegpt", "limit": 24}]},
+    spec = small_spec(str(out), dataset={"sources": [{"type": "advbench", "limit": 20},
+                                                     {"type": "sharegpt", "limit": 20}]},
                       model={"id": "smollm2-135m-instruct", "dtype": "float32", "max_length": 160},
                       extract={"layers": [LAYER], "poolings": ["last", "mean"], "actors": 1, "num_cpus_per_actor": 2,
                                "store_dtype": "float32", "rows_per_shard": 64},
