@@ -12,6 +12,7 @@ ports and temp dir, and tears down exactly what it started.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -78,9 +79,11 @@ def fake_gpu_cluster() -> Iterator[dict[str, Any]]:
     finally:
         head.send_signal(signal.SIGTERM)
         try:
-            head.wait(timeout=20)
+            head.wait(timeout=3)  # a graceful stop takes its full timeout here; what is left is killed below
         except subprocess.TimeoutExpired:
             pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)
         _kill_leftovers(str(temp_dir))  # the fake worker nodes are the autoscaler's children, not the head's
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)

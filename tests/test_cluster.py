@@ -146,7 +146,7 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
     finally:
         head.send_signal(signal.SIGTERM)  # --block: ray stops the processes it started, nothing else
         try:
-            head.wait(timeout=15)
+            head.wait(timeout=3)  # a graceful stop takes its full timeout here; what is left is killed below
         except subprocess.TimeoutExpired:
             pass
         with contextlib.suppress(ProcessLookupError):  # whatever is left of this head's process group
