@@ -280,14 +280,15 @@ def _cut(tokens: list[int], budget: int, keep_last: bool, truncation: str) -> li
 TEMPLATE_DATE = "26 Jul 2024"
 
 
-def chat_template(tokenizer: Any, system_prompt: str | None) -> Callable[[str], str]:
-    """The tokenizer's chat template with the text as the user turn and the generation prompt appended (and a
-    fixed `date_string`, so a date-stamped template renders the same on every day)."""
+def chat_template(tokenizer: Any, system_prompt: str | None,
+                  history: Sequence[tuple[str, str]] = ()) -> Callable[[str], str]:
+    """The tokenizer's chat template with the text as the user turn (after `history`'s (role, content) turns,
+    for a served conversation) and the generation prompt appended (and a fixed `date_string`, so a
+    date-stamped template renders the same on every day)."""
 
     def render(text: str) -> str:
-        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-            {"role": "user", "content": text}
-        ]
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
+            [{"role": role, "content": content} for role, content in history] + [{"role": "user", "content": text}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
                                              date_string=TEMPLATE_DATE)
 

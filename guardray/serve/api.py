@@ -112,7 +112,7 @@ def chunk(stream_id: str, model: str, delta: dict[str, Any], finish_reason: str 
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra}
 
 
-def score_body(prompts: list[str], verdicts: list[Verdict]) -> dict[str, Any]:
+def score_body(verdicts: list[Verdict]) -> dict[str, Any]:
     return {"object": "list", "data": [{"index": i, **v.to_dict()} for i, v in enumerate(verdicts)]}
 
 

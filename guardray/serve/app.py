@@ -111,7 +111,7 @@ class GuardrayServer:
         verdicts = await asyncio.to_thread(self.engine.score, body.prompts)
         for verdict in verdicts:
             self.metrics.record("score", verdict)
-        return score_body(body.prompts, verdicts)
+        return score_body(verdicts)
 
     @api.post("/v1/chat/completions")
     async def chat(self, body: ChatCompletionRequest) -> Any:
@@ -120,7 +120,7 @@ class GuardrayServer:
         encoded = await asyncio.to_thread(self.engine.encode, request.messages)  # 400 before queueing
         await asyncio.to_thread(self.engine.check, request)
         if body.stream:
-            return StreamingResponse(self._events(request), media_type="text/event-stream")
+            return StreamingResponse(self._events(request, encoded), media_type="text/event-stream")
         completion = await self._batched((request, encoded))
         if isinstance(completion, Exception):
             raise completion
@@ -145,12 +145,12 @@ class GuardrayServer:
                 results[index] = result
         return results  # type: ignore[return-value]
 
-    async def _events(self, request: ChatRequest) -> AsyncIterator[str]:
+    async def _events(self, request: ChatRequest, encoded: Any) -> AsyncIterator[str]:
         """Server-sent events: the guard result first (before any token), text deltas, then the finish."""
         stream_id, model = f"chatcmpl-{uuid.uuid4().hex}", self.model_name
         started = asyncio.get_running_loop().time()
         try:
-            async for item in iterate_in_threadpool(self.engine.stream(request)):
+            async for item in iterate_in_threadpool(self.engine.stream(request, encoded)):
                 if isinstance(item, Verdict):
                     yield sse(chunk(stream_id, model, {"role": "assistant", "content": ""}, guard=item.to_dict()))
                 elif isinstance(item, str):

@@ -28,7 +28,7 @@ from guardray.activations import Batch, decoder_layers, pool
 from guardray.errors import InputError
 from guardray.generate import generation_config, left_padded, split_stop, stop_ids
 from guardray.models import LoadedModel
-from guardray.rendering import TEMPLATE_DATE, Encoded, PromptRenderer, chat_renderer
+from guardray.rendering import Encoded, PromptRenderer, chat_renderer, chat_template
 
 POLICIES = ("block", "flag")
 GUARD_MODES = ("none", "probe", "model", "both")
@@ -182,11 +182,12 @@ class GuardedChatModel:
         with self.lock:
             return self._complete(requests, encoded)
 
-    def stream(self, request: ChatRequest) -> Iterator[Verdict | str | Completion]:
-        """The verdict as soon as the prefill has it, then text pieces, then the finished Completion."""
+    def stream(self, request: ChatRequest, encoded: Encoded | None = None) -> Iterator[Verdict | str | Completion]:
+        """The verdict as soon as the prefill has it, then text pieces, then the finished Completion (`encoded`:
+        the request's `encode`, when the caller has it already)."""
         from transformers import TextIteratorStreamer
 
-        encoded = self.encode(request.messages)
+        encoded = encoded or self.encode(request.messages)
         streamer = TextIteratorStreamer(self.loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
         verdict_ready = threading.Event()
         done: dict[str, Any] = {}
@@ -374,11 +375,5 @@ def _renderer(tokenizer: Any, history: tuple[tuple[str, str], ...], system: str 
     """The renderer of a conversation's last user turn after `history` (cached per distinct conversation
     head); a single user turn uses `chat_renderer`, exactly the features stage's rendering."""
 
-    def template(text: str) -> str:
-        messages = ([{"role": "system", "content": system}] if system else []) + \
-            [{"role": role, "content": content} for role, content in history] + [{"role": "user", "content": text}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                             date_string=TEMPLATE_DATE)
-
-    return PromptRenderer(tokenizer, template, max_length, truncation)
+    return PromptRenderer(tokenizer, chat_template(tokenizer, system, history), max_length, truncation)
 
