@@ -37,7 +37,7 @@ from guardray.models import load_tokenizer, resolve_dtype, resolve_model_path
 from guardray.rendering import chat_renderer
 from guardray.sharded import ErrorBudget, RunTally, ShardedStage, drain, error_table, write_shard
 from guardray.shards import RangeReader, Shard, as_descriptors
-from guardray.spec import GenerateSpec, JobSpec
+from guardray.spec import GenerateSpec, JobSpec, spec_for_worker
 from guardray.storage import Location, resolve
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ class RenderShards:
     """Ray Data UDF: shard descriptors in, one row per prompt out (ids, or why rendering failed)."""
 
     def __init__(self, spec_json: dict[str, Any], dataset_uri: str):
-        spec = JobSpec.model_validate(spec_json)
+        spec = spec_for_worker(spec_json)
         self.renderer = chat_renderer(load_tokenizer(spec.model), spec.model)
         self.reader = RangeReader(resolve(dataset_uri))
 
@@ -169,7 +169,7 @@ class ShardWriter:
     def __init__(self, spec_json: dict[str, Any], out_uri: str, numerics: str, device: str):
         import ray
 
-        spec = JobSpec.model_validate(spec_json)
+        spec = spec_for_worker(spec_json)
         tokenizer = load_tokenizer(spec.model)
         self.stops = stop_ids(tokenizer, _generation_config(spec))
         self.tokenizer, self.max_new = tokenizer, spec.generate.max_new_tokens

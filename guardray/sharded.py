@@ -38,7 +38,7 @@ from guardray.errors import StageError, one_line
 from guardray.shards import (ERRORS_DIR, ERRORS_SCHEMA, NUMERICS_KEY, PARTS_DIR, PartCheck, RangeReader, Shard,
                              as_descriptors, dataset_rows, finished_shards, overlap_problem, part_schema, plan_shards,
                              tiling_problem, verify_all)
-from guardray.spec import ActorPoolSpec, JobSpec
+from guardray.spec import ActorPoolSpec, JobSpec, spec_for_worker
 from guardray.storage import Location, resolve
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ class ShardActor(abc.ABC):
 
         torch.set_num_threads(max(1, threads))
         self.device = check_actor_device()  # `model.device: auto` then picks cuda exactly when this says so
-        spec = JobSpec.model_validate(spec_json)
+        spec = spec_for_worker(spec_json)
         self.numerics = self.load(spec)
         self.reader = RangeReader(resolve(dataset_uri))
         self.out = resolve(out_uri)

@@ -234,3 +234,23 @@ def test_feedback_targets_need_the_response_guard() -> None:
                      probes={"targets": ["harmful", "slipped_through"]})
     with pytest.raises(SpecError, match="slipped_through are read from the response guard"):
         validate_spec(raw)
+
+
+def test_a_worker_rebuilds_the_spec_without_importing_scikit_learn(tmp_path: Path) -> None:
+    """Model actors and dataset tasks rebuild the driver's spec; the probe grid's estimator checks (scikit-learn,
+    SciPy: over a second of CPU per process) are the driver's job. A fresh interpreter shows what gets imported."""
+    import subprocess
+    import sys
+
+    spec = validate_spec(small_spec(str(tmp_path), probes={"grid": [{"type": "ridge", "params": {"alpha": [1, 2]}}]}))
+    code = ("import json, sys; from guardray.spec import spec_for_worker; "
+            "spec = spec_for_worker(json.loads(sys.argv[1])); "
+            "print(spec.probes.grid[0].type, 'sklearn' in sys.modules, 'scipy' in sys.modules)")
+    shown = subprocess.run([sys.executable, "-c", code, spec.model_dump_json()], capture_output=True, text=True,
+                           cwd=REPO, check=True).stdout.split()
+    assert shown == ["ridge", "False", "False"]
+    from guardray.spec import spec_for_worker
+
+    assert spec_for_worker(spec.model_dump(mode="json")) == spec
+    with pytest.raises(SpecError, match="probes.grid.0.type: unknown probe type 'rige'"):  # the driver still checks
+        validate_spec(small_spec(str(tmp_path), probes={"grid": [{"type": "rige"}]}))
