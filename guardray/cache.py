@@ -19,7 +19,7 @@ MARKER = "_SUCCESS"
 #: Bumped when a stage's output format changes, so old directories are not reused.
 FORMAT_VERSION = 2  # 2: features parts named by row range, dataset.parquet with 1,024-row row groups
 #: A stage's own format, where it changed alone (its directory, and those after it, are recomputed).
-STAGE_FORMATS = {"probes": 3}  # 3: artifacts record the model spec, the features dtype and the guard (serving)
+STAGE_FORMATS = {"probes": 4}  # 3: artifacts record the model spec, features dtype, guard; 4: numerics (serving)
 
 
 def stable_hash(payload: Any, length: int = 12) -> str:

@@ -70,7 +70,7 @@ def server(trained: dict[str, Any]) -> Iterator[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    settings = ServeSettings(artifact=str(trained["out"]), guard="both", max_tokens=32, max_batch_size=8,
+    settings = ServeSettings(artifact=str(trained["out"]), guard="both", max_tokens=200, max_batch_size=8,
                              refusal="Refused by guardray.", allow_request_overrides=True)
     url = start(settings, "127.0.0.1", port)
     yield url
@@ -110,6 +110,10 @@ def test_scores_equal_the_probe_on_the_features_stage_activations(server: str, t
     bound = np.abs(trained["x"][:12]) @ np.abs(probe.weight / probe.scale) * 2.0 ** -11
     assert np.all(np.abs(probe.score(x16) - scored) <= bound + TOLERANCE)
     assert {row["decision"] for row in body["data"]} <= {"allow", "flag"}
+    # the artifact records the features stage's numerics; this replica computes with the same ones
+    numerics = json.loads(urllib.request.urlopen(f"{server}/health", timeout=30).read())["numerics"]
+    assert numerics["trained"] == numerics["served"] == {"attention": "sdpa", "device": "cpu", "dtype": "float32"}
+    assert numerics["match"] is True
 
     status, chat = _chat(server, prompts[0])  # the probe read generation's own prefill
     assert status == 200 and chat["object"] == "chat.completion"
@@ -152,6 +156,33 @@ def test_streaming_carries_the_guard_result(server: str, trained: dict[str, Any]
     assert streamed == whole["choices"][0]["message"]["content"]  # greedy: the same answer either way
 
 
+def test_a_stream_whose_client_disconnects_stops_generating(server: str, trained: dict[str, Any]) -> None:
+    """Read the guard event and a few tokens of a 200-token answer, then hang up: the replica stops decoding
+    (Serve cancels the request) rather than generating the rest for nobody."""
+    health = lambda: json.loads(urllib.request.urlopen(f"{server}/health", timeout=30).read())  # noqa: E731
+    before = health()
+    body = {"model": "smollm2", "max_tokens": 200, "stream": True, "guard": "probe",
+            "messages": [{"role": "user", "content": "Write a long essay on the history of the Roman Empire."}]}
+    request = urllib.request.Request(f"{server}/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    response = urllib.request.urlopen(request, timeout=120)
+    events = []
+    while len(events) < 4:  # the guard event, then text
+        line = response.readline().decode()
+        if line.startswith("data: "):
+            events.append(json.loads(line.removeprefix("data: ")))
+    assert "guard" in events[0] and all(e["choices"][0]["finish_reason"] is None for e in events)
+    response.close()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and health()["cancelled_streams"] == before["cancelled_streams"]:
+        time.sleep(0.2)
+    after = health()
+    assert after["cancelled_streams"] == before["cancelled_streams"] + 1
+    assert after["steps"] - before["steps"] < 100, "decoding went on after the client left"
+    status, answer = _chat(server, trained["prompts"][0])  # the model is free for the next request
+    assert status == 200 and answer["usage"]["completion_tokens"] >= 1
+
+
 @pytest.mark.parametrize("body, message", [
     ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role: Input should be"),
     ({"messages": []}, "messages: List should have at least 1 item"),
@@ -159,7 +190,7 @@ def test_streaming_carries_the_guard_result(server: str, trained: dict[str, Any]
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
      "messages: the last message must be the user's"),
     ({"messages": [{"role": "user", "content": "word " * 400}]}, "tokens; this server's max_length is 160"),
-    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 33}, "max_tokens: 33 is over this server's limit"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 201}, "max_tokens: 201 is over this server's limit"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, "temperature: Input should be greater"),
     (None, "body: invalid JSON"),
 ])
@@ -221,6 +252,18 @@ def test_the_cluster_serve_config_names_a_real_builder_and_valid_settings() -> N
     settings = ServeSettings(**application["args"])
     assert settings.artifact.startswith("gs://") and settings.num_gpus == 1 and settings.policy == "block"
     assert config["http_options"]["host"] == "127.0.0.1"
+
+
+def test_other_serving_numerics_are_reported(caplog: pytest.LogCaptureFixture) -> None:
+    from guardray.serve.loading import compare_numerics
+
+    cpu = {"attention": "sdpa", "device": "cpu", "dtype": "float32"}
+    gpu = {"attention": "sdpa", "device": "cuda", "dtype": "bfloat16"}
+    with caplog.at_level("WARNING"):
+        assert compare_numerics(cpu, gpu, "gs://b/probe")["match"] is False
+    assert "trained on activations computed with" in caplog.text and "gs://b/probe" in caplog.text
+    assert compare_numerics(None, gpu, "old")["match"] is None  # an artifact from before numerics were recorded
+    assert compare_numerics(cpu, {**cpu, "attention": "eager"}, "x")["match"] is True  # same dtype and device
 
 
 def test_requests_may_only_tighten_the_servers_policy() -> None:

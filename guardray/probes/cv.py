@@ -258,7 +258,7 @@ def refit_and_save(spec: JobSpec, features: Location, out: Location, probe: Prob
     """Runs on a worker: fit `probe` on the whole train split of its column and store the artifact."""
     data = read_column(features, probe.feature, target, "train")
     pipeline = build_probe(probe.type, probe.preprocessing, probe.params, spec.probes.cv.seed).fit(data.x, data.y)
-    meta = {**probe_meta(spec, probe), "cv": cv}
+    meta = {**probe_meta(spec, probe, features), "cv": cv}
     store_artifact(out, probe.name, lambda directory: artifact.save(pipeline, meta, directory))
     return {"name": probe.name, "id": probe.to_dict(), "train_rows": len(data.y), "peak_rss_mb": peak_rss_mb()}
 
@@ -277,7 +277,7 @@ def _torch_probe(spec: JobSpec, features: Location, dims: dict[str, int], best_f
                                seed=spec.probes.cv.seed)
     params = config.model_dump(include={"workers", "epochs", "lr", "weight_decay", "batch_size"})
     probe = ProbeId(feature, TORCH_PROBE_TYPE, "standardize", params, target.name)
-    meta = {**probe_meta(spec, probe), "history": fitted["history"], "use_gpu": fitted["use_gpu"]}
+    meta = {**probe_meta(spec, probe, features), "history": fitted["history"], "use_gpu": fitted["use_gpu"]}
     store_artifact(out, probe.name, lambda directory: artifact.save_linear(
         directory, meta, fitted["weight"], fitted["bias"], fitted["mean"], fitted["scale"]))
     return {"name": probe.name, "id": probe.to_dict(), "final_loss": fitted["history"][-1]["loss"]}
@@ -292,7 +292,15 @@ def store_artifact(out: Location, name: str, write: Callable[[Path], None]) -> N
             out.join("artifacts", name, file.name).write_bytes(file.read_bytes())
 
 
-def probe_meta(spec: JobSpec, probe: ProbeId) -> dict[str, Any]:
+def features_numerics(features: Location) -> dict[str, str] | None:
+    """The chat model's numerics the features stage recorded (`sharded.NUMERICS_FILE`); None if it has none."""
+    from guardray.sharded import NUMERICS_FILE
+
+    claim = features.join(NUMERICS_FILE)
+    return json.loads(claim.read_text())["chat"] if claim.exists() else None
+
+
+def probe_meta(spec: JobSpec, probe: ProbeId, features: Location) -> dict[str, Any]:
     """What a serving system needs besides the weights: where the features come from, how prompts render, and
     for a feedback target the thresholds that defined its label."""
     return {
@@ -305,6 +313,9 @@ def probe_meta(spec: JobSpec, probe: ProbeId) -> dict[str, Any]:
         # this guard; `features_dtype` says how the training activations were stored (float16 rounds them)
         "model": spec.model.model_dump(mode="json"),
         "features_dtype": spec.extract.store_dtype,
+        # the device, dtype and attention the chat model computed the training activations with, as resolved
+        # on the features stage's actors (`model.dtype: auto` is float32 on a CPU, bfloat16 on most GPUs)
+        "numerics": features_numerics(features),
         "guard": {"spec": spec.guard.model_dump(mode="json"), "model": spec.guard_model.model_dump(mode="json"),
                   "is_chat_model": spec.guard_is_chat, "threshold": spec.evaluate.guard_threshold}
         if spec.guard.enabled else None,

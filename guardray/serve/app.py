@@ -10,15 +10,20 @@ settings. Beyond `max_ongoing_requests` per replica requests queue in Serve; bey
 (per caller: each proxy) they get 503.
 A request Serve cannot parse, or whose prompt does not fit, gets 400 with one message.
 
+A streaming client that disconnects cancels its request (Serve cancels the handler's task): the generation
+stops at its next decoding step instead of running to `max_tokens` for nobody, and the model is free sooner
+for the requests waiting on it. A non-streamed request, once batched, runs to its end.
+
 Metrics (Ray's Prometheus export, the dashboard's Metrics tab): `guardray_serve_requests{endpoint,decision}`
 (decision: allow, flag, block), `guardray_serve_probe_score_sigmoid`, `guardray_serve_latency_ms{phase}` (phase: total,
-prefill, probe, guard_model).
+prefill, probe, guard_model), `guardray_serve_cancelled_streams`.
 """
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations to parse request bodies.
 
 import asyncio
 import logging
 import math
+import threading
 import uuid
 from typing import Any, AsyncIterator
 
@@ -72,6 +77,8 @@ class ServeMetrics:
                                        boundaries=SCORE_BOUNDARIES, tag_keys=("probe",))
         self.latency = metrics.Histogram("guardray_serve_latency_ms", "Latency by phase (ms)",
                                          boundaries=LATENCY_BOUNDARIES_MS, tag_keys=("probe", "phase"))
+        self.cancelled = metrics.Counter("guardray_serve_cancelled_streams", "Streams whose client disconnected",
+                                         tag_keys=("probe",))
 
     def record(self, endpoint: str, verdict: Verdict, total_ms: float | None = None) -> None:
         self.requests.inc(tags={**self.tags, "endpoint": endpoint, "decision": verdict.decision})
@@ -104,7 +111,8 @@ class GuardrayServer:
         return {"status": "ok", "model": self.model_name, "probe": engine.name, "layer": engine.layer,
                 "pooling": engine.pooling, "threshold": engine.threshold, "policy": self.settings.policy,
                 "guard": self.settings.guard, "guard_model": engine.guard is not None, "steps": engine.steps,
-                "largest_batch": engine.largest_batch}
+                "largest_batch": engine.largest_batch, "cancelled_streams": engine.cancelled_streams,
+                "numerics": engine.numerics}
 
     @api.post("/v1/score")
     async def score(self, body: ScoreRequest) -> dict[str, Any]:
@@ -149,8 +157,9 @@ class GuardrayServer:
         """Server-sent events: the guard result first (before any token), text deltas, then the finish."""
         stream_id, model = f"chatcmpl-{uuid.uuid4().hex}", self.model_name
         started = asyncio.get_running_loop().time()
+        cancel = threading.Event()
         try:
-            async for item in iterate_in_threadpool(self.engine.stream(request, encoded)):
+            async for item in iterate_in_threadpool(self.engine.stream(request, encoded, cancel)):
                 if isinstance(item, Verdict):
                     yield sse(chunk(stream_id, model, {"role": "assistant", "content": ""}, guard=item.to_dict()))
                 elif isinstance(item, str):
@@ -165,6 +174,10 @@ class GuardrayServer:
             log.error("stream failed: %s", one_line(e))
             kind = "invalid_request_error" if isinstance(e, InputError) else "server_error"
             yield sse({"error": {"message": one_line(e), "type": kind}})
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away (Serve cancels the request)
+            cancel.set()
+            self.metrics.cancelled.inc(tags=self.metrics.tags)
+            raise
         yield "data: [DONE]\n\n"
 
 

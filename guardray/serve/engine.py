@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from transformers import StoppingCriteria
 
 from guardray.activations import Batch, decoder_layers, pool
 from guardray.errors import InputError
@@ -82,7 +83,7 @@ class Verdict:
 @dataclass
 class Completion:
     text: str
-    finish_reason: str  # 'stop', 'length', or 'content_filter' (blocked: the refusal, nothing generated)
+    finish_reason: str  # 'stop', 'length', 'content_filter' (blocked: the refusal), 'cancelled' (client gone)
     prompt_tokens: int
     completion_tokens: int
     verdict: Verdict
@@ -122,6 +123,8 @@ class GuardedChatModel:
         self.lock = threading.Lock()
         self.steps = 0  # forward passes of the whole model (prefill and decoding), for tests and metrics
         self.largest_batch = 0  # the most rows one of those passes ran
+        self.cancelled_streams = 0  # streams whose client went away, ended before their max_tokens
+        self.numerics: dict[str, Any] = {}  # training against serving numerics (`loading.compare_numerics`)
         loaded.model.register_forward_hook(self._count_step)
 
     # ------------------------------------------------------------------------------------------ rendering
@@ -182,9 +185,11 @@ class GuardedChatModel:
         with self.lock:
             return self._complete(requests, encoded)
 
-    def stream(self, request: ChatRequest, encoded: Encoded | None = None) -> Iterator[Verdict | str | Completion]:
+    def stream(self, request: ChatRequest, encoded: Encoded | None = None,
+               cancel: threading.Event | None = None) -> Iterator[Verdict | str | Completion]:
         """The verdict as soon as the prefill has it, then text pieces, then the finished Completion (`encoded`:
-        the request's `encode`, when the caller has it already)."""
+        the request's `encode`, when the caller has it already). Setting `cancel` (the client went away) ends
+        the generation at its next decoding step, which frees the model for the requests waiting on it."""
         from transformers import TextIteratorStreamer
 
         encoded = encoded or self.encode(request.messages)
@@ -199,7 +204,7 @@ class GuardedChatModel:
         def run() -> None:
             try:
                 with self.lock:
-                    done["completion"] = self._complete([request], [encoded], streamer, on_verdict)[0]
+                    done["completion"] = self._complete([request], [encoded], streamer, on_verdict, cancel)[0]
             except BaseException as e:  # noqa: BLE001 - reported to the consumer below
                 done["error"] = e
             finally:
@@ -221,7 +226,8 @@ class GuardedChatModel:
         yield done["completion"]
 
     def _complete(self, requests: Sequence[ChatRequest], encoded: Sequence[Encoded], streamer: Any = None,
-                  on_verdict: Callable[[Verdict], None] | None = None) -> list[Completion]:
+                  on_verdict: Callable[[Verdict], None] | None = None,
+                  cancel: threading.Event | None = None) -> list[Completion]:
         sampling, mode = requests[0].sampling, requests[0].guard
         ids, mask = left_padded(encoded, self.pad_id)
         width = ids.shape[1]
@@ -254,7 +260,8 @@ class GuardedChatModel:
             with torch.inference_mode():
                 out = self.loaded.model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                                  generation_config=config, streamer=streamer,
-                                                 logits_processor=[_EndBlockedRows(state, self.stops[0])])
+                                                 logits_processor=[_EndBlockedRows(state, self.stops[0])],
+                                                 stopping_criteria=[_Cancelled(cancel)] if cancel else None)
             generated = out[:, width:].tolist()
         except _AllBlocked:
             generated = [[] for _ in requests]
@@ -270,8 +277,12 @@ class GuardedChatModel:
                 continue
             generation = split_stop(generated[row], self.stops, sampling.max_new_tokens)
             text = self.loaded.tokenizer.decode(generation.tokens, skip_special_tokens=True)
-            completions.append(Completion(text, generation.finish_reason, len(encoded[row].ids),
-                                          len(generation.tokens), verdict))
+            finish = generation.finish_reason
+            if cancel is not None and cancel.is_set() and not set(generated[row]) & set(self.stops) \
+                    and len(generation.tokens) < sampling.max_new_tokens:  # ended by `_Cancelled`, not by the model
+                finish = "cancelled"
+                self.cancelled_streams += 1
+            completions.append(Completion(text, finish, len(encoded[row].ids), len(generation.tokens), verdict))
         return completions
 
     def _probe_hook(self, state: _Prefill, policies: list[str], verdicts: list[Verdict],
@@ -367,6 +378,16 @@ class _EndBlockedRows:
             scores[rows] = float("-inf")
             scores[rows, self.eos_id] = 0.0
         return scores
+
+
+class _Cancelled(StoppingCriteria):
+    """Ends `generate` at its next decoding step once the event is set (a streaming client disconnected)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 @lru_cache(maxsize=8)  # each holds a private tokenizer copy: conversations with the same head share one
