@@ -156,6 +156,27 @@ def test_streaming_carries_the_guard_result(server: str, trained: dict[str, Any]
     assert streamed == whole["choices"][0]["message"]["content"]  # greedy: the same answer either way
 
 
+def test_concurrent_streams_share_one_generate_call(server: str, trained: dict[str, Any]) -> None:
+    """Four streaming clients at once: Serve's streaming batch handler puts them in one `generate` call, so the
+    model runs about one prefill and 8 decoding steps, not four times that; each stream still gets its own
+    verdict first and its own finish."""
+    picks = [2, 3, 4, 5]
+    before = _steps(server)
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda i: _chat(server, trained["prompts"][i], stream=True, max_tokens=8), picks))
+    assert _steps(server) - before <= 2 * 9, "the four streams did not share generate calls"
+    for (status, text), pick in zip(answers, picks):
+        assert status == 200
+        events = [line.removeprefix("data: ") for line in text.split("\n\n") if line]
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert events[-1] == "[DONE]" and "error" not in chunks[-1]
+        assert abs(chunks[0]["guard"]["score"] - trained["expected"][pick]) < TOLERANCE  # its own, before any token
+        finish = chunks[-1]["choices"][0]["finish_reason"]
+        tokens = chunks[-1]["usage"]["completion_tokens"]
+        assert finish in ("stop", "length") and 1 <= tokens <= 8
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)  # text arrived in pieces
+
+
 def test_a_stream_whose_client_disconnects_stops_generating(server: str, trained: dict[str, Any]) -> None:
     """Read the guard event and a few tokens of a 200-token answer, then hang up: the replica stops decoding
     (Serve cancels the request) rather than generating the rest for nobody."""
@@ -300,3 +321,39 @@ def test_one_generate_call_with_mixed_lengths_poolings_and_policies(trained: dic
         assert done[0].finish_reason == "content_filter" and done[0].completion_tokens == 0
         assert all(c.completion_tokens >= 1 and c.finish_reason != "content_filter" for c in done[1:]), name
         assert engine.largest_batch == 3
+
+
+def test_row_streamer_pieces_add_up_to_the_text_across_multibyte_characters() -> None:
+    """Per-row streaming decodes each row whole and sends the new tail; a tail that ends inside a multi-byte
+    character (an emoji is several byte tokens) is held back, and the pieces add up to the final text."""
+    import queue
+
+    import torch
+
+    from guardray.models import load_tokenizer
+    from guardray.serve.engine import Completion, Verdict, _RowStreamer
+    from guardray.spec import ModelSpec
+
+    tokenizer = load_tokenizer(ModelSpec(id="smollm2-135m-instruct"))
+    texts = ["Caf\u00e9 \U0001F9A9 na\u00efve \U00013000 done", "plain ascii words here"]  # 🦩, 𓀀: byte tokens
+    rows = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    eos = tokenizer.eos_token_id
+    width = max(map(len, rows)) + 1
+    padded = [r + [eos] * (width - len(r)) for r in rows]  # a row that has ended keeps producing its stop id
+    events: queue.Queue = queue.Queue()
+    streamer = _RowStreamer(tokenizer, [eos], 2, events)
+    streamer.put(torch.zeros((2, 3), dtype=torch.long))  # the prompt: ignored
+    for step in range(width):
+        streamer.put(torch.tensor([padded[0][step], padded[1][step]]))
+    pieces: list[list[str]] = [[], []]
+    while not events.empty():
+        kind, value = events.get()
+        assert kind == "text"
+        for row, piece in value.items():
+            assert "\ufffd" not in piece
+            pieces[row].append(piece)
+    for row, text in enumerate(texts):
+        final = tokenizer.decode(rows[row], skip_special_tokens=True)
+        done = Completion(final, "stop", 3, len(rows[row]), Verdict("p", 0.0))
+        assert "".join(pieces[row] + streamer.rest(row, done)) == final == text
+    assert len(pieces[0]) > 3 and streamer.ended == [True, True]

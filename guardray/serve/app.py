@@ -4,15 +4,16 @@ Prometheus metrics.
 Endpoints: `POST /v1/chat/completions` (OpenAI-compatible, `stream: true` as server-sent events; every response
 carries `guard`), `POST /v1/score` (probe scores of a batch of prompts, no generation), `GET /health`.
 
-Concurrent non-streamed completions are gathered by `@serve.batch` (up to `max_batch_size`, waiting at most
+Concurrent completions are gathered by `@serve.batch` (up to `max_batch_size`, waiting at most
 `batch_wait_timeout_s`) and answered by one `generate` call per group of requests with the same decoding
-settings. Beyond `max_ongoing_requests` per replica requests queue in Serve; beyond `max_queued_requests`
+settings; streamed ones likewise, through Serve's streaming batch handler (each step yields every request's new
+text), so eight streaming clients share one generate call instead of queueing for eight. Beyond `max_ongoing_requests` per replica requests queue in Serve; beyond `max_queued_requests`
 (per caller: each proxy) they get 503.
 A request Serve cannot parse, or whose prompt does not fit, gets 400 with one message.
 
-A streaming client that disconnects cancels its request (Serve cancels the handler's task): the generation
-stops at its next decoding step instead of running to `max_tokens` for nobody, and the model is free sooner
-for the requests waiting on it. A non-streamed request, once batched, runs to its end.
+A streaming client that disconnects cancels its request (Serve cancels the handler's task): its row ends at
+the next decoding step instead of running to `max_tokens` for nobody, and the model is free sooner for the
+requests waiting on it. A non-streamed request, once batched, runs to its end.
 
 Metrics (Ray's Prometheus export, the dashboard's Metrics tab): `guardray_serve_requests{endpoint,decision}`
 (decision: allow, flag, block), `guardray_serve_probe_score_sigmoid`, `guardray_serve_latency_ms{phase}` (phase: total,
@@ -102,8 +103,9 @@ class GuardrayServer:
         self.engine = load_guarded_model(self.settings)
         self.model_name = self.engine.loaded.spec.id
         self.metrics = ServeMetrics(self.engine.name)
-        self._batched.set_max_batch_size(self.settings.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+        for handler in (self._batched, self._streamed):
+            handler.set_max_batch_size(self.settings.max_batch_size)
+            handler.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
 
     @api.get("/health")
     async def health(self) -> dict[str, Any]:
@@ -153,13 +155,40 @@ class GuardrayServer:
                 results[index] = result
         return results  # type: ignore[return-value]
 
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def _streamed(self, items: list[tuple[ChatRequest, Any, threading.Event]]) -> AsyncIterator[list[Any]]:
+        """Streamed requests, batched: one `stream_many` (one generate call) per group with the same decoding
+        settings, group after group. Each step yields one entry per request: its new items (a list, maybe empty),
+        or StopIteration once its stream has ended (Serve's sentinel for a finished request)."""
+        ended = [False] * len(items)
+        groups: dict[Any, list[int]] = {}
+        for index, (request, _, _) in enumerate(items):
+            groups.setdefault(request.group(), []).append(index)
+
+        def step(news: dict[int, list[Any]]) -> list[Any]:
+            return [StopIteration if ended[i] else news.get(i, []) for i in range(len(items))]
+
+        for members in groups.values():
+            stream = self.engine.stream_many([items[i][0] for i in members], [items[i][1] for i in members],
+                                             [items[i][2] for i in members])
+            try:
+                async for per_row in iterate_in_threadpool(stream):
+                    yield step(dict(zip(members, per_row)))
+            except Exception as e:  # noqa: BLE001 - sent to each stream of the group as an error event
+                log.error("streamed generate failed for %d requests: %s", len(members), one_line(e))
+                yield step({i: [e] for i in members})
+            for i in members:
+                ended[i] = True
+
     async def _events(self, request: ChatRequest, encoded: Any) -> AsyncIterator[str]:
         """Server-sent events: the guard result first (before any token), text deltas, then the finish."""
         stream_id, model = f"chatcmpl-{uuid.uuid4().hex}", self.model_name
         started = asyncio.get_running_loop().time()
         cancel = threading.Event()
         try:
-            async for item in iterate_in_threadpool(self.engine.stream(request, encoded, cancel)):
+            async for item in self._stream_items(request, encoded, cancel):
+                if isinstance(item, Exception):
+                    raise item
                 if isinstance(item, Verdict):
                     yield sse(chunk(stream_id, model, {"role": "assistant", "content": ""}, guard=item.to_dict()))
                 elif isinstance(item, str):
@@ -179,6 +208,14 @@ class GuardrayServer:
             self.metrics.cancelled.inc(tags=self.metrics.tags)
             raise
         yield "data: [DONE]\n\n"
+
+    async def _stream_items(self, request: ChatRequest, encoded: Any, cancel: threading.Event) -> AsyncIterator[Any]:
+        """This request's items from the streaming batch, up to its Completion."""
+        async for items in self._streamed((request, encoded, cancel)):
+            for item in items:
+                yield item
+                if isinstance(item, (Completion, Exception)):
+                    return
 
 
 def build_app(settings: ServeSettings) -> serve.Application:

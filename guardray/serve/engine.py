@@ -15,6 +15,7 @@ This module knows nothing of HTTP or Ray: `guardray.serve.app` wraps it in a Ray
 """
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,7 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from transformers import StoppingCriteria
+from transformers.generation.streamers import BaseStreamer
 
 from guardray.activations import Batch, decoder_layers, pool
 from guardray.errors import InputError
@@ -96,6 +97,7 @@ class _Prefill:
     batch: Batch
     scores: np.ndarray | None = None
     blocked: list[bool] = field(default_factory=list)
+    cancelled: set[int] = field(default_factory=set)  # rows ended because their client went away
     probe_s: float = 0.0
     started: float = field(default_factory=time.perf_counter)
     prefill_s: float | None = None
@@ -185,49 +187,44 @@ class GuardedChatModel:
         with self.lock:
             return self._complete(requests, encoded)
 
-    def stream(self, request: ChatRequest, encoded: Encoded | None = None,
-               cancel: threading.Event | None = None) -> Iterator[Verdict | str | Completion]:
-        """The verdict as soon as the prefill has it, then text pieces, then the finished Completion (`encoded`:
-        the request's `encode`, when the caller has it already). Setting `cancel` (the client went away) ends
-        the generation at its next decoding step, which frees the model for the requests waiting on it."""
-        from transformers import TextIteratorStreamer
-
-        encoded = encoded or self.encode(request.messages)
-        streamer = TextIteratorStreamer(self.loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        verdict_ready = threading.Event()
-        done: dict[str, Any] = {}
-
-        def on_verdict(verdict: Verdict) -> None:
-            done["verdict"] = verdict
-            verdict_ready.set()
+    def stream_many(self, requests: Sequence[ChatRequest], encoded: Sequence[Encoded],
+                    cancels: Sequence[threading.Event | None] | None = None,
+                    ) -> Iterator[list[list[Verdict | str | Completion]]]:
+        """Streams of requests that share a group, answered by one `generate` call. Yields, step by step, each
+        request's new items: its Verdict as soon as the prefill has it (before any token), then text pieces, then
+        its finished Completion. Setting a request's `cancel` event (its client went away) ends that row at the
+        next decoding step; the others go on."""
+        events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        streamer = _RowStreamer(self.loaded.tokenizer, self.stops, len(requests), events)
 
         def run() -> None:
             try:
                 with self.lock:
-                    done["completion"] = self._complete([request], [encoded], streamer, on_verdict, cancel)[0]
-            except BaseException as e:  # noqa: BLE001 - reported to the consumer below
-                done["error"] = e
-            finally:
-                verdict_ready.set()
-                streamer.end()
+                    events.put(("done", self._complete(requests, encoded, streamer,
+                                                       lambda verdicts: events.put(("verdicts", list(verdicts))),
+                                                       cancels)))
+            except BaseException as e:  # noqa: BLE001 - re-raised in the consumer below
+                events.put(("error", e))
 
         thread = threading.Thread(target=run, name="guardray-stream", daemon=True)
         thread.start()
-        verdict_ready.wait()
-        if "error" in done:
-            raise done["error"]
-        yield done["verdict"]
-        for piece in streamer:
-            if piece:
-                yield piece
-        thread.join()
-        if "error" in done:
-            raise done["error"]
-        yield done["completion"]
+        while True:
+            kind, value = events.get()
+            if kind == "error":
+                thread.join()
+                raise value
+            if kind == "verdicts":
+                yield [[verdict] for verdict in value]
+            elif kind == "text":
+                yield [[value[row]] if row in value else [] for row in range(len(requests))]
+            else:  # done: what a held-back multi-byte character kept from the pieces, then the Completions
+                yield [[*streamer.rest(row, completion), completion] for row, completion in enumerate(value)]
+                thread.join()
+                return
 
     def _complete(self, requests: Sequence[ChatRequest], encoded: Sequence[Encoded], streamer: Any = None,
-                  on_verdict: Callable[[Verdict], None] | None = None,
-                  cancel: threading.Event | None = None) -> list[Completion]:
+                  on_verdict: Callable[[list[Verdict]], None] | None = None,
+                  cancels: Sequence[threading.Event | None] | None = None) -> list[Completion]:
         sampling, mode = requests[0].sampling, requests[0].guard
         ids, mask = left_padded(encoded, self.pad_id)
         width = ids.shape[1]
@@ -240,9 +237,9 @@ class GuardedChatModel:
         state = _Prefill(batch, blocked=model_blocked or [False] * len(requests))
         policies = [r.policy for r in requests]
 
-        def publish() -> None:  # streaming: the consumer gets the verdict before any token
+        def publish() -> None:  # streaming: the consumers get their verdicts before any token
             if on_verdict is not None:
-                on_verdict(verdicts[0])
+                on_verdict(verdicts)
 
         config = generation_config(self.stops, self.pad_id, sampling.max_new_tokens, sampling.temperature,
                                    sampling.top_p)
@@ -260,8 +257,7 @@ class GuardedChatModel:
             with torch.inference_mode():
                 out = self.loaded.model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                                  generation_config=config, streamer=streamer,
-                                                 logits_processor=[_EndBlockedRows(state, self.stops[0])],
-                                                 stopping_criteria=[_Cancelled(cancel)] if cancel else None)
+                                                 logits_processor=[_EndRows(state, self.stops, cancels)])
             generated = out[:, width:].tolist()
         except _AllBlocked:
             generated = [[] for _ in requests]
@@ -278,8 +274,7 @@ class GuardedChatModel:
             generation = split_stop(generated[row], self.stops, sampling.max_new_tokens)
             text = self.loaded.tokenizer.decode(generation.tokens, skip_special_tokens=True)
             finish = generation.finish_reason
-            if cancel is not None and cancel.is_set() and not set(generated[row]) & set(self.stops) \
-                    and len(generation.tokens) < sampling.max_new_tokens:  # ended by `_Cancelled`, not by the model
+            if row in state.cancelled:  # ended by `_EndRows` for a client that went away, not by the model
                 finish = "cancelled"
                 self.cancelled_streams += 1
             completions.append(Completion(text, finish, len(encoded[row].ids), len(generation.tokens), verdict))
@@ -366,28 +361,63 @@ def _over(score: float, threshold: float) -> bool:
     return not score < threshold
 
 
-class _EndBlockedRows:
-    """A logits processor that ends blocked rows at their first step (their output is replaced by the refusal)."""
+class _EndRows:
+    """A logits processor that ends rows at their next step: blocked rows (their output is replaced by the
+    refusal) and rows whose client went away (`cancels`), recorded in `state.cancelled` if still generating."""
 
-    def __init__(self, state: _Prefill, eos_id: int):
-        self.state, self.eos_id = state, eos_id
+    def __init__(self, state: _Prefill, stops: Sequence[int], cancels: Sequence[threading.Event | None] | None):
+        self.state, self.stops, self.cancels = state, list(stops), list(cancels or [])
+        self.width = state.batch.input_ids.shape[1]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         rows = [row for row, blocked in enumerate(self.state.blocked) if blocked]
+        for row, cancel in enumerate(self.cancels):
+            if cancel is not None and cancel.is_set() and not self.state.blocked[row]:
+                rows.append(row)
+                if not set(input_ids[row, self.width:].tolist()) & set(self.stops):  # still generating
+                    self.state.cancelled.add(row)
         if rows:
             scores[rows] = float("-inf")
-            scores[rows, self.eos_id] = 0.0
+            scores[rows, self.stops[0]] = 0.0
         return scores
 
 
-class _Cancelled(StoppingCriteria):
-    """Ends `generate` at its next decoding step once the event is set (a streaming client disconnected)."""
+class _RowStreamer(BaseStreamer):
+    """`generate`'s streamer for a whole batch (transformers' text streamers take one row): each decoding step's
+    new text per row, as ("text", {row: piece}) on `events`. A row's text is decoded whole each step and only
+    its new tail is sent, holding back a tail that ends inside a multi-byte character."""
 
-    def __init__(self, event: threading.Event):
-        self.event = event
+    def __init__(self, tokenizer: Any, stops: Sequence[int], rows: int, events: "queue.Queue[tuple[str, Any]]"):
+        self.tokenizer, self.stops, self.events = tokenizer, set(stops), events
+        self.tokens: list[list[int]] = [[] for _ in range(rows)]
+        self.shown = [0] * rows
+        self.ended = [False] * rows
+        self.prompt_seen = False
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate's first put is the prompt
+            self.prompt_seen = True
+            return
+        pieces = {}
+        for row, token in enumerate(value.reshape(-1).tolist()):
+            if self.ended[row] or token in self.stops:
+                self.ended[row] = True
+                continue
+            self.tokens[row].append(token)
+            text = self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
+            if not text.endswith("\ufffd") and len(text) > self.shown[row]:
+                pieces[row], self.shown[row] = text[self.shown[row]:], len(text)
+        if pieces:
+            self.events.put(("text", pieces))
+
+    def end(self) -> None:
+        pass
+
+    def rest(self, row: int, completion: Completion) -> list[str]:
+        """What the pieces have not shown of the final text (a tail held back); nothing for a refusal."""
+        if completion.finish_reason == "content_filter" or len(completion.text) <= self.shown[row]:
+            return []
+        return [completion.text[self.shown[row]:]]
 
 
 @lru_cache(maxsize=8)  # each holds a private tokenizer copy: conversations with the same head share one
