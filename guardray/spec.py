@@ -679,8 +679,9 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = (), out
 
 def spec_for_worker(spec_json: dict[str, Any]) -> JobSpec:
     """Rebuild, in a Ray worker, a spec the driver validated: the same model, without the probe grid's
-    scikit-learn estimator checks. Those import scikit-learn and SciPy (about 1.3 s of CPU), which a model actor
-    never uses, in every actor and task process."""
+    scikit-learn estimator checks. Those import scikit-learn and SciPy (about 1.3 s of CPU) in every process
+    that rebuilds a spec. Dataset tasks and vLLM's tokenizer-only UDFs are spared it; a transformers model actor
+    imports scikit-learn anyway (`transformers.generation` does when it is installed)."""
     return JobSpec.model_validate(spec_json, context=_CHECKED)
 
 

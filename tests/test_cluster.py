@@ -189,12 +189,16 @@ def test_submit_to_a_real_head_with_both_commands(ray_head: dict[str, Any], tmp_
     with pytest.raises(urllib.error.HTTPError, match="401"):  # the head enforces token auth
         urllib.request.urlopen(f"{ray_head['address']}/api/jobs/", timeout=10)
     out = tmp_path / "guardray-submit"
+    logs = {name: (tmp_path / f"submit.{name}").open("w+") for name in ("out", "err")}  # files: never a full pipe
     submit = subprocess.Popen([str(BIN / "guardray"), "submit", "jobs/local-smoke.yaml", "--address",
                                ray_head["address"], "--output", str(out), *SMALL],
-                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              cwd=REPO, env=env, stdout=logs["out"], stderr=logs["err"], text=True)
     # watched while it runs, as on the dashboard: gauges live as long as the process that sets them
     live = _watch_gauges(ray_head["metrics"], lambda: submit.poll() is not None)
-    stdout, stderr = submit.communicate(timeout=900)
+    submit.wait(timeout=900)
+    stdout, stderr = ((tmp_path / f"submit.{name}").read_text() for name in ("out", "err"))
+    for f in logs.values():
+        f.close()
     assert submit.returncode == 0, stdout[-3000:] + stderr[-3000:]
     assert live == {"tokens_per_second", "stage_done", "stage_total"}
     submission = re.search(r"submitted (guardray-local-smoke-\S+)", stdout).group(1)

@@ -156,52 +156,126 @@ def test_streaming_carries_the_guard_result(server: str, trained: dict[str, Any]
     assert streamed == whole["choices"][0]["message"]["content"]  # greedy: the same answer either way
 
 
+def _health(url: str) -> dict[str, Any]:
+    return json.loads(urllib.request.urlopen(f"{url}/health", timeout=30).read())
+
+
+def _open_stream(url: str, prompt: str, max_tokens: int) -> Any:
+    body = {"model": "smollm2", "max_tokens": max_tokens, "stream": True, "guard": "probe",
+            "messages": [{"role": "user", "content": prompt}]}
+    return urllib.request.urlopen(urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps(body).encode(),
+                                                         headers={"Content-Type": "application/json"}), timeout=120)
+
+
+def _events(response: Any, limit: int | None = None) -> list[Any]:
+    """The stream's events (dicts, then "[DONE]"), or its first `limit` events."""
+    events: list[Any] = []
+    while limit is None or len(events) < limit:
+        line = response.readline().decode()
+        if not line:
+            break
+        if line.startswith("data: "):
+            data = line.removeprefix("data: ").strip()
+            events.append(data if data == "[DONE]" else json.loads(data))
+            if data == "[DONE]":
+                break
+    return events
+
+
 def test_concurrent_streams_share_one_generate_call(server: str, trained: dict[str, Any]) -> None:
-    """Four streaming clients at once: Serve's streaming batch handler puts them in one `generate` call, so the
-    model runs about one prefill and 8 decoding steps, not four times that; each stream still gets its own
-    verdict first and its own finish."""
+    """Four streaming clients at once share generate calls (requests that arrive while the model is busy join
+    its next call), so the model runs about one or two calls' prefills and 8 decoding steps, not four times
+    that; each stream still gets its own verdict first, its text in pieces, and its own finish."""
     picks = [2, 3, 4, 5]
-    before = _steps(server)
+    before = _health(server)
     with ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(lambda i: _chat(server, trained["prompts"][i], stream=True, max_tokens=8), picks))
-    assert _steps(server) - before <= 2 * 9, "the four streams did not share generate calls"
-    for (status, text), pick in zip(answers, picks):
-        assert status == 200
-        events = [line.removeprefix("data: ") for line in text.split("\n\n") if line]
-        chunks = [json.loads(e) for e in events[:-1]]
+        answers = list(pool.map(lambda i: _events(_open_stream(server, trained["prompts"][i], 8)), picks))
+    after = _health(server)
+    assert after["steps"] - before["steps"] <= 2 * 9, "the four streams did not share generate calls"
+    assert after["batched_requests"] - before["batched_requests"] == 4 and after["batches"] - before["batches"] <= 2
+    for events, pick in zip(answers, picks):
+        chunks = events[:-1]
         assert events[-1] == "[DONE]" and "error" not in chunks[-1]
         assert abs(chunks[0]["guard"]["score"] - trained["expected"][pick]) < TOLERANCE  # its own, before any token
-        finish = chunks[-1]["choices"][0]["finish_reason"]
+        assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
         tokens = chunks[-1]["usage"]["completion_tokens"]
-        assert finish in ("stop", "length") and 1 <= tokens <= 8
-        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)  # text arrived in pieces
+        pieces = [c["choices"][0]["delta"]["content"] for c in chunks[1:-1]]
+        assert 1 <= tokens <= 8 and len(pieces) >= min(tokens, 2) and all(pieces)
+
+
+def test_one_stream_of_a_batch_hangs_up_and_the_other_finishes(server: str, trained: dict[str, Any]) -> None:
+    """Two streams in one generate call (they queue behind a running completion, so they join the same next
+    call); one hangs up after its first tokens: its row ends there, the other's answer runs to its own end."""
+    before = _health(server)
+    essay = "Write a long essay on the history of the Roman Empire."
+    with ThreadPoolExecutor(3) as pool:
+        busy = pool.submit(_chat, server, essay, max_tokens=60)
+        time.sleep(0.5)  # the completion's generate is running: both streams wait for the next call
+        leaving = pool.submit(_open_stream, server, essay, 120)  # urlopen returns once its batch has started
+        staying = pool.submit(lambda: _events(_open_stream(server, trained["prompts"][7], 40)))
+        first = _events(leaving.result(timeout=300), limit=3)  # the guard event and two pieces of text
+        leaving = leaving.result()
+        leaving.close()
+        stayed = staying.result(timeout=300)
+        assert busy.result(timeout=300)[0] == 200
+    assert "guard" in first[0] and all(e["choices"][0]["finish_reason"] is None for e in first)
+    assert stayed[-1] == "[DONE]" and "error" not in stayed[-2]
+    assert stayed[-2]["choices"][0]["finish_reason"] in ("stop", "length") and stayed[-2]["usage"]["completion_tokens"]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _health(server)["cancelled_streams"] == before["cancelled_streams"]:
+        time.sleep(0.2)
+    after = _health(server)
+    assert after["cancelled_streams"] == before["cancelled_streams"] + 1
+    assert (after["batches"] - before["batches"], after["batched_requests"] - before["batched_requests"]) == (2, 3)
 
 
 def test_a_stream_whose_client_disconnects_stops_generating(server: str, trained: dict[str, Any]) -> None:
     """Read the guard event and a few tokens of a 200-token answer, then hang up: the replica stops decoding
     (Serve cancels the request) rather than generating the rest for nobody."""
-    health = lambda: json.loads(urllib.request.urlopen(f"{server}/health", timeout=30).read())  # noqa: E731
-    before = health()
-    body = {"model": "smollm2", "max_tokens": 200, "stream": True, "guard": "probe",
-            "messages": [{"role": "user", "content": "Write a long essay on the history of the Roman Empire."}]}
-    request = urllib.request.Request(f"{server}/v1/chat/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    response = urllib.request.urlopen(request, timeout=120)
-    events = []
-    while len(events) < 4:  # the guard event, then text
-        line = response.readline().decode()
-        if line.startswith("data: "):
-            events.append(json.loads(line.removeprefix("data: ")))
+    before = _health(server)
+    response = _open_stream(server, "Write a long essay on the history of the Roman Empire.", 200)
+    events = _events(response, limit=4)  # the guard event, then text
     assert "guard" in events[0] and all(e["choices"][0]["finish_reason"] is None for e in events)
     response.close()
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and health()["cancelled_streams"] == before["cancelled_streams"]:
+    while time.monotonic() < deadline and _health(server)["cancelled_streams"] == before["cancelled_streams"]:
         time.sleep(0.2)
-    after = health()
+    after = _health(server)
     assert after["cancelled_streams"] == before["cancelled_streams"] + 1
     assert after["steps"] - before["steps"] < 100, "decoding went on after the client left"
     status, answer = _chat(server, trained["prompts"][0])  # the model is free for the next request
     assert status == 200 and answer["usage"]["completion_tokens"] >= 1
+
+
+def test_end_rows_ends_blocked_and_cancelled_rows_and_counts_only_live_ones() -> None:
+    """The logits processor behind blocking and hanging up: a blocked row and a cancelled row are forced to
+    their stop id; a cancelled row that had already ended by itself is not counted as cancelled."""
+    import threading
+
+    import torch
+
+    from guardray.activations import Batch
+    from guardray.serve.engine import _EndRows, _Prefill
+
+    stop, width = 2, 3
+    prompt = torch.ones((4, width), dtype=torch.long)
+    state = _Prefill(Batch(prompt, torch.ones_like(prompt), torch.zeros(4), torch.ones(4)),
+                     blocked=[False, True, False, False])
+    cancels = [threading.Event() for _ in range(4)]
+    ended = _EndRows(state, [stop, 9], [None, cancels[1], cancels[2], cancels[3]])
+    generated = torch.tensor([[5, 6], [stop, 0], [5, 6], [6, stop]])  # row 3 ended by itself
+    scores = ended(torch.cat([prompt, generated], dim=1), torch.zeros((4, 10)))
+    assert torch.equal(scores[0], torch.zeros(10)) and scores[1, stop] == 0 and scores[1, 0] == float("-inf")
+    assert torch.equal(scores[2], torch.zeros(10)) and state.cancelled == set()
+    cancels[2].set()
+    cancels[3].set()
+    scores = ended(torch.cat([prompt, generated], dim=1), torch.zeros((4, 10)))
+    assert scores[2, stop] == 0 and scores[2, 5] == float("-inf") and torch.equal(scores[0], torch.zeros(10))
+    assert state.cancelled == {2}
+    # rows of one call with their own max_new_tokens: the call runs to the largest, a row ends at its own
+    limited = _EndRows(_Prefill(state.batch, blocked=[False] * 4), [stop], None, limits=[2, 3, 2, 5])
+    scores = limited(torch.cat([prompt, generated], dim=1), torch.zeros((4, 10)))  # 2 tokens generated so far
+    assert [bool(scores[row, 0] == float("-inf")) for row in range(4)] == [True, False, True, False]
 
 
 @pytest.mark.parametrize("body, message", [

@@ -293,11 +293,13 @@ def store_artifact(out: Location, name: str, write: Callable[[Path], None]) -> N
 
 
 def features_numerics(features: Location) -> dict[str, str] | None:
-    """The chat model's numerics the features stage recorded (`sharded.NUMERICS_FILE`); None if it has none."""
-    from guardray.sharded import NUMERICS_FILE
+    """The chat model's numerics recorded in the features stage's parts (`shards.NUMERICS_KEY`: the stage
+    commits only when every part has the same); None for parts without the record (synthetic features)."""
+    from guardray.columns import feature_schema
+    from guardray.shards import NUMERICS_KEY
 
-    claim = features.join(NUMERICS_FILE)
-    return json.loads(claim.read_text())["chat"] if claim.exists() else None
+    recorded = (feature_schema(features).metadata or {}).get(NUMERICS_KEY)
+    return json.loads(recorded)["chat"] if recorded else None
 
 
 def probe_meta(spec: JobSpec, probe: ProbeId, features: Location) -> dict[str, Any]:

@@ -4,16 +4,16 @@ Prometheus metrics.
 Endpoints: `POST /v1/chat/completions` (OpenAI-compatible, `stream: true` as server-sent events; every response
 carries `guard`), `POST /v1/score` (probe scores of a batch of prompts, no generation), `GET /health`.
 
-Concurrent completions are gathered by `@serve.batch` (up to `max_batch_size`, waiting at most
-`batch_wait_timeout_s`) and answered by one `generate` call per group of requests with the same decoding
-settings; streamed ones likewise, through Serve's streaming batch handler (each step yields every request's new
-text), so eight streaming clients share one generate call instead of queueing for eight. Beyond `max_ongoing_requests` per replica requests queue in Serve; beyond `max_queued_requests`
+Concurrent requests are batched by `guardray.serve.batching.DrainingBatcher`: each time the model is free, the
+requests that waited (up to `max_batch_size`, of one kind, streamed or not, and one set of decoding settings)
+share one `generate` call; an idle model waits `batch_wait_timeout_s` for company. Streams get each decoding
+step's new text. (Not `@serve.batch`: it closes batches on a timer while the model is still busy; see there.) Beyond `max_ongoing_requests` per replica requests queue in Serve; beyond `max_queued_requests`
 (per caller: each proxy) they get 503.
 A request Serve cannot parse, or whose prompt does not fit, gets 400 with one message.
 
-A streaming client that disconnects cancels its request (Serve cancels the handler's task): its row ends at
-the next decoding step instead of running to `max_tokens` for nobody, and the model is free sooner for the
-requests waiting on it. A non-streamed request, once batched, runs to its end.
+A streaming client that disconnects cancels its request (Serve cancels the handler's task): it leaves the queue
+if its batch has not started, else its row stops producing tokens at the next decoding step; the generate call
+ends when its last live row does. A non-streamed request, once its batch started, runs to its end.
 
 Metrics (Ray's Prometheus export, the dashboard's Metrics tab): `guardray_serve_requests{endpoint,decision}`
 (decision: allow, flag, block), `guardray_serve_probe_score_sigmoid`, `guardray_serve_latency_ms{phase}` (phase: total,
@@ -32,12 +32,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
-from starlette.concurrency import iterate_in_threadpool
 
 from guardray.errors import InputError, one_line
 from guardray.serve.api import (ChatCompletionRequest, ScoreRequest, ServeSettings, chunk, completion_body,
                                 score_body, sse, usage)
-from guardray.serve.engine import ChatRequest, Completion, Verdict
+from guardray.serve.batching import DrainingBatcher
+from guardray.serve.engine import ChatRequest, Verdict
 
 log = logging.getLogger(__name__)
 api = FastAPI(title="guardray", description="A trained probe in front of its chat model.")
@@ -103,9 +103,7 @@ class GuardrayServer:
         self.engine = load_guarded_model(self.settings)
         self.model_name = self.engine.loaded.spec.id
         self.metrics = ServeMetrics(self.engine.name)
-        for handler in (self._batched, self._streamed):
-            handler.set_max_batch_size(self.settings.max_batch_size)
-            handler.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s)
+        self.batcher = DrainingBatcher(self.engine, self.settings.max_batch_size, self.settings.batch_wait_timeout_s)
 
     @api.get("/health")
     async def health(self) -> dict[str, Any]:
@@ -114,6 +112,7 @@ class GuardrayServer:
                 "pooling": engine.pooling, "threshold": engine.threshold, "policy": self.settings.policy,
                 "guard": self.settings.guard, "guard_model": engine.guard is not None, "steps": engine.steps,
                 "largest_batch": engine.largest_batch, "cancelled_streams": engine.cancelled_streams,
+                "batches": self.batcher.batches, "batched_requests": self.batcher.batched_requests,
                 "numerics": engine.numerics}
 
     @api.post("/v1/score")
@@ -131,62 +130,17 @@ class GuardrayServer:
         await asyncio.to_thread(self.engine.check, request)
         if body.stream:
             return StreamingResponse(self._events(request, encoded), media_type="text/event-stream")
-        completion = await self._batched((request, encoded))
-        if isinstance(completion, Exception):
-            raise completion
+        completion = await self.batcher.complete(request, encoded)
         self.metrics.record("chat", completion.verdict, (asyncio.get_running_loop().time() - started) * 1e3)
         return completion_body(completion, self.model_name)
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _batched(self, items: list[tuple[ChatRequest, Any]]) -> list[Completion | Exception]:
-        """Requests with the same decoding settings share one generate call; a failing group fails alone."""
-        results: list[Completion | Exception | None] = [None] * len(items)
-        groups: dict[Any, list[int]] = {}
-        for index, (request, _) in enumerate(items):
-            groups.setdefault(request.group(), []).append(index)
-        for members in groups.values():
-            try:
-                done = await asyncio.to_thread(self.engine.complete, [items[i][0] for i in members],
-                                               [items[i][1] for i in members])
-            except Exception as e:  # noqa: BLE001 - returned to each request of the group
-                log.error("generate failed for %d requests: %s", len(members), one_line(e))
-                done = [e] * len(members)
-            for index, result in zip(members, done):
-                results[index] = result
-        return results  # type: ignore[return-value]
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _streamed(self, items: list[tuple[ChatRequest, Any, threading.Event]]) -> AsyncIterator[list[Any]]:
-        """Streamed requests, batched: one `stream_many` (one generate call) per group with the same decoding
-        settings, group after group. Each step yields one entry per request: its new items (a list, maybe empty),
-        or StopIteration once its stream has ended (Serve's sentinel for a finished request)."""
-        ended = [False] * len(items)
-        groups: dict[Any, list[int]] = {}
-        for index, (request, _, _) in enumerate(items):
-            groups.setdefault(request.group(), []).append(index)
-
-        def step(news: dict[int, list[Any]]) -> list[Any]:
-            return [StopIteration if ended[i] else news.get(i, []) for i in range(len(items))]
-
-        for members in groups.values():
-            stream = self.engine.stream_many([items[i][0] for i in members], [items[i][1] for i in members],
-                                             [items[i][2] for i in members])
-            try:
-                async for per_row in iterate_in_threadpool(stream):
-                    yield step(dict(zip(members, per_row)))
-            except Exception as e:  # noqa: BLE001 - sent to each stream of the group as an error event
-                log.error("streamed generate failed for %d requests: %s", len(members), one_line(e))
-                yield step({i: [e] for i in members})
-            for i in members:
-                ended[i] = True
 
     async def _events(self, request: ChatRequest, encoded: Any) -> AsyncIterator[str]:
         """Server-sent events: the guard result first (before any token), text deltas, then the finish."""
         stream_id, model = f"chatcmpl-{uuid.uuid4().hex}", self.model_name
         started = asyncio.get_running_loop().time()
-        cancel = threading.Event()
+        cancel, finished = threading.Event(), False
         try:
-            async for item in self._stream_items(request, encoded, cancel):
+            async for item in self.batcher.stream(request, encoded, cancel):
                 if isinstance(item, Exception):
                     raise item
                 if isinstance(item, Verdict):
@@ -194,28 +148,22 @@ class GuardrayServer:
                 elif isinstance(item, str):
                     yield sse(chunk(stream_id, model, {"content": item}))
                 else:
+                    finished = True
                     if item.finish_reason == "content_filter":
                         yield sse(chunk(stream_id, model, {"content": item.text}))
                     self.metrics.record("chat", item.verdict, (asyncio.get_running_loop().time() - started) * 1e3)
                     yield sse(chunk(stream_id, model, {}, item.finish_reason, guard=item.verdict.to_dict(),
                                      usage=usage(item)))
         except Exception as e:  # noqa: BLE001 - the status line is sent: the error goes in the stream
-            log.error("stream failed: %s", one_line(e))
+            log.debug("stream failed: %s", one_line(e))  # logged with its traceback by the batcher
             kind = "invalid_request_error" if isinstance(e, InputError) else "server_error"
             yield sse({"error": {"message": one_line(e), "type": kind}})
         except (asyncio.CancelledError, GeneratorExit):  # the client went away (Serve cancels the request)
             cancel.set()
-            self.metrics.cancelled.inc(tags=self.metrics.tags)
+            if not finished:
+                self.metrics.cancelled.inc(tags=self.metrics.tags)
             raise
         yield "data: [DONE]\n\n"
-
-    async def _stream_items(self, request: ChatRequest, encoded: Any, cancel: threading.Event) -> AsyncIterator[Any]:
-        """This request's items from the streaming batch, up to its Completion."""
-        async for items in self._streamed((request, encoded, cancel)):
-            for item in items:
-                yield item
-                if isinstance(item, (Completion, Exception)):
-                    return
 
 
 def build_app(settings: ServeSettings) -> serve.Application:

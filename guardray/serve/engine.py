@@ -57,8 +57,9 @@ class ChatRequest:
     guard: str = "probe"
 
     def group(self) -> tuple[Any, ...]:
-        """Requests that can share one `generate` call."""
-        return (self.sampling, self.guard)
+        """Requests that can share one `generate` call: the same decoding and guard mode. `max_new_tokens` may
+        differ: the call runs to the largest, and each row is ended at its own (`_EndRows`)."""
+        return (self.sampling.temperature, self.sampling.top_p, self.sampling.seed, self.guard)
 
 
 @dataclass
@@ -203,8 +204,10 @@ class GuardedChatModel:
                     events.put(("done", self._complete(requests, encoded, streamer,
                                                        lambda verdicts: events.put(("verdicts", list(verdicts))),
                                                        cancels)))
-            except BaseException as e:  # noqa: BLE001 - re-raised in the consumer below
+            except Exception as e:  # noqa: BLE001 - re-raised in the consumer below
                 events.put(("error", e))
+            except BaseException as e:  # noqa: BLE001 - as an Exception, so callers that catch those see it
+                events.put(("error", RuntimeError(f"generate ended by {type(e).__name__}: {e}")))
 
         thread = threading.Thread(target=run, name="guardray-stream", daemon=True)
         thread.start()
@@ -241,8 +244,8 @@ class GuardedChatModel:
             if on_verdict is not None:
                 on_verdict(verdicts)
 
-        config = generation_config(self.stops, self.pad_id, sampling.max_new_tokens, sampling.temperature,
-                                   sampling.top_p)
+        limits = [r.sampling.max_new_tokens for r in requests]
+        config = generation_config(self.stops, self.pad_id, max(limits), sampling.temperature, sampling.top_p)
         if sampling.temperature > 0 and sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         hooks = []
@@ -257,7 +260,7 @@ class GuardedChatModel:
             with torch.inference_mode():
                 out = self.loaded.model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                                  generation_config=config, streamer=streamer,
-                                                 logits_processor=[_EndRows(state, self.stops, cancels)])
+                                                 logits_processor=[_EndRows(state, self.stops, cancels, limits)])
             generated = out[:, width:].tolist()
         except _AllBlocked:
             generated = [[] for _ in requests]
@@ -271,7 +274,7 @@ class GuardedChatModel:
             if state.blocked[row]:
                 completions.append(Completion(self.refusal, "content_filter", len(encoded[row].ids), 0, verdict))
                 continue
-            generation = split_stop(generated[row], self.stops, sampling.max_new_tokens)
+            generation = split_stop(generated[row], self.stops, limits[row])
             text = self.loaded.tokenizer.decode(generation.tokens, skip_special_tokens=True)
             finish = generation.finish_reason
             if row in state.cancelled:  # ended by `_EndRows` for a client that went away, not by the model
@@ -363,19 +366,29 @@ def _over(score: float, threshold: float) -> bool:
 
 class _EndRows:
     """A logits processor that ends rows at their next step: blocked rows (their output is replaced by the
-    refusal) and rows whose client went away (`cancels`), recorded in `state.cancelled` if still generating."""
+    refusal), rows at their own `limits` (max_new_tokens; the call runs to the largest) and rows whose client
+    went away (`cancels`), recorded in `state.cancelled` if still generating."""
 
-    def __init__(self, state: _Prefill, stops: Sequence[int], cancels: Sequence[threading.Event | None] | None):
+    def __init__(self, state: _Prefill, stops: Sequence[int], cancels: Sequence[threading.Event | None] | None,
+                 limits: Sequence[int] | None = None):
         self.state, self.stops, self.cancels = state, list(stops), list(cancels or [])
+        self.limits = list(limits or [])
         self.width = state.batch.input_ids.shape[1]
+        self.forced: set[int] = set()  # cancelled rows already ended
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        generated = input_ids.shape[1] - self.width
         rows = [row for row, blocked in enumerate(self.state.blocked) if blocked]
+        rows += [row for row, limit in enumerate(self.limits) if generated >= limit and row not in rows]
         for row, cancel in enumerate(self.cancels):
-            if cancel is not None and cancel.is_set() and not self.state.blocked[row]:
-                rows.append(row)
-                if not set(input_ids[row, self.width:].tolist()) & set(self.stops):  # still generating
+            if cancel is None or not cancel.is_set() or self.state.blocked[row] or \
+                    (self.limits and generated >= self.limits[row]):  # blocked or at its end anyway
+                continue
+            if row not in self.forced:  # decided once, when first seen: had the row ended by itself?
+                self.forced.add(row)
+                if not set(input_ids[row, self.width:].tolist()) & set(self.stops):
                     self.state.cancelled.add(row)
+            rows.append(row)
         if rows:
             scores[rows] = float("-inf")
             scores[rows, self.stops[0]] = 0.0
@@ -384,13 +397,14 @@ class _EndRows:
 
 class _RowStreamer(BaseStreamer):
     """`generate`'s streamer for a whole batch (transformers' text streamers take one row): each decoding step's
-    new text per row, as ("text", {row: piece}) on `events`. A row's text is decoded whole each step and only
-    its new tail is sent, holding back a tail that ends inside a multi-byte character."""
+    new text per row, as ("text", {row: piece}) on `events`. A row's text is decoded whole each step (as the
+    final text is) and only its new tail is sent; a tail that ends inside a multi-byte character, or a decode that
+    rewrote what was already sent (a normalising decoder), waits for a later step or for `rest`."""
 
     def __init__(self, tokenizer: Any, stops: Sequence[int], rows: int, events: "queue.Queue[tuple[str, Any]]"):
         self.tokenizer, self.stops, self.events = tokenizer, set(stops), events
         self.tokens: list[list[int]] = [[] for _ in range(rows)]
-        self.shown = [0] * rows
+        self.shown = [""] * rows
         self.ended = [False] * rows
         self.prompt_seen = False
 
@@ -405,8 +419,9 @@ class _RowStreamer(BaseStreamer):
                 continue
             self.tokens[row].append(token)
             text = self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
-            if not text.endswith("\ufffd") and len(text) > self.shown[row]:
-                pieces[row], self.shown[row] = text[self.shown[row]:], len(text)
+            shown = self.shown[row]
+            if not text.endswith("\ufffd") and len(text) > len(shown) and text.startswith(shown):
+                pieces[row], self.shown[row] = text[len(shown):], text
         if pieces:
             self.events.put(("text", pieces))
 
@@ -415,9 +430,10 @@ class _RowStreamer(BaseStreamer):
 
     def rest(self, row: int, completion: Completion) -> list[str]:
         """What the pieces have not shown of the final text (a tail held back); nothing for a refusal."""
-        if completion.finish_reason == "content_filter" or len(completion.text) <= self.shown[row]:
+        shown = self.shown[row]
+        if completion.finish_reason == "content_filter" or not completion.text.startswith(shown):
             return []
-        return [completion.text[self.shown[row]:]]
+        return [completion.text[len(shown):]] if len(completion.text) > len(shown) else []
 
 
 @lru_cache(maxsize=8)  # each holds a private tokenizer copy: conversations with the same head share one
