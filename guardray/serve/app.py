@@ -113,6 +113,7 @@ class GuardrayServer:
                 "guard": self.settings.guard, "guard_model": engine.guard is not None, "steps": engine.steps,
                 "largest_batch": engine.largest_batch, "cancelled_streams": engine.cancelled_streams,
                 "batches": self.batcher.batches, "batched_requests": self.batcher.batched_requests,
+                "dropped_waiting": self.batcher.dropped,
                 "numerics": engine.numerics}
 
     @api.post("/v1/score")
@@ -138,10 +139,14 @@ class GuardrayServer:
         """Server-sent events: the guard result first (before any token), text deltas, then the finish."""
         stream_id, model = f"chatcmpl-{uuid.uuid4().hex}", self.model_name
         started = asyncio.get_running_loop().time()
-        cancel, finished = threading.Event(), False
+        cancel, finished, from_batch = threading.Event(), False, False
+        # however the response ends (a disconnect may cancel it while this generator is parked at a yield, and
+        # then only garbage collection would close it), its row must stop: set `cancel` when its task ends
+        asyncio.current_task().add_done_callback(lambda _: cancel.set())
         try:
             async for item in self.batcher.stream(request, encoded, cancel):
                 if isinstance(item, Exception):
+                    from_batch = True  # the batcher logged it
                     raise item
                 if isinstance(item, Verdict):
                     yield sse(chunk(stream_id, model, {"role": "assistant", "content": ""}, guard=item.to_dict()))
@@ -155,7 +160,8 @@ class GuardrayServer:
                     yield sse(chunk(stream_id, model, {}, item.finish_reason, guard=item.verdict.to_dict(),
                                      usage=usage(item)))
         except Exception as e:  # noqa: BLE001 - the status line is sent: the error goes in the stream
-            log.debug("stream failed: %s", one_line(e))  # logged with its traceback by the batcher
+            log.log(logging.DEBUG if from_batch else logging.ERROR, "stream failed: %s", one_line(e),
+                    exc_info=not from_batch)
             kind = "invalid_request_error" if isinstance(e, InputError) else "server_error"
             yield sse({"error": {"message": one_line(e), "type": kind}})
         except (asyncio.CancelledError, GeneratorExit):  # the client went away (Serve cancels the request)

@@ -14,6 +14,8 @@ event) is dropped. Errors of a batch go to each of its requests; the loop goes o
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -21,7 +23,7 @@ from typing import Any, AsyncIterator
 
 from starlette.concurrency import iterate_in_threadpool
 
-from guardray.errors import one_line
+from guardray.errors import InputError, one_line
 from guardray.serve.engine import ChatRequest, Completion, GuardedChatModel
 
 log = logging.getLogger(__name__)
@@ -53,30 +55,51 @@ class DrainingBatcher:
     def __init__(self, engine: GuardedChatModel, max_batch_size: int, wait_s: float):
         self.engine, self.max_batch_size, self.wait_s = engine, max_batch_size, wait_s
         self.waiting: list[_Waiting] = []
-        self.arrived = asyncio.Event()
+        self.arrived, self.full = asyncio.Event(), asyncio.Event()
         self.loop_task: asyncio.Task | None = None
         self.batches = 0  # generate calls made, and the requests they answered: /health's mean batch size
         self.batched_requests = 0
+        self.dropped = 0  # requests whose caller went away before their batch started
 
     async def complete(self, request: ChatRequest, encoded: Any) -> Completion:
-        """The request's Completion, answered in a batch."""
+        """The request's Completion, answered in a batch. A caller that goes away (its task is cancelled)
+        leaves the queue, or ends its row at the next decoding step."""
         waiting = _Waiting(request, encoded, False, future=asyncio.get_running_loop().create_future())
         self._enqueue(waiting)
-        return await waiting.future
+        try:
+            return await waiting.future
+        except asyncio.CancelledError:
+            waiting.cancel.set()
+            self._discard(waiting)
+            raise
 
     async def stream(self, request: ChatRequest, encoded: Any, cancel: threading.Event) -> AsyncIterator[Any]:
         """The request's stream items (Verdict, text pieces, Completion, or an Exception), answered in a batch.
         Setting `cancel` drops it if its batch has not started, or ends its row at the next decoding step."""
         waiting = _Waiting(request, encoded, True, items=asyncio.Queue(), cancel=cancel)
         self._enqueue(waiting)
-        while (item := await waiting.items.get()) is not _END:
-            yield item
+        try:
+            while (item := await waiting.items.get()) is not _END:
+                yield item
+        finally:
+            self._discard(waiting)
 
     def _enqueue(self, waiting: _Waiting) -> None:
         if self.loop_task is None or self.loop_task.done():
-            self.loop_task = asyncio.get_running_loop().create_task(self._run_forever())
+            # a context of its own: the loop outlives the request that started it (Serve keeps per-request
+            # context in contextvars, and a task copies the creator's)
+            self.loop_task = asyncio.get_running_loop().create_task(self._run_forever(), context=contextvars.Context())
+            self.loop_task.add_done_callback(self._loop_ended)
         self.waiting.append(waiting)
         self.arrived.set()
+        if len(self.waiting) >= self.max_batch_size:
+            self.full.set()
+
+    def _discard(self, waiting: _Waiting) -> None:
+        """Forget a request whose caller went away before its batch took it."""
+        if waiting in self.waiting:
+            self.waiting.remove(waiting)
+            self.dropped += 1
 
     async def _run_forever(self) -> None:
         idle = True
@@ -86,18 +109,34 @@ class DrainingBatcher:
                 await self.arrived.wait()
                 idle = True
             if idle and self.wait_s > 0 and len(self.waiting) < self.max_batch_size:
-                await asyncio.sleep(self.wait_s)  # an idle model waits briefly for company
+                self.full.clear()
+                with contextlib.suppress(asyncio.TimeoutError):  # an idle model waits briefly for company
+                    await asyncio.wait_for(self.full.wait(), self.wait_s)
             batch = self._take()
             idle = False
-            if batch:
-                self.batches += 1
-                self.batched_requests += len(batch)
+            if not batch:
+                continue
+            self.batches += 1
+            self.batched_requests += len(batch)
+            try:
                 await (self._stream_batch(batch) if batch[0].streamed else self._complete_batch(batch))
+            except Exception:  # noqa: BLE001 - the batch's requests got it; the loop serves the next ones
+                log.exception("batch of %d requests failed", len(batch))
+
+    def _loop_ended(self, task: asyncio.Task) -> None:
+        """The loop ends only when cancelled (the replica is shutting down) or on a bug: fail what still waits."""
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            log.error("the batching loop failed: %s", one_line(error))
+        for waiting in self.waiting:
+            _fail(waiting, RuntimeError(f"the batching loop ended: {one_line(error) if error else 'cancelled'}"))
+        self.waiting.clear()
 
     def _take(self) -> list[_Waiting]:
         """The oldest waiting request's kind and group, up to max_batch_size of them; the gone are dropped."""
         for gone in [w for w in self.waiting if w.gone]:
             self.waiting.remove(gone)
+            self.dropped += 1
             if gone.items is not None:
                 gone.items.put_nowait(_END)
         if not self.waiting:
@@ -111,26 +150,44 @@ class DrainingBatcher:
     async def _complete_batch(self, batch: list[_Waiting]) -> None:
         try:
             done: list[Any] = await asyncio.to_thread(self.engine.complete, [w.request for w in batch],
-                                                      [w.encoded for w in batch])
-        except Exception as e:  # noqa: BLE001 - each request of the batch gets it
-            log.exception("generate failed for %d requests: %s", len(batch), one_line(e))
-            done = [e] * len(batch)
-        for waiting, result in zip(batch, done):
-            if not waiting.future.done():
-                (waiting.future.set_exception if isinstance(result, Exception) else waiting.future.set_result)(result)
+                                                      [w.encoded for w in batch], [w.cancel for w in batch])
+        except BaseException as e:  # noqa: BLE001 - each request of the batch gets it
+            _log_failure(e, len(batch))
+            done = [e if isinstance(e, Exception) else RuntimeError(f"generate ended by {type(e).__name__}")] * len(batch)
+        for waiting, result in zip(batch, done, strict=True):
+            if isinstance(result, Exception):
+                _fail(waiting, result)
+            elif not waiting.future.done():
+                waiting.future.set_result(result)
 
     async def _stream_batch(self, batch: list[_Waiting]) -> None:
         try:
             stream = self.engine.stream_many([w.request for w in batch], [w.encoded for w in batch],
                                              [w.cancel for w in batch])
             async for per_row in iterate_in_threadpool(stream):
-                for waiting, items in zip(batch, per_row):
+                for waiting, items in zip(batch, per_row, strict=True):
                     for item in items:
                         waiting.items.put_nowait(item)
         except Exception as e:  # noqa: BLE001 - each stream of the batch gets it as its last item
-            log.exception("streamed generate failed for %d requests: %s", len(batch), one_line(e))
+            _log_failure(e, len(batch))
             for waiting in batch:
                 waiting.items.put_nowait(e)
         finally:
             for waiting in batch:
                 waiting.items.put_nowait(_END)
+
+
+def _fail(waiting: _Waiting, error: Exception) -> None:
+    if waiting.future is not None and not waiting.future.done():
+        waiting.future.set_exception(error)
+    if waiting.items is not None:
+        waiting.items.put_nowait(error)
+        waiting.items.put_nowait(_END)
+
+
+def _log_failure(error: BaseException, size: int) -> None:
+    """A request the engine refused (InputError: the client's 400) in one line; anything else with its trace."""
+    if isinstance(error, InputError):
+        log.info("a batch of %d requests was refused: %s", size, one_line(error))
+    else:
+        log.error("generate failed for %d requests: %s", size, one_line(error), exc_info=error)

@@ -15,6 +15,7 @@ This module knows nothing of HTTP or Ray: `guardray.serve.app` wraps it in a Ray
 """
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -31,6 +32,8 @@ from guardray.errors import InputError
 from guardray.generate import generation_config, left_padded, split_stop, stop_ids
 from guardray.models import LoadedModel
 from guardray.rendering import Encoded, PromptRenderer, chat_renderer, chat_template
+
+log = logging.getLogger(__name__)
 
 POLICIES = ("block", "flag")
 GUARD_MODES = ("none", "probe", "model", "both")
@@ -57,9 +60,14 @@ class ChatRequest:
     guard: str = "probe"
 
     def group(self) -> tuple[Any, ...]:
-        """Requests that can share one `generate` call: the same decoding and guard mode. `max_new_tokens` may
-        differ: the call runs to the largest, and each row is ended at its own (`_EndRows`)."""
-        return (self.sampling.temperature, self.sampling.top_p, self.sampling.seed, self.guard)
+        """Requests that can share one `generate` call: the same guard mode and decoding (greedy ignores top_p
+        and seed), and `max_new_tokens` in the same power-of-two bucket. The call runs to the largest and ends
+        each row at its own (`_EndRows`), but answers when the call ends: a row waits at most for twice its own
+        length."""
+        sampling = self.sampling
+        decoding = (0.0, None, None) if sampling.temperature == 0 else (sampling.temperature, sampling.top_p,
+                                                                         sampling.seed)
+        return (*decoding, 1 << (sampling.max_new_tokens - 1).bit_length(), self.guard)
 
 
 @dataclass
@@ -181,12 +189,13 @@ class GuardedChatModel:
                        None if prefill_s is None else prefill_s * 1e3, probe_s * 1e3)
 
     # ---------------------------------------------------------------------------------------- generation
-    def complete(self, requests: Sequence[ChatRequest], encoded: Sequence[Encoded] | None = None) -> list[Completion]:
+    def complete(self, requests: Sequence[ChatRequest], encoded: Sequence[Encoded] | None = None,
+                 cancels: Sequence[threading.Event | None] | None = None) -> list[Completion]:
         """Answer requests that share a group (`ChatRequest.group`) in one `generate` call (`encoded`: their
-        `encode`, when the caller has it already)."""
+        `encode`, when the caller has it already; `cancels`: set when a caller went away, which ends its row)."""
         encoded = encoded or [self.encode(r.messages) for r in requests]
         with self.lock:
-            return self._complete(requests, encoded)
+            return self._complete(requests, encoded, cancels=cancels)
 
     def stream_many(self, requests: Sequence[ChatRequest], encoded: Sequence[Encoded],
                     cancels: Sequence[threading.Event | None] | None = None,
@@ -420,8 +429,11 @@ class _RowStreamer(BaseStreamer):
             self.tokens[row].append(token)
             text = self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
             shown = self.shown[row]
-            if not text.endswith("\ufffd") and len(text) > len(shown) and text.startswith(shown):
-                pieces[row], self.shown[row] = text[len(shown):], text
+            if text.endswith("\ufffd") or len(text) <= len(shown):
+                continue
+            if not text.startswith(shown):  # a normalising decoder rewrote sent text: it cannot be taken back
+                log.warning("streamed text of row %d was rewritten by a longer decode; sending the new tail", row)
+            pieces[row], self.shown[row] = text[len(shown):], text
         if pieces:
             self.events.put(("text", pieces))
 
@@ -431,9 +443,9 @@ class _RowStreamer(BaseStreamer):
     def rest(self, row: int, completion: Completion) -> list[str]:
         """What the pieces have not shown of the final text (a tail held back); nothing for a refusal."""
         shown = self.shown[row]
-        if completion.finish_reason == "content_filter" or not completion.text.startswith(shown):
+        if completion.finish_reason == "content_filter" or len(completion.text) <= len(shown):
             return []
-        return [completion.text[len(shown):]] if len(completion.text) > len(shown) else []
+        return [completion.text[len(shown):]]
 
 
 @lru_cache(maxsize=8)  # each holds a private tokenizer copy: conversations with the same head share one
