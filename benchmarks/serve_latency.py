@@ -7,11 +7,13 @@ request names its guard mode, so the three paths share the model, the batching a
   (b) probe  generation with the probe scored in its prefill (what `guardray serve` runs)
   (c) model  the guard model's LlamaGuard-style scoring of the prompt (as the features stage runs it), then
              generation
-Requests run in rounds that rotate the order of the modes, so drift in the machine's speed hits all three alike.
-Prints p50/p95 latency and throughput per mode and concurrency, (b)'s and (c)'s p50 overhead over (a), and the
+  (a2) none  with `--control`: (a) again, an A/A control whose difference from (a) is the run's noise floor
+Requests run in rounds that rotate the order of the modes, so drift in the machine's speed hits all alike.
+Prints p50/p95 latency and throughput per mode and concurrency, each mode's p50 overhead over (a), and the
 failed requests.
 
     python benchmarks/serve_latency.py runs/local-smoke [--requests 200] [--concurrency 1 8] [--max-tokens 16]
+                                       [--control]
 """
 from __future__ import annotations
 
@@ -53,24 +55,25 @@ def request(url: str, prompt: str, mode: str, max_tokens: int) -> tuple[float, b
     return time.perf_counter() - started, ok
 
 
-def measure(url: str, prompts: list[str], concurrency: int, max_tokens: int, rounds: int) -> dict[str, dict]:
+def measure(url: str, prompts: list[str], concurrency: int, max_tokens: int, rounds: int,
+            modes: dict[str, str] = MODES) -> dict[str, dict]:
     """Per mode: latencies, failures and throughput over the same prompts, in rotating rounds."""
-    latencies = {m: [] for m in MODES}
-    failed, busy = {m: 0 for m in MODES}, {m: 0.0 for m in MODES}
+    latencies = {m: [] for m in modes}
+    failed, busy = {m: 0 for m in modes}, {m: 0.0 for m in modes}
     chunks = np.array_split(np.arange(len(prompts)), rounds)
     with ThreadPoolExecutor(concurrency) as pool:
         for number, chunk in enumerate(chunks):
-            order = list(MODES)[number % 3:] + list(MODES)[:number % 3]
+            order = list(modes)[number % len(modes):] + list(modes)[:number % len(modes)]
             for mode in order:
                 started = time.perf_counter()
-                results = list(pool.map(lambda i: request(url, prompts[i], MODES[mode], max_tokens), chunk))
+                results = list(pool.map(lambda i: request(url, prompts[i], modes[mode], max_tokens), chunk))
                 busy[mode] += time.perf_counter() - started
                 latencies[mode] += [seconds for seconds, _ in results]
                 failed[mode] += sum(not ok for _, ok in results)
     return {m: {"p50_ms": 1e3 * float(np.percentile(latencies[m], 50)),
                 "p95_ms": 1e3 * float(np.percentile(latencies[m], 95)),
                 "req_per_s": len(latencies[m]) / busy[m], "failed": failed[m], "n": len(latencies[m])}
-            for m in MODES}
+            for m in modes}
 
 
 def main() -> None:
@@ -80,7 +83,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--control", action="store_true", help="also (a2): (a) again, the A/A noise floor")
     args = parser.parse_args()
+    modes = {**MODES, "a2": "none"} if args.control else MODES
 
     from ray import serve
 
@@ -101,11 +106,11 @@ def main() -> None:
     print("| concurrency | path | p50 ms | p95 ms | req/s | p50 overhead vs (a) | failed |")
     print("|---|---|---|---|---|---|---|")
     for concurrency in args.concurrency:
-        figures = measure(url, prompts, concurrency, args.max_tokens, args.rounds)
+        figures = measure(url, prompts, concurrency, args.max_tokens, args.rounds, modes)
         base = figures["a"]["p50_ms"]
         for mode, f in figures.items():
             overhead = "baseline" if mode == "a" else f"{100 * (f['p50_ms'] / base - 1):+.1f}%"
-            print(f"| {concurrency} | ({mode}) {MODES[mode]} | {f['p50_ms']:.0f} | {f['p95_ms']:.0f} | "
+            print(f"| {concurrency} | ({mode}) {modes[mode]} | {f['p50_ms']:.0f} | {f['p95_ms']:.0f} | "
                   f"{f['req_per_s']:.2f} | {overhead} | {f['failed']}/{f['n']} |", flush=True)
     serve.shutdown()
 
