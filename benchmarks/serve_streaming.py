@@ -70,6 +70,8 @@ def measure(run: Path, prompts: list[str], batch_size: int, concurrency: int, ma
     finally:
         serve.shutdown()
     done = [r for r in results if r is not None]
+    if not done:
+        raise SystemExit(f"every one of {len(results)} streams failed (batches of {batch_size})")
     figures = {f"{mark}_{q}": 1e3 * float(np.percentile([r[mark] for r in done], q))
                for mark in ("guard", "first_text", "end") for q in (50, 95)}
     return {**figures, "streams_per_s": len(done) / wall, "failed": len(results) - len(done), "n": len(results)}

@@ -214,14 +214,15 @@ def run_probes(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dic
     chosen = best_configurations(results, selection)
     best = [ProbeId(r.feature, r.type, r.preprocessing, r.params, r.target) for r in chosen.itertuples()]
     cv_score = {p.name: {selection: float(score)} for p, score in zip(best, chosen[selection])}
-    saved = refit_all(spec, features, out, best, cv_score, resolved)
+    numerics = features_numerics(features)  # read once: every artifact records it
+    saved = refit_all(spec, features, out, best, cv_score, resolved, numerics)
     for probe in saved:
         probe[selection] = cv_score[probe["name"]][selection]
     best_by_target = headline_probes(saved, selection, list(resolved))
     first = next(iter(resolved))
     if spec.probes.torch_probe.enabled:  # on the first target only
         saved.append(_torch_probe(spec, features, dims, best_by_target[first]["id"]["feature"], out,
-                                  resolved[first]))
+                                  resolved[first], numerics))
     train_rows = results.groupby("target", sort=False)["train_rows"].first()
     return {"configurations": len(configs), "selection_metric": selection, "targets": list(resolved),
             "best": best_by_target[first], "best_by_target": best_by_target, "probes": saved,
@@ -243,28 +244,30 @@ def write_cv_results(results: pd.DataFrame, out: Location) -> None:
 
 
 def refit_all(spec: JobSpec, features: Location, out: Location, best: list[ProbeId],
-              cv: dict[str, dict[str, float]], resolved: dict[str, Target]) -> list[dict[str, Any]]:
+              cv: dict[str, dict[str, float]], resolved: dict[str, Target],
+              numerics: dict[str, str] | None) -> list[dict[str, Any]]:
     """One Ray task per (target, feature column): read the column, refit its best configuration, write the
     artifact."""
     import ray
 
     task = ray.remote(num_cpus=spec.probes.cpus_per_trial, max_retries=1)(refit_and_save)
-    futures = [task.remote(spec, features, out, probe, cv[probe.name], resolved[probe.target]) for probe in best]
+    futures = [task.remote(spec, features, out, probe, cv[probe.name], resolved[probe.target], numerics)
+               for probe in best]
     return ray_get(futures)
 
 
 def refit_and_save(spec: JobSpec, features: Location, out: Location, probe: ProbeId,
-                   cv: dict[str, float], target: Target) -> dict[str, Any]:
+                   cv: dict[str, float], target: Target, numerics: dict[str, str] | None) -> dict[str, Any]:
     """Runs on a worker: fit `probe` on the whole train split of its column and store the artifact."""
     data = read_column(features, probe.feature, target, "train")
     pipeline = build_probe(probe.type, probe.preprocessing, probe.params, spec.probes.cv.seed).fit(data.x, data.y)
-    meta = {**probe_meta(spec, probe, features), "cv": cv}
+    meta = {**probe_meta(spec, probe, numerics), "cv": cv}
     store_artifact(out, probe.name, lambda directory: artifact.save(pipeline, meta, directory))
     return {"name": probe.name, "id": probe.to_dict(), "train_rows": len(data.y), "peak_rss_mb": peak_rss_mb()}
 
 
 def _torch_probe(spec: JobSpec, features: Location, dims: dict[str, int], best_feature: str,
-                 out: Location, target: Target) -> dict[str, Any]:
+                 out: Location, target: Target, numerics: dict[str, str] | None) -> dict[str, Any]:
     """Train the torch probe with Ray Train on the configured feature (default: the best CV feature), for the
     first target only: one Ray Train run per target would multiply the stage's longest step."""
     from guardray.probes.torch_probe import TORCH_PROBE_TYPE, train_torch_probe
@@ -277,7 +280,7 @@ def _torch_probe(spec: JobSpec, features: Location, dims: dict[str, int], best_f
                                seed=spec.probes.cv.seed)
     params = config.model_dump(include={"workers", "epochs", "lr", "weight_decay", "batch_size"})
     probe = ProbeId(feature, TORCH_PROBE_TYPE, "standardize", params, target.name)
-    meta = {**probe_meta(spec, probe, features), "history": fitted["history"], "use_gpu": fitted["use_gpu"]}
+    meta = {**probe_meta(spec, probe, numerics), "history": fitted["history"], "use_gpu": fitted["use_gpu"]}
     store_artifact(out, probe.name, lambda directory: artifact.save_linear(
         directory, meta, fitted["weight"], fitted["bias"], fitted["mean"], fitted["scale"]))
     return {"name": probe.name, "id": probe.to_dict(), "final_loss": fitted["history"][-1]["loss"]}
@@ -293,16 +296,14 @@ def store_artifact(out: Location, name: str, write: Callable[[Path], None]) -> N
 
 
 def features_numerics(features: Location) -> dict[str, str] | None:
-    """The chat model's numerics recorded in the features stage's parts (`shards.NUMERICS_KEY`: the stage
-    commits only when every part has the same); None for parts without the record (synthetic features)."""
-    from guardray.columns import feature_schema
-    from guardray.shards import NUMERICS_KEY
-
-    recorded = (feature_schema(features).metadata or {}).get(NUMERICS_KEY)
-    return json.loads(recorded)["chat"] if recorded else None
+    """The chat model's numerics the features stage verified on all its parts (`summary.json`); None where
+    there is no summary or no record (synthetic features)."""
+    summary = features.join("summary.json")
+    recorded = summary.read_json().get("numerics") if summary.exists() else None
+    return recorded["chat"] if recorded else None
 
 
-def probe_meta(spec: JobSpec, probe: ProbeId, features: Location) -> dict[str, Any]:
+def probe_meta(spec: JobSpec, probe: ProbeId, numerics: dict[str, str] | None) -> dict[str, Any]:
     """What a serving system needs besides the weights: where the features come from, how prompts render, and
     for a feedback target the thresholds that defined its label."""
     return {
@@ -317,7 +318,7 @@ def probe_meta(spec: JobSpec, probe: ProbeId, features: Location) -> dict[str, A
         "features_dtype": spec.extract.store_dtype,
         # the device, dtype and attention the chat model computed the training activations with, as resolved
         # on the features stage's actors (`model.dtype: auto` is float32 on a CPU, bfloat16 on most GPUs)
-        "numerics": features_numerics(features),
+        "numerics": numerics,
         "guard": {"spec": spec.guard.model_dump(mode="json"), "model": spec.guard_model.model_dump(mode="json"),
                   "is_chat_model": spec.guard_is_chat, "threshold": spec.evaluate.guard_threshold}
         if spec.guard.enabled else None,

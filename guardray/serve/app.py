@@ -7,13 +7,14 @@ carries `guard`), `POST /v1/score` (probe scores of a batch of prompts, no gener
 Concurrent requests are batched by `guardray.serve.batching.DrainingBatcher`: each time the model is free, the
 requests that waited (up to `max_batch_size`, of one kind, streamed or not, and one set of decoding settings)
 share one `generate` call; an idle model waits `batch_wait_timeout_s` for company. Streams get each decoding
-step's new text. (Not `@serve.batch`: it closes batches on a timer while the model is still busy; see there.) Beyond `max_ongoing_requests` per replica requests queue in Serve; beyond `max_queued_requests`
-(per caller: each proxy) they get 503.
+step's new text. (Not `@serve.batch`: it closes batches on a timer while the model is still busy; see there.)
+Beyond `max_ongoing_requests` per replica requests queue in Serve; beyond `max_queued_requests` (per caller:
+each proxy) they get 503.
 A request Serve cannot parse, or whose prompt does not fit, gets 400 with one message.
 
-A streaming client that disconnects cancels its request (Serve cancels the handler's task): it leaves the queue
-if its batch has not started, else its row stops producing tokens at the next decoding step; the generate call
-ends when its last live row does. A non-streamed request, once its batch started, runs to its end.
+A client that disconnects cancels its request (Serve cancels the handler's task): it leaves the queue if its
+batch has not started, else its row stops producing tokens at the next decoding step; the generate call ends
+when its last live row does.
 
 Metrics (Ray's Prometheus export, the dashboard's Metrics tab): `guardray_serve_requests{endpoint,decision}`
 (decision: allow, flag, block), `guardray_serve_probe_score_sigmoid`, `guardray_serve_latency_ms{phase}` (phase: total,

@@ -88,12 +88,13 @@ class DrainingBatcher:
         if self.loop_task is None or self.loop_task.done():
             # a context of its own: the loop outlives the request that started it (Serve keeps per-request
             # context in contextvars, and a task copies the creator's)
-            self.loop_task = asyncio.get_running_loop().create_task(self._run_forever(), context=contextvars.Context())
+            loop = asyncio.get_running_loop()
+            self.loop_task = loop.create_task(self._run_forever(), context=contextvars.Context())
             self.loop_task.add_done_callback(self._loop_ended)
         self.waiting.append(waiting)
         self.arrived.set()
-        if len(self.waiting) >= self.max_batch_size:
-            self.full.set()
+        if sum(w.key == self.waiting[0].key for w in self.waiting) >= self.max_batch_size:
+            self.full.set()  # the next batch is full: an idle wait can end
 
     def _discard(self, waiting: _Waiting) -> None:
         """Forget a request whose caller went away before its batch took it."""
@@ -135,8 +136,7 @@ class DrainingBatcher:
     def _take(self) -> list[_Waiting]:
         """The oldest waiting request's kind and group, up to max_batch_size of them; the gone are dropped."""
         for gone in [w for w in self.waiting if w.gone]:
-            self.waiting.remove(gone)
-            self.dropped += 1
+            self._discard(gone)
             if gone.items is not None:
                 gone.items.put_nowait(_END)
         if not self.waiting:
@@ -151,9 +151,13 @@ class DrainingBatcher:
         try:
             done: list[Any] = await asyncio.to_thread(self.engine.complete, [w.request for w in batch],
                                                       [w.encoded for w in batch], [w.cancel for w in batch])
-        except BaseException as e:  # noqa: BLE001 - each request of the batch gets it
+        except Exception as e:  # noqa: BLE001 - each request of the batch gets it
             _log_failure(e, len(batch))
-            done = [e if isinstance(e, Exception) else RuntimeError(f"generate ended by {type(e).__name__}")] * len(batch)
+            done = [e] * len(batch)
+        except BaseException as e:  # the loop is cancelled (the replica stops): fail the batch, stop the loop
+            for waiting in batch:
+                _fail(waiting, RuntimeError(f"generate ended by {type(e).__name__}"))
+            raise
         for waiting, result in zip(batch, done, strict=True):
             if isinstance(result, Exception):
                 _fail(waiting, result)

@@ -134,7 +134,7 @@ class GuardedChatModel:
         self.lock = threading.Lock()
         self.steps = 0  # forward passes of the whole model (prefill and decoding), for tests and metrics
         self.largest_batch = 0  # the most rows one of those passes ran
-        self.cancelled_streams = 0  # streams whose client went away, ended before their max_tokens
+        self.cancelled_streams = 0  # rows whose client went away, ended before their max_tokens (streamed or not)
         self.numerics: dict[str, Any] = {}  # training against serving numerics (`loading.compare_numerics`)
         loaded.model.register_forward_hook(self._count_step)
 
@@ -407,8 +407,9 @@ class _EndRows:
 class _RowStreamer(BaseStreamer):
     """`generate`'s streamer for a whole batch (transformers' text streamers take one row): each decoding step's
     new text per row, as ("text", {row: piece}) on `events`. A row's text is decoded whole each step (as the
-    final text is) and only its new tail is sent; a tail that ends inside a multi-byte character, or a decode that
-    rewrote what was already sent (a normalising decoder), waits for a later step or for `rest`."""
+    final text is) and only its new tail is sent; a tail that ends inside a multi-byte character waits for a
+    later step or for `rest`. A decode that rewrote text already sent (a normalising decoder) cannot be taken
+    back: the new tail is sent, with a warning."""
 
     def __init__(self, tokenizer: Any, stops: Sequence[int], rows: int, events: "queue.Queue[tuple[str, Any]]"):
         self.tokenizer, self.stops, self.events = tokenizer, set(stops), events
