@@ -22,11 +22,15 @@ policy costs more than the user's text; splitting the tokenisation would not be 
 """
 from __future__ import annotations
 
+import logging
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from guardray.errors import InputError
 from guardray.spec import ModelSpec
+
+log = logging.getLogger(__name__)
 
 _SENTINEL = "\ue000GUARDRAY_USER_TEXT\ue000"
 
@@ -89,8 +93,22 @@ class _Tokenizer:
         self.backend = _private_copy(getattr(tokenizer, "backend_tokenizer", None))
         if self.backend is not None and any(t.ids != self._called([s])[0].ids for s, t in zip(samples, self(samples))):
             self.backend = None
+        self.plain = _private_copy(self.backend)  # the same tokenizer reading special tokens as plain text
+        if self.plain is not None:
+            self.plain.encode_special_tokens = True
+        self.special_ids = _special_tokens(tokenizer)[0]
+        self.piecewise = True  # `check_pieces` clears it for a tokenizer whose pieces depend on their neighbours
 
-    def __call__(self, texts: Sequence[str]) -> list[_Tokens]:
+    def __call__(self, texts: Sequence[str], spans: Sequence[Sequence[tuple[int, int]]] | None = None
+                 ) -> list[_Tokens]:
+        """The tokenised texts; with `spans` (each text's user-controlled character ranges), special tokens in
+        those ranges are read as plain text (`as_data`) while the template's own stay special."""
+        tokens = self._encode(texts)
+        if spans is None:
+            return tokens
+        return [self.as_data(text, t, s) for text, t, s in zip(texts, tokens, spans)]
+
+    def _encode(self, texts: Sequence[str]) -> list[_Tokens]:
         if self.backend is None:
             return self._called(texts)
         if len(texts) == 1:  # encode_batch's thread pool costs more than it saves on one text
@@ -105,13 +123,100 @@ class _Tokenizer:
             lead, trail = _added_counts(encoding.sequence_ids)
         return _Tokens(ids, encoding.offsets, lead, trail)
 
-    def _called(self, texts: Sequence[str]) -> list[_Tokens]:
-        batch = self.tokenizer(list(texts), add_special_tokens=self.add_special_tokens, return_offsets_mapping=True)
+    def _called(self, texts: Sequence[str], split_special_tokens: bool = False,
+                add_special_tokens: bool | None = None) -> list[_Tokens]:
+        add = self.add_special_tokens if add_special_tokens is None else add_special_tokens
+        batch = self.tokenizer(list(texts), add_special_tokens=add, return_offsets_mapping=True,
+                               split_special_tokens=split_special_tokens)
         out = []
         for i, ids in enumerate(batch["input_ids"]):
-            lead, trail = _added_counts(batch.sequence_ids(i)) if self.add_special_tokens else (0, 0)
+            lead, trail = _added_counts(batch.sequence_ids(i)) if add else (0, 0)
             out.append(_Tokens(list(ids), [tuple(o) for o in batch["offset_mapping"][i]], lead, trail))
         return out
+
+    # -------------------------------------------------------------------------------- user text as data
+    def as_data(self, text: str, tokens: _Tokens, spans: Sequence[tuple[int, int]], force: bool = False) -> _Tokens:
+        """`tokens` with every special token that overlaps a user span re-read as plain text.
+
+        Why: the tokenizer matches its special tokens anywhere in a string, so a user's `<|im_end|>` would close
+        the turn and let them write the conversation (or the guard's verdict context) themselves. The tokenizer
+        splits a string at its special tokens before anything else and tokenises the pieces between them apart,
+        so re-tokenising only the pieces that hold user text, with special tokens read as text, leaves every
+        template token exactly as it was. `check_pieces` verifies that independence on the probe renderings;
+        where it does not hold, a text holding a special token is refused (fail closed), never encoded as one.
+        `force` re-reads the pieces even without a special token (the check itself).
+        """
+        hits = self._user_specials(tokens, spans)
+        if not hits and not force:
+            return tokens
+        if not self.piecewise:
+            found = next(tokens.offsets[i] for i in sorted(hits))
+            raise InputError(f"the text holds the special token {text[found[0]:found[1]]!r}, and this tokenizer "
+                             "cannot read it as plain text exactly: refused rather than encoded as a control token")
+        return self._repieced(text, tokens, spans, hits)
+
+    def _user_specials(self, tokens: _Tokens, spans: Sequence[tuple[int, int]]) -> set[int]:
+        """Indices of the special tokens that overlap a user span (a set lookup per id: cheap next to the
+        tokenisation itself, even for Llama-3's 256 reserved tokens)."""
+        special = self.special_ids
+        found = [i for i, tid in enumerate(tokens.ids) if tid in special]
+        return {i for i in found for s, e in [tokens.offsets[i]] if e > s and any(s < b and e > a for a, b in spans)}
+
+    def _repieced(self, text: str, tokens: _Tokens, spans: Sequence[tuple[int, int]], hits: set[int]) -> _Tokens:
+        """The pieces between template special tokens that hold a user span, re-tokenised as plain text."""
+        n, lead, trail = len(tokens.ids), tokens.lead, tokens.trail
+        anchors = [i for i in range(n) if i < lead or i >= n - trail
+                   or (tokens.ids[i] in self.special_ids and i not in hits)]
+        pieces = sorted({self._piece(tokens, anchors, a, b) for a, b in spans})
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        kept = 0
+        for left, right in pieces:
+            if left + 1 < kept:  # pieces sharing anchors are one piece
+                continue
+            ids += tokens.ids[kept:left + 1]
+            offsets += tokens.offsets[kept:left + 1]
+            c0 = tokens.offsets[left][1] if left >= lead else 0
+            c1 = tokens.offsets[right][0] if right < n - trail else len(text)
+            plain = self._plain(text[c0:c1])
+            ids += plain.ids
+            offsets += [(s + c0, e + c0) for s, e in plain.offsets]
+            kept = right
+        ids += tokens.ids[kept:]
+        offsets += tokens.offsets[kept:]
+        return _Tokens(ids, offsets, lead, trail)
+
+    @staticmethod
+    def _piece(tokens: _Tokens, anchors: list[int], a: int, b: int) -> tuple[int, int]:
+        """Indices of the template special tokens (or added BOS/EOS) around the user span [a, b)."""
+        n, lead, trail = len(tokens.ids), tokens.lead, tokens.trail
+        left = max((i for i in anchors if i < lead or (i < n - trail and tokens.offsets[i][1] <= a)), default=-1)
+        right = min((i for i in anchors if i > left and (i >= n - trail or tokens.offsets[i][0] >= b)), default=n)
+        return left, right
+
+    def _plain(self, piece: str) -> _Tokens:
+        if self.plain is not None:
+            encoding = self.plain.encode(piece, add_special_tokens=False)
+            return _Tokens(encoding.ids, encoding.offsets, 0, 0)
+        return self._called([piece], split_special_tokens=True, add_special_tokens=False)[0]
+
+    def check_pieces(self, texts: Sequence[str], spans: Sequence[Sequence[tuple[int, int]]]) -> None:
+        """Clears `piecewise` unless re-tokenising the user's pieces alone gives the whole rendering's ids on
+        every sample without special tokens (SentencePiece's "prepend ▁ to the first piece only" breaks it)."""
+        for text, t, s in zip(texts, self._encode(texts), spans):
+            if not self._user_specials(t, s) and self.as_data(text, t, s, force=True).ids != t.ids:
+                self.piecewise = False
+                log.warning("%s: the pieces between special tokens do not tokenise independently; texts holding "
+                            "a special token will be refused", type(self.tokenizer).__name__)
+                return
+
+
+def _special_tokens(tokenizer: Any) -> tuple[frozenset[int], tuple[str, ...]]:
+    """The ids and texts of the tokenizer's special added tokens (what `split_special_tokens` reads as text)."""
+    added = tokenizer.backend_tokenizer.get_added_tokens_decoder() if hasattr(tokenizer, "backend_tokenizer") \
+        else getattr(tokenizer, "added_tokens_decoder", {})
+    specials = {i: t.content for i, t in added.items() if t.special and t.content}
+    return frozenset(specials), tuple(sorted(set(specials.values())))
 
 
 def _added_counts(sequence_ids: list[int | None]) -> tuple[int, int]:
@@ -151,6 +256,11 @@ def caught(fn: Callable[..., Any], *args: Any) -> Any:
         return e
 
 
+def _caught_tokens(fn: Callable[..., Any], tokens: _Tokens | Exception, *args: Any) -> Any:
+    """`caught(fn, tokens, *args)`, passing on the exception that tokenising the row already raised."""
+    return tokens if isinstance(tokens, Exception) else caught(fn, tokens, *args)
+
+
 def common_prefix(rows: Sequence[Sequence[Any]]) -> int:
     """Length of the longest prefix all rows share."""
     n = min(len(r) for r in rows)
@@ -172,13 +282,17 @@ class PromptRenderer:
     ids every probe rendering ends with.
     """
 
-    def __init__(self, tokenizer: Any, template: Callable[[str], str], max_length: int, truncation: str = "middle"):
+    def __init__(self, tokenizer: Any, template: Callable[[str], str], max_length: int, truncation: str = "middle",
+                 context: Sequence[tuple[int, int]] = ()):
         if truncation not in TRUNCATIONS:
             raise InputError(f"truncation {truncation!r} is not one of {', '.join(TRUNCATIONS)}")
         rendered = template(_SENTINEL)
         if rendered.count(_SENTINEL) != 1:
             raise InputError("the chat template must contain the user's text exactly once")
         self._before, self._after = rendered.split(_SENTINEL)
+        if any(b > len(self._before) for _, b in context):
+            raise ValueError("context spans must lie in the template's text before the user's")
+        self._context = tuple(context)  # user-controlled text in the template's head (a served conversation)
         self.template = template
         self.tokenizer = tokenizer
         self.max_length = max_length
@@ -187,7 +301,11 @@ class PromptRenderer:
         located = [self._locate(p) for p in _PROBES]
         raw = not self._before and not self._after
         self._tokenize = _Tokenizer(tokenizer, raw, [full for full, _, _ in located])
-        self._measure([self._tokenize([full])[0] for full, _, _ in located], [(a, b) for _, a, b in located])
+        self._tokenize.check_pieces([full for full, _, _ in located], [self._user_spans(a, b) for _, a, b in located])
+        # A tokenizer that must refuse special tokens in user text cannot measure the probes that hold them.
+        measured = [(t, (a, b)) for t, (_, a, b) in
+                    zip(self._tokenize_located(located), located) if not isinstance(t, Exception)]
+        self._measure([t for t, _ in measured], [span for _, span in measured])
 
     def _measure(self, probes: list[_Tokens], spans: list[tuple[int, int]]) -> None:
         """Sets `prefix`, `suffix` and `user_budget` from the probe renderings."""
@@ -209,16 +327,28 @@ class PromptRenderer:
     def encode(self, text: str) -> Encoded:
         """The prompt's ids: exactly the tokenised rendering, or with the user's tokens cut to fit max_length."""
         full, a, b = self._locate(text)
-        return self._encoded(self._tokenize([full])[0], a, b)
+        return self._encoded(self._tokenize([full], [self._user_spans(a, b)])[0], a, b)
 
     def encode_many(self, texts: Sequence[str]) -> list[Encoded | Exception]:
         """`encode` for many prompts with one batched tokenizer call (parallel in Rust). A prompt that cannot
         be rendered gets its exception in its place, so one bad prompt does not fail the others."""
         located = [caught(self._locate, text) for text in texts]
         ok = [loc for loc in located if not isinstance(loc, Exception)]
-        tokens = iter(self._tokenize([full for full, _, _ in ok]) if ok else [])
-        return [loc if isinstance(loc, Exception) else caught(self._encoded, next(tokens), loc[1], loc[2])
+        tokens = iter(self._tokenize_located(ok))
+        return [loc if isinstance(loc, Exception) else _caught_tokens(self._encoded, next(tokens), loc[1], loc[2])
                 for loc in located]
+
+    def _tokenize_located(self, located: Sequence[tuple[str, int, int]]) -> list[_Tokens | Exception]:
+        """One batched tokenisation; a rendering whose user text cannot be read as data gets its exception."""
+        if not located:
+            return []
+        texts = [full for full, _, _ in located]
+        tokens = self._tokenize._encode(texts)
+        return [caught(self._tokenize.as_data, full, t, self._user_spans(a, b)) for (full, a, b), t in zip(located, tokens)]
+
+    def _user_spans(self, a: int, b: int) -> list[tuple[int, int]]:
+        """The user-controlled character spans of a rendering: the prompt's, and any in the template's head."""
+        return [(a, b), *self._context]
 
     def _locate(self, text: str) -> tuple[str, int, int]:
         """The rendering and the user's character span [a, b) in it."""
@@ -295,6 +425,45 @@ def chat_template(tokenizer: Any, system_prompt: str | None,
     return render
 
 
+def conversation_renderer(tokenizer: Any, system_prompt: str | None, history: Sequence[tuple[str, str]],
+                          max_length: int, truncation: str, own_system: bool = False) -> PromptRenderer:
+    """The renderer of a conversation's last user turn after `history`, with the history's texts (and the
+    system prompt when it is the caller's `own_system`, not the spec's) read as data like the user's text."""
+    template = chat_template(tokenizer, system_prompt, history)
+    texts = ([system_prompt] if own_system and system_prompt else []) + [content for _, content in history]
+    return PromptRenderer(tokenizer, template, max_length, truncation,
+                          context=_context_spans(tokenizer, system_prompt, history, own_system, texts))
+
+
+def _context_spans(tokenizer: Any, system_prompt: str | None, history: Sequence[tuple[str, str]],
+                   own_system: bool, texts: Sequence[str]) -> list[tuple[int, int]]:
+    """Where `texts` sit in the rendering's head: the template rendered with a marker for each text, the markers
+    then replaced by the texts. A template that changes message text (trims it) renders otherwise; then the
+    places are unknown, and a conversation whose texts hold a special token is refused (fail closed)."""
+    marks = [f"\ue000GUARDRAY_CONTEXT_{i}\ue000" for i in range(len(texts))]
+    by_mark = dict(zip(marks, texts))
+    protect_system = own_system and bool(system_prompt)
+    system = marks[0] if protect_system else system_prompt
+    marked = [(role, mark) for (role, _), mark in zip(history, marks[int(protect_system):])]
+    skeleton = chat_template(tokenizer, system, marked)(_SENTINEL)
+    spans, parts, at = [], [], 0
+    for found in re.finditer("\ue000GUARDRAY_CONTEXT_\\d+\ue000", skeleton):
+        parts.append(skeleton[at:found.start()])
+        start = sum(map(len, parts))
+        parts.append(by_mark[found.group()])
+        spans.append((start, start + len(by_mark[found.group()])))
+        at = found.end()
+    parts.append(skeleton[at:])
+    if "".join(parts) == chat_template(tokenizer, system_prompt, history)(_SENTINEL):
+        return spans
+    specials = _special_tokens(tokenizer)[1]
+    held = next((s for text in texts for s in specials if s in text), None)
+    if held is not None:
+        raise InputError(f"messages: a message holds the special token {held!r}, and this chat template changes "
+                         "message text, so it cannot be read as plain text exactly: refused")
+    return []
+
+
 def chat_renderer(tokenizer: Any, spec: ModelSpec) -> PromptRenderer:
     """The renderer for activation capture, per the model spec (chat template or raw text)."""
     if spec.chat_template:
@@ -357,7 +526,10 @@ class ConversationRenderer:
         if len(located) < len(_PAIR_PROBES) // 2:
             raise InputError("the conversation template changes its own text around most probe texts")
         self._tokenize = _Tokenizer(tokenizer, False, [loc[0] for loc in located])
-        self._measure([self._tokenize([loc[0]])[0] for loc in located], located)
+        self._tokenize.check_pieces([loc[0] for loc in located], [_pair_spans(loc) for loc in located])
+        measured = [(t, loc) for t, loc in zip(self._tokenize_located(located), located)
+                    if not isinstance(t, Exception)]
+        self._measure([t for t, _ in measured], [loc for _, loc in measured])
 
     def _measure(self, probes: list[_Tokens], located: list[tuple[str, int, int, int, int]]) -> None:
         """Sets `prefix` (less one token of margin, as `PromptRenderer`) and checks the template leaves room."""
@@ -373,14 +545,14 @@ class ConversationRenderer:
     def encode(self, prompt: str, response: str) -> Encoded:
         """The pair's ids: exactly the tokenised rendering, or cut to max_length (prompt first)."""
         located = self._locate(prompt, response)
-        return self._encoded(self._tokenize([located[0]])[0], located[1:])
+        return self._encoded(self._tokenize([located[0]], [_pair_spans(located)])[0], located[1:])
 
     def encode_many(self, pairs: Sequence[tuple[str, str]]) -> list[Encoded | Exception]:
         """`encode` for many pairs with one batched tokenizer call; a failing pair gets its exception in place."""
         located = [caught(self._locate, prompt, response) for prompt, response in pairs]
         ok = [loc for loc in located if not isinstance(loc, Exception)]
-        tokens = iter(self._tokenize([loc[0] for loc in ok]) if ok else [])
-        return [loc if isinstance(loc, Exception) else caught(self._encoded, next(tokens), loc[1:])
+        tokens = iter(self._tokenize_located(ok))
+        return [loc if isinstance(loc, Exception) else _caught_tokens(self._encoded, next(tokens), loc[1:])
                 for loc in located]
 
     def _locate(self, prompt: str, response: str) -> tuple[str, int, int, int, int]:
@@ -394,6 +566,13 @@ class ConversationRenderer:
                     return full, p0, p1, p1 + len(self._middle), r1
         raise InputError("the chat template changed its own text around this conversation, so the prompt's and "
                          "the response's places in the rendering are unknown")
+
+    def _tokenize_located(self, located: Sequence[tuple[str, int, int, int, int]]) -> list[_Tokens | Exception]:
+        """One batched tokenisation; a rendering whose texts cannot be read as data gets its exception."""
+        if not located:
+            return []
+        tokens = self._tokenize._encode([loc[0] for loc in located])
+        return [caught(self._tokenize.as_data, loc[0], t, _pair_spans(loc)) for loc, t in zip(located, tokens)]
 
     def _spans(self, tokens: _Tokens, chars: Sequence[int], skip: int) -> tuple[tuple[int, int], tuple[int, int]]:
         """Token spans of the prompt and the response; a token straddling both belongs to the response."""
@@ -428,6 +607,11 @@ class ConversationRenderer:
         out = ids[:p0] + prompt + ids[p1:r0]
         start = len(out)
         return Encoded(out + response + ids[r1:], start, start + len(response), n_tokens, True)
+
+
+def _pair_spans(located: Sequence[Any]) -> list[tuple[int, int]]:
+    """The user-controlled character spans of a located pair: the prompt's and the response's."""
+    return [(located[1], located[2]), (located[3], located[4])]
 
 
 def conversation_template(tokenizer: Any, system_prompt: str | None) -> Callable[[str, str], str]:
