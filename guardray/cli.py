@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Callable
 
@@ -52,10 +53,10 @@ def stage_summary(results: dict, output: str) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from guardray.runner import stage_states
+    from guardray.runner import status_lines
 
-    for stage, state, directory in stage_states(_load(args)):
-        print(f"{stage:10} {state:11} {directory}")
+    for line in status_lines(_load(args)):
+        print(line)
     return EXIT_OK
 
 
@@ -87,11 +88,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 
         stage = plan(load_spec(target, args.set or []))["report"].location
     else:
+        from guardray.cache import latest_stage
+
         stage = resolve(target)
-        if not stage.join("report.json").exists() and stage.join("latest.json").exists():
-            stage = resolve(stage.join("latest.json").read_json()["stages"]["report"])
+        if not stage.join("report.json").exists():  # a job output: its finished report stage
+            stage = latest_stage(stage, "report") or stage
     if not stage.join("report.json").exists():
         raise InputError(f"{stage.uri}: no report.json (run the job's report stage first)")
+    if stage.is_local:  # re-rendered files keep the mode the job wrote its report with (its `file_mode`)
+        stage = resolve(stage.uri, os.stat(stage.join("report.json").path).st_mode & 0o777)
     print(rerender(stage))
     print(f"re-rendered {stage.join('report.md').uri}")
     return EXIT_OK
@@ -123,10 +128,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings = ServeSettings(artifact=args.target, **fields)
     except ValueError as e:
         raise InputError(one_line(e)) from None
-    served = find_probe(settings.artifact, settings.probe)  # a bad path or probe name: exit 2 before Ray starts
+    # a bad path or probe name, or a pickle without --allow-pickle: exit 2 before Ray starts (a pickle's
+    # metadata only: the replicas unpickle it, this process never does)
+    served = find_probe(settings.artifact, settings.probe, allow_pickle=settings.allow_pickle, unpickle=False)
     # pinned to the probe's own directory: a later run of the job must not change what a replica (a restarted
     # or an added one) serves
     pinned = settings.model_copy(update={"artifact": served.uri, "probe": None})
+    from guardray.serve.deploy import check_exposure, model_line
+
+    check_exposure(args.host, pinned, args.insecure_no_auth, key_here=not args.write_config and not args.address,
+                   cluster=bool(args.address) and not args.write_config)
+    print(model_line(served, pinned), flush=True)  # what the replicas will load, before they load it
     if args.write_config:
         from guardray.serve.deploy import write_serve_config
 
@@ -197,6 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--num-gpus", dest="num_gpus", type=float, help="per replica")
     serve.add_argument("--write-config", dest="write_config", metavar="PATH",
                        help="write a Serve config for `serve deploy` instead of serving")
+    serve.add_argument("--allow-pickle", dest="allow_pickle", action="store_true", default=None,
+                       help="load a pickled (non-linear) probe: unpickling runs code, only for artifacts you trust")
+    serve.add_argument("--trust-remote-code", dest="trust_remote_code", action="store_true", default=None,
+                       help="let the models run their own code (never taken from the artifact)")
+    serve.add_argument("--api-key-env", dest="api_key_env", metavar="NAME",
+                       help="require `Authorization: Bearer <key>`, the key read from environment variable NAME")
+    serve.add_argument("--insecure-no-auth", dest="insecure_no_auth", action="store_true",
+                       help="allow a --host other machines can reach without --api-key-env")
+    serve.add_argument("--max-body-bytes", dest="max_body_bytes", type=int, help="largest request body (1 MiB)")
     return parser
 
 

@@ -41,7 +41,7 @@ from guardray.rendering import Encoded, PromptRenderer, chat_renderer
 from guardray.sharded import ShardActor, ShardedStage, raise_device_failure, run_sharded
 from guardray.shards import PARTS_DIR, RangeReader, finished_shards
 from guardray.spec import GenerateSpec, JobSpec
-from guardray.storage import Location, resolve
+from guardray.storage import DEFAULT_FILE_MODE, Location, resolve
 
 log = logging.getLogger(__name__)
 
@@ -251,15 +251,15 @@ def write_responses_dataset_remote(dataset: Location, out: Location) -> dict[str
     import ray
 
     task = ray.remote(num_cpus=0.5, max_retries=2, retry_exceptions=True)(write_responses_dataset)
-    return ray_get(task.remote(dataset.uri, out.uri))
+    return ray_get(task.remote(dataset.uri, out.uri, out.file_mode))
 
 
-def write_responses_dataset(dataset_uri: str, out_uri: str) -> dict[str, Any]:
+def write_responses_dataset(dataset_uri: str, out_uri: str, file_mode: int = DEFAULT_FILE_MODE) -> dict[str, Any]:
     """Write `<out>/dataset.parquet`: the input's columns plus the response columns, rows in dataset order,
     only rows that generated, in row groups of DATASET_ROW_GROUP_ROWS (so `RangeReader` reads ranges cheaply).
 
     Streams one part at a time; parts are checked to hold their range's generated ids in dataset order."""
-    reader, out = RangeReader(resolve(dataset_uri)), resolve(out_uri)
+    reader, out = RangeReader(resolve(dataset_uri)), resolve(out_uri, file_mode)
     shards = finished_shards(out)
     reasons: dict[str, int] = {}
     counts = {"generated_tokens": 0}

@@ -38,7 +38,7 @@ from guardray.rendering import chat_renderer
 from guardray.sharded import ErrorBudget, RunTally, ShardedStage, drain, error_table, write_shard
 from guardray.shards import RangeReader, Shard, as_descriptors
 from guardray.spec import GenerateSpec, JobSpec, spec_for_worker
-from guardray.storage import Location, resolve
+from guardray.storage import Location, file_mode_of, resolve
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ class ShardWriter:
         tokenizer = load_tokenizer(spec.model)
         self.stops = stop_ids(tokenizer, _generation_config(spec))
         self.tokenizer, self.max_new = tokenizer, spec.generate.max_new_tokens
-        self.out, self.numerics, self.device = resolve(out_uri), numerics, device
+        self.out, self.numerics, self.device = resolve(out_uri, file_mode_of(spec)), numerics, device
         self.node_id = ray.get_runtime_context().get_node_id()
         # Keyed by row: an upstream batch that Ray Data retries may emit a row twice; it counts once.
         self.pending: dict[tuple[int, int], dict[int, dict[str, Any]]] = {}

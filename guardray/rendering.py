@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import re
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -82,6 +83,9 @@ class _Tokenizer:
 
     Calling the backend skips transformers' per-call Python work (about 2x faster); it is used only if it gives
     the same ids as `tokenizer(...)` on the probe renderings, since some tokenizers preprocess text in Python.
+
+    With `spans` (each rendering's user-controlled character ranges), added tokens (special or not) written in
+    those ranges are read as plain text while the template's own stay control tokens: see `as_data`.
     """
 
     def __init__(self, tokenizer: Any, add_special_tokens: bool, samples: Sequence[str]):
@@ -90,30 +94,27 @@ class _Tokenizer:
                              "has none: load the model's tokenizer.json or a tokenizer with a fast version")
         self.tokenizer = tokenizer
         self.add_special_tokens = add_special_tokens
-        self.backend = _private_copy(getattr(tokenizer, "backend_tokenizer", None))
+        copies = _copies(tokenizer)
+        self.backend = copies.backend
         if self.backend is not None and any(t.ids != self._called([s])[0].ids for s, t in zip(samples, self(samples))):
             self.backend = None
-        self.plain = _private_copy(self.backend)  # the same tokenizer reading special tokens as plain text
-        if self.plain is not None:
-            self.plain.encode_special_tokens = True
-        self.special_ids = _special_tokens(tokenizer)[0]
-        self.piecewise = True  # `check_pieces` clears it for a tokenizer whose pieces depend on their neighbours
+        self.escaping = copies.escaping if self.backend is not None else None
+        self.added_ids = copies.added_ids
 
     def __call__(self, texts: Sequence[str], spans: Sequence[Sequence[tuple[int, int]]] | None = None
                  ) -> list[_Tokens]:
-        """The tokenised texts; with `spans` (each text's user-controlled character ranges), special tokens in
-        those ranges are read as plain text (`as_data`) while the template's own stay special."""
         tokens = self._encode(texts)
         if spans is None:
             return tokens
         return [self.as_data(text, t, s) for text, t, s in zip(texts, tokens, spans)]
 
-    def _encode(self, texts: Sequence[str]) -> list[_Tokens]:
-        if self.backend is None:
+    def _encode(self, texts: Sequence[str], backend: Any = None) -> list[_Tokens]:
+        backend = backend or self.backend
+        if backend is None:
             return self._called(texts)
         if len(texts) == 1:  # encode_batch's thread pool costs more than it saves on one text
-            return [self._from_encoding(self.backend.encode(texts[0], add_special_tokens=self.add_special_tokens))]
-        encodings = self.backend.encode_batch(list(texts), add_special_tokens=self.add_special_tokens)
+            return [self._from_encoding(backend.encode(texts[0], add_special_tokens=self.add_special_tokens))]
+        encodings = backend.encode_batch(list(texts), add_special_tokens=self.add_special_tokens)
         return [self._from_encoding(e) for e in encodings]
 
     def _from_encoding(self, encoding: Any) -> _Tokens:
@@ -123,100 +124,150 @@ class _Tokenizer:
             lead, trail = _added_counts(encoding.sequence_ids)
         return _Tokens(ids, encoding.offsets, lead, trail)
 
-    def _called(self, texts: Sequence[str], split_special_tokens: bool = False,
-                add_special_tokens: bool | None = None) -> list[_Tokens]:
-        add = self.add_special_tokens if add_special_tokens is None else add_special_tokens
-        batch = self.tokenizer(list(texts), add_special_tokens=add, return_offsets_mapping=True,
-                               split_special_tokens=split_special_tokens)
+    def _called(self, texts: Sequence[str]) -> list[_Tokens]:
+        batch = self.tokenizer(list(texts), add_special_tokens=self.add_special_tokens, return_offsets_mapping=True)
         out = []
         for i, ids in enumerate(batch["input_ids"]):
-            lead, trail = _added_counts(batch.sequence_ids(i)) if add else (0, 0)
+            lead, trail = _added_counts(batch.sequence_ids(i)) if self.add_special_tokens else (0, 0)
             out.append(_Tokens(list(ids), [tuple(o) for o in batch["offset_mapping"][i]], lead, trail))
         return out
 
     # -------------------------------------------------------------------------------- user text as data
-    def as_data(self, text: str, tokens: _Tokens, spans: Sequence[tuple[int, int]], force: bool = False) -> _Tokens:
-        """`tokens` with every special token that overlaps a user span re-read as plain text.
+    def as_data(self, text: str, tokens: _Tokens, spans: Sequence[tuple[int, int]]) -> _Tokens:
+        """`tokens`, or, when an added token's id overlaps a user span, the rendering tokenised again with the
+        user's text as plain text.
 
-        Why: the tokenizer matches its special tokens anywhere in a string, so a user's `<|im_end|>` would close
-        the turn and let them write the conversation (or the guard's verdict context) themselves. The tokenizer
-        splits a string at its special tokens before anything else and tokenises the pieces between them apart,
-        so re-tokenising only the pieces that hold user text, with special tokens read as text, leaves every
-        template token exactly as it was. `check_pieces` verifies that independence on the probe renderings;
-        where it does not hold, a text holding a special token is refused (fail closed), never encoded as one.
-        `force` re-reads the pieces even without a special token (the check itself).
+        Why: the tokenizer matches its added tokens (`<|im_end|>`, `<think>`) anywhere in a string, so a user's
+        `<|im_end|>` would close the turn and let them write the conversation, or the guard's verdict context,
+        themselves. The escaping copy of the tokenizer knows each added token only by a private-use alias of
+        the same length and id: the template's own occurrences (outside the spans) are written as aliases and
+        stay control tokens, exactly as before (whitespace they strip included), while the user's characters no
+        longer match any added token. One tokenisation of the whole rendering, so merges and offsets are those
+        of the real tokenizer. Where no exact escaping copy exists, such a text is refused (fail closed).
         """
-        hits = self._user_specials(tokens, spans)
-        if not hits and not force:
+        hit = self._user_hit(tokens, spans)
+        if hit is None:
             return tokens
-        if not self.piecewise:
-            found = next(tokens.offsets[i] for i in sorted(hits))
-            raise InputError(f"the text holds the special token {text[found[0]:found[1]]!r}, and this tokenizer "
-                             "cannot read it as plain text exactly: refused rather than encoded as a control token")
-        return self._repieced(text, tokens, spans, hits)
+        escaping = self.escaping
+        if escaping is None or escaping.holds_alias(text, spans):
+            raise InputError(f"the text holds the control token {text[hit[0]:hit[1]]!r}, and this tokenizer cannot "
+                             "read it as plain text exactly: refused rather than encoded as a control token")
+        return self._encode([escaping.escape(text, spans)], escaping.tokenizer)[0]
 
-    def _user_specials(self, tokens: _Tokens, spans: Sequence[tuple[int, int]]) -> set[int]:
-        """Indices of the special tokens that overlap a user span (a set lookup per id: cheap next to the
-        tokenisation itself, even for Llama-3's 256 reserved tokens)."""
-        special = self.special_ids
-        found = [i for i, tid in enumerate(tokens.ids) if tid in special]
-        return {i for i in found for s, e in [tokens.offsets[i]] if e > s and any(s < b and e > a for a, b in spans)}
+    def _user_hit(self, tokens: _Tokens, spans: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
+        """The characters of the first added token that overlaps a user span (a set lookup per id: cheap next
+        to the tokenisation itself, even for Llama-3's 256 reserved tokens), or None."""
+        added = self.added_ids
+        for tid, (s, e) in zip(tokens.ids, tokens.offsets):
+            if tid in added and e > s and any(s < b and e > a for a, b in spans):
+                return s, e
+        return None
 
-    def _repieced(self, text: str, tokens: _Tokens, spans: Sequence[tuple[int, int]], hits: set[int]) -> _Tokens:
-        """The pieces between template special tokens that hold a user span, re-tokenised as plain text."""
-        n, lead, trail = len(tokens.ids), tokens.lead, tokens.trail
-        anchors = [i for i in range(n) if i < lead or i >= n - trail
-                   or (tokens.ids[i] in self.special_ids and i not in hits)]
-        pieces = sorted({self._piece(tokens, anchors, a, b) for a, b in spans})
-        ids: list[int] = []
-        offsets: list[tuple[int, int]] = []
-        kept = 0
-        for left, right in pieces:
-            if left + 1 < kept:  # pieces sharing anchors are one piece
-                continue
-            ids += tokens.ids[kept:left + 1]
-            offsets += tokens.offsets[kept:left + 1]
-            c0 = tokens.offsets[left][1] if left >= lead else 0
-            c1 = tokens.offsets[right][0] if right < n - trail else len(text)
-            plain = self._plain(text[c0:c1])
-            ids += plain.ids
-            offsets += [(s + c0, e + c0) for s, e in plain.offsets]
-            kept = right
-        ids += tokens.ids[kept:]
-        offsets += tokens.offsets[kept:]
-        return _Tokens(ids, offsets, lead, trail)
-
-    @staticmethod
-    def _piece(tokens: _Tokens, anchors: list[int], a: int, b: int) -> tuple[int, int]:
-        """Indices of the template special tokens (or added BOS/EOS) around the user span [a, b)."""
-        n, lead, trail = len(tokens.ids), tokens.lead, tokens.trail
-        left = max((i for i in anchors if i < lead or (i < n - trail and tokens.offsets[i][1] <= a)), default=-1)
-        right = min((i for i in anchors if i > left and (i >= n - trail or tokens.offsets[i][0] >= b)), default=n)
-        return left, right
-
-    def _plain(self, piece: str) -> _Tokens:
-        if self.plain is not None:
-            encoding = self.plain.encode(piece, add_special_tokens=False)
-            return _Tokens(encoding.ids, encoding.offsets, 0, 0)
-        return self._called([piece], split_special_tokens=True, add_special_tokens=False)[0]
-
-    def check_pieces(self, texts: Sequence[str], spans: Sequence[Sequence[tuple[int, int]]]) -> None:
-        """Clears `piecewise` unless re-tokenising the user's pieces alone gives the whole rendering's ids on
-        every sample without special tokens (SentencePiece's "prepend ▁ to the first piece only" breaks it)."""
+    def check_escaping(self, texts: Sequence[str], spans: Sequence[Sequence[tuple[int, int]]]) -> None:
+        """Drops the escaping copy unless it tokenises the probe renderings (no control token in their user
+        text) exactly as the tokenizer does: then texts holding an added token are refused instead."""
+        if self.escaping is None:
+            return
         for text, t, s in zip(texts, self._encode(texts), spans):
-            if not self._user_specials(t, s) and self.as_data(text, t, s, force=True).ids != t.ids:
-                self.piecewise = False
-                log.warning("%s: the pieces between special tokens do not tokenise independently; texts holding "
-                            "a special token will be refused", type(self.tokenizer).__name__)
+            if self._user_hit(t, s) is None \
+                    and self._encode([self.escaping.escape(text, s)], self.escaping.tokenizer)[0].ids != t.ids:
+                log.warning("%s: its escaping copy tokenises the template differently; texts holding one of its "
+                            "control tokens will be refused", type(self.tokenizer).__name__)
+                self.escaping = None
                 return
 
 
-def _special_tokens(tokenizer: Any) -> tuple[frozenset[int], tuple[str, ...]]:
-    """The ids and texts of the tokenizer's special added tokens (what `split_special_tokens` reads as text)."""
-    added = tokenizer.backend_tokenizer.get_added_tokens_decoder() if hasattr(tokenizer, "backend_tokenizer") \
-        else getattr(tokenizer, "added_tokens_decoder", {})
-    specials = {i: t.content for i, t in added.items() if t.special and t.content}
-    return frozenset(specials), tuple(sorted(set(specials.values())))
+@dataclass(frozen=True)
+class _Escaping:
+    """A tokenizer copy whose added tokens answer only to same-length private-use aliases (same ids)."""
+
+    tokenizer: Any
+    aliases: dict[str, str]  # added token's text -> its alias
+    pattern: Any  # matches any added token's text, longest first
+
+    def escape(self, text: str, spans: Sequence[tuple[int, int]]) -> str:
+        """The rendering with the template's added tokens (outside the user spans) written as their aliases."""
+        out, at = [], 0
+        for a, b in sorted(spans):
+            out += [self._aliased(text[at:a]), text[a:b]]
+            at = max(at, b)
+        return "".join(out + [self._aliased(text[at:])])
+
+    def _aliased(self, part: str) -> str:
+        return self.pattern.sub(lambda m: self.aliases[m.group()], part) if part else part
+
+    @staticmethod
+    def holds_alias(text: str, spans: Sequence[tuple[int, int]]) -> bool:
+        """A user span written in the aliases' own characters would forge a control token: refused."""
+        return any(_ALIAS_RANGE.search(text, a, b) for a, b in spans)
+
+
+#: Aliases use Unicode's supplementary private-use plane 15 (U+F0000-U+FFFFD), which no text needs.
+_ALIAS_BASE, _ALIAS_SIZE = 0xF0000, 0xFFFD  # the last one, U+FFFFD, is the filler
+_ALIAS_RANGE = re.compile("[\U000F0000-\U000FFFFD]")
+
+
+@dataclass(frozen=True)
+class _Copies:
+    backend: Any
+    escaping: _Escaping | None
+    added_ids: frozenset[int]
+
+
+_COPIES: "weakref.WeakKeyDictionary[Any, _Copies]" = weakref.WeakKeyDictionary()
+
+
+def _copies(tokenizer: Any) -> _Copies:
+    """The private backend and the escaping copy of a tokenizer, built once per tokenizer (a served
+    conversation builds a renderer per distinct history; copying a 128k vocabulary each time would cost)."""
+    try:
+        return _COPIES[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    backend = _private_copy(getattr(tokenizer, "backend_tokenizer", None))
+    added = getattr(backend, "get_added_tokens_decoder", lambda: {})() if backend is not None else \
+        getattr(tokenizer, "added_tokens_decoder", {})
+    copies = _Copies(backend, _escaping_copy(backend) if backend is not None else None,
+                     frozenset(i for i, t in added.items() if t.content))
+    try:
+        _COPIES[tokenizer] = copies
+    except TypeError:
+        pass
+    return copies
+
+
+def _escaping_copy(backend: Any) -> _Escaping | None:
+    """The backend with every added token renamed to an alias of the same length (so offsets stay those of
+    the rendering) and the same id; None when the copy does not keep every id (then texts holding an added
+    token are refused)."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    data = json.loads(backend.to_str())
+    vocab = data.get("model", {}).get("vocab")
+    aliases: dict[str, str] = {}
+    for n, token in enumerate(data.get("added_tokens", [])):
+        content = token["content"]
+        if not content or n >= _ALIAS_SIZE:
+            return None
+        # unique by its first character, as long as the text by a filler (offsets stay the rendering's)
+        alias = chr(_ALIAS_BASE + n) + chr(_ALIAS_BASE + _ALIAS_SIZE) * (len(content) - 1)
+        if isinstance(vocab, dict) and content in vocab:
+            vocab[alias] = vocab.pop(content)
+        elif isinstance(vocab, list) and vocab and isinstance(vocab[0], list):  # Unigram: [piece, score]
+            vocab[:] = [[alias, score] if piece == content else [piece, score] for piece, score in vocab]
+        aliases[content] = token["content"] = alias
+    if not aliases:
+        return None
+    escaping = Tokenizer.from_str(json.dumps(data))
+    escaping.no_truncation()
+    escaping.no_padding()
+    if any(escaping.token_to_id(aliases[t.content]) != i for i, t in backend.get_added_tokens_decoder().items()
+           if t.content in aliases):
+        return None
+    pattern = re.compile("|".join(re.escape(c) for c in sorted(aliases, key=len, reverse=True)))
+    return _Escaping(escaping, aliases, pattern)
 
 
 def _added_counts(sequence_ids: list[int | None]) -> tuple[int, int]:
@@ -301,8 +352,8 @@ class PromptRenderer:
         located = [self._locate(p) for p in _PROBES]
         raw = not self._before and not self._after
         self._tokenize = _Tokenizer(tokenizer, raw, [full for full, _, _ in located])
-        self._tokenize.check_pieces([full for full, _, _ in located], [self._user_spans(a, b) for _, a, b in located])
-        # A tokenizer that must refuse special tokens in user text cannot measure the probes that hold them.
+        self._tokenize.check_escaping([full for full, _, _ in located], [self._user_spans(a, b) for _, a, b in located])
+        # A tokenizer that must refuse control tokens in user text cannot measure the probes that hold them.
         measured = [(t, (a, b)) for t, (_, a, b) in
                     zip(self._tokenize_located(located), located) if not isinstance(t, Exception)]
         self._measure([t for t, _ in measured], [span for _, span in measured])
@@ -456,8 +507,8 @@ def _context_spans(tokenizer: Any, system_prompt: str | None, history: Sequence[
     parts.append(skeleton[at:])
     if "".join(parts) == chat_template(tokenizer, system_prompt, history)(_SENTINEL):
         return spans
-    specials = _special_tokens(tokenizer)[1]
-    held = next((s for text in texts for s in specials if s in text), None)
+    added = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.content]
+    held = next((s for text in texts for s in added if s in text), None)
     if held is not None:
         raise InputError(f"messages: a message holds the special token {held!r}, and this chat template changes "
                          "message text, so it cannot be read as plain text exactly: refused")
@@ -526,7 +577,7 @@ class ConversationRenderer:
         if len(located) < len(_PAIR_PROBES) // 2:
             raise InputError("the conversation template changes its own text around most probe texts")
         self._tokenize = _Tokenizer(tokenizer, False, [loc[0] for loc in located])
-        self._tokenize.check_pieces([loc[0] for loc in located], [_pair_spans(loc) for loc in located])
+        self._tokenize.check_escaping([loc[0] for loc in located], [_pair_spans(loc) for loc in located])
         measured = [(t, loc) for t, loc in zip(self._tokenize_located(located), located)
                     if not isinstance(t, Exception)]
         self._measure([t for t, _ in measured], [loc for _, loc in measured])

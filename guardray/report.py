@@ -63,6 +63,7 @@ class Scorer:
     threshold: float
     artifact: Location | None = None  # None: `column` holds the score
     id: dict[str, Any] | None = None  # the probe's structured identity (with its target)
+    allow_pickle: bool = False  # only a non-linear type that this job's own grid asked for
 
 
 @dataclass(frozen=True)
@@ -95,8 +96,14 @@ def plan_targets(spec: JobSpec, summary: dict[str, Any], schema: pa.Schema) -> d
 def scorers(spec: JobSpec, probes: Location, plans: dict[str, Plan]) -> list[Scorer]:
     """Every refit probe, then each guard column some target is compared with (once, whatever the targets)."""
     summary = probes.join("summary.json").read_json()
+    from guardray.probes.registry import PROBE_TYPES
+
+    # Choosing a non-linear type in the spec's grid is the opt-in to its pickled artifact; a pickle that turns
+    # up for any other type (a planted or swapped artifact) is refused by `artifact.load`.
+    pickled = {g.type for g in spec.probes.grid if g.type in PROBE_TYPES and not PROBE_TYPES[g.type].linear}
     found = [Scorer(p["name"], p["id"]["feature"], spec.evaluate.probe_threshold,
-                    probes.join("artifacts", p["name"]), p["id"]) for p in summary["probes"]]
+                    probes.join("artifacts", p["name"]), p["id"], p["id"].get("type") in pickled)
+             for p in summary["probes"]]
     guards = dict.fromkeys(p.guard for p in plans.values() if p.guard)
     return found + [Scorer(g, g, spec.evaluate.guard_threshold) for g in guards]
 
@@ -165,7 +172,8 @@ def score_one(features: Location, out: Location, scorer: Scorer, index: int) -> 
     the features of a batch are dropped once scored."""
     schema = pa.schema([("id", pa.string()), ("score", pa.float64())])
     with tempfile.TemporaryDirectory() as tmp:
-        probe = artifact.load(_download(scorer.artifact, Path(tmp))) if scorer.artifact else None
+        probe = (artifact.load(_download(scorer.artifact, Path(tmp)), allow_pickle=scorer.allow_pickle)
+                 if scorer.artifact else None)
 
         def write(f: Any) -> None:
             with pq.ParquetWriter(f, schema) as writer:

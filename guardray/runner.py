@@ -14,11 +14,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from guardray.cache import StageDir
+from guardray.cache import LATEST_FILE, StageDir, latest_stage  # noqa: F401 - latest_stage: report, serve
 from guardray.errors import InputError, StageError, ray_get
 from guardray.metrics import peak_rss_mb
 from guardray.spec import JobSpec, device_class
-from guardray.storage import Location, resolve
+from guardray.storage import Location, output_location
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def register_stage(stage: Stage) -> None:
 
 def plan(spec: JobSpec) -> dict[str, StageDir]:
     """The directory of every stage for this spec (hashes chain through the inputs)."""
-    output = resolve(spec.output)
+    output = output_location(spec)
     dirs: dict[str, StageDir] = {}
     for stage in active_stages(spec):
         upstream = {name: dirs[name].name for name in stage.inputs_for(spec)}
@@ -183,13 +183,31 @@ def run_job(spec: JobSpec, stages: list[str] | None = None, force: tuple[str, ..
     dirs = plan(spec)
     order = _closure(spec, stages or active)
     to_run = [name for name in order if name in force or not dirs[name].done]
-    uses_ray = any(STAGES[name].needs_ray for name in to_run)
     results: dict[str, Any] = {}
+    finished: dict[str, str] = {}  # the stages this run found or made complete, for latest.json
+    try:
+        _run_stages(spec, dirs, order, to_run, force, results, finished)
+    except BaseException:  # a failed run records what it did finish, never narrowing what is recorded
+        if finished:
+            try:
+                record_latest(output_location(spec), spec.name, finished)
+            except Exception as e:  # noqa: BLE001 - the stage's own error is the one to report
+                log.warning("could not update %s: %s", LATEST_FILE, e)
+        raise
+    record_latest(output_location(spec), spec.name, finished)
+    return results
+
+
+def _run_stages(spec: JobSpec, dirs: dict[str, StageDir], order: list[str], to_run: list[str],
+                force: tuple[str, ...], results: dict[str, Any], finished: dict[str, str]) -> None:
+    """Run (or reuse) each stage of `order`; `results` and `finished` ({stage: directory}) fill as they go."""
+    uses_ray = any(STAGES[name].needs_ray for name in to_run)
     for name in order:
         stage, stage_dir = STAGES[name], dirs[name]
         if name not in to_run:
             log.info("stage %s: done, reusing %s", name, stage_dir.location.uri)
             results[name] = {"status": "cached", "dir": stage_dir.location.uri, **stage_dir.summary()}
+            finished[name] = stage_dir.location.uri
             continue
         remote = stage.offload and uses_ray
         if stage.needs_ray or remote:
@@ -201,14 +219,29 @@ def run_job(spec: JobSpec, stages: list[str] | None = None, force: tuple[str, ..
         stage_dir.begin(fresh=not resume)
         started = time.perf_counter()
         inputs = {dep: dirs[dep].location for dep in stage.inputs_for(spec)}
-        summary = _run_remote(stage, spec, inputs, stage_dir.location) if remote else stage.run(spec, inputs, stage_dir.location)
+        if remote:
+            summary = _run_remote(stage, spec, inputs, stage_dir.location)
+        else:
+            summary = stage.run(spec, inputs, stage_dir.location)
         summary["wall_s"] = round(time.perf_counter() - started, 2)
         stage_dir.commit(summary)
         results[name] = {"status": "ran", "dir": stage_dir.location.uri, **summary}
-    resolve(spec.output).join("latest.json").write_json(
-        {"job": spec.name, "stages": {name: dirs[name].location.uri for name in order}}
-    )
-    return results
+        finished[name] = stage_dir.location.uri
+
+
+def record_latest(output: Location, job: str, finished: dict[str, str]) -> None:
+    """Merge `finished` ({stage: directory}) into `<output>/latest.json`: a run that ran only some stages (or
+    failed) updates those and keeps the others' entries, so `report` and `serve` still find them."""
+    latest = output.join(LATEST_FILE)
+    stages: dict[str, str] = {}
+    if latest.exists():
+        try:
+            stages = dict(latest.read_json().get("stages") or {})
+        except (ValueError, AttributeError):
+            log.warning("%s is not valid JSON; writing it anew", latest.uri)
+    stages.update(finished)
+    ordered = {name: stages[name] for name in [*STAGES, *stages] if name in stages}  # pipeline order
+    latest.write_json({"job": job, "stages": ordered})
 
 
 def _with_peak_rss(run: StageFn, spec: JobSpec, inputs: dict[str, Location], out: Location) -> dict[str, Any]:
@@ -241,3 +274,13 @@ def _run_remote(stage: Stage, spec: JobSpec, inputs: dict[str, Location], out: L
 def stage_states(spec: JobSpec) -> list[tuple[str, str, str]]:
     """(stage, done|incomplete|missing, directory) for `guardray status`."""
     return [(name, d.state, d.location.uri) for name, d in plan(spec).items()]
+
+
+def status_lines(spec: JobSpec) -> list[str]:
+    """`guardray status`: one line per stage; an incomplete directory says what it holds (a failed run's
+    directory with only spec.json is not a result, and the next run redoes it)."""
+    lines = []
+    for name, stage_dir in plan(spec).items():
+        state, detail = stage_dir.state, stage_dir.detail
+        lines.append(f"{name:10} {state + (f' ({detail})' if detail else ''):11} {stage_dir.location.uri}")
+    return lines

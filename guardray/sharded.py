@@ -39,7 +39,7 @@ from guardray.shards import (ERRORS_DIR, ERRORS_SCHEMA, NUMERICS_KEY, PARTS_DIR,
                              as_descriptors, dataset_rows, finished_shards, overlap_problem, part_schema, plan_shards,
                              tiling_problem, verify_all)
 from guardray.spec import ActorPoolSpec, JobSpec, spec_for_worker
-from guardray.storage import Location, resolve
+from guardray.storage import Location, file_mode_of, resolve
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ class ShardActor(abc.ABC):
         spec = spec_for_worker(spec_json)
         self.numerics = self.load(spec)
         self.reader = RangeReader(resolve(dataset_uri))
-        self.out = resolve(out_uri)
+        self.out = resolve(out_uri, file_mode_of(spec))  # parts and errors get the job's file mode
         self.node_id = ray.get_runtime_context().get_node_id()
         if expected_numerics is None:  # a fresh run: the first actor's numerics become the stage's
             expected_numerics = claim_numerics(self.out.join(NUMERICS_FILE), self.numerics)

@@ -4,12 +4,17 @@ A YAML file is read with `yaml.safe_load`, command-line overrides (`--set a.b=c`
 is validated by the pydantic models below. Every model forbids unknown keys, so a typo fails loudly with a
 "did you mean" hint, and all problems are reported at once, one line each, naming file and dotted field path.
 
+A spec may come from someone else, so it is read as untrusted: at most 1 MiB, 64 levels deep and 250,000 values
+after alias expansion; booleans are real booleans; devices, model ids, dataset repos and engine arguments that
+would load code or files from elsewhere are refused at validate.
+
 Each stage's cache key is computed from the section it depends on (`Section.cache_payload`), leaving out the
 fields that only change *how* it runs (actors, batch sizes), so tuning those never invalidates results.
 """
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import types
 import typing
@@ -17,8 +22,8 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 from guardray.errors import SpecError, one_line
 
@@ -36,12 +41,30 @@ class Section(BaseModel):
         return self.model_dump(mode="json", exclude=set(self.runtime_fields))
 
 
+#: Validation context for a spec the driver has already validated (`spec_for_worker`, the built-in defaults):
+#: checks that import heavy libraries or look at the driver's files are skipped.
+_CHECKED = {"checked_on_driver": True}
+
+
+def _already_checked(info: ValidationInfo) -> bool:
+    return bool(info.context and info.context.get("checked_on_driver"))
+
+
+#: Validation context for a spec that runs on another machine (`guardray submit`): paths name that machine's
+#: files, so only their form is checked here (no `..`), and the job's own validate there checks they exist.
+_ELSEWHERE = {"paths_elsewhere": True}
+
+
+def _paths_elsewhere(info: ValidationInfo) -> bool:
+    return bool(info.context and info.context.get("paths_elsewhere"))
+
+
 # --------------------------------------------------------------------------------------------- ray
 class RaySpec(Section):
     """Where Ray runs. `local` starts an embedded single-node Ray; `auto` or an address attaches to a cluster."""
 
     address: str = Field("local", description="'local' (embedded), 'auto', 'ray://host:10001' or 'host:6379'.")
-    dashboard: bool = Field(False, description="Start the dashboard with embedded Ray (bound to 127.0.0.1).")
+    dashboard: StrictBool = Field(False, description="Start the dashboard with embedded Ray (bound to 127.0.0.1).")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for embedded Ray (default: all).")
     num_gpus: int | None = Field(None, ge=0, description="GPUs for embedded Ray (default: all visible).")
 
@@ -75,10 +98,11 @@ class LabelledColumns(SourceBase):
         None, description="Optional second column appended after a blank line (e.g. alpaca's `input`)."
     )
     label_column: str | None = Field(None, description="Boolean or 0/1 column giving `harmful`.")
-    label_map: dict[str, bool] | None = Field(
+    label_map: dict[str, StrictBool] | None = Field(
         None, description="Maps raw label values (as strings) to booleans, e.g. {'jailbreak': true, 'regular': false}."
     )
-    harmful: bool | None = Field(None, description="Constant label for the whole source (instead of label_column).")
+    harmful: StrictBool | None = Field(
+        None, description="Constant label for the whole source (instead of label_column).")
     extra_labels: tuple[str, ...] = Field(
         (), description="Other boolean columns carried into the dataset, selectable later as `probes.target`."
     )
@@ -125,6 +149,22 @@ class HuggingFaceSource(LabelledColumns):
     def source_name(self) -> str:
         """Default `source` value: the preset's name, else the repo's."""
         return self.name or self.preset or (self.repo or self.type).rsplit("/", 1)[-1]
+
+    @field_validator("repo")
+    @classmethod
+    def _hub_repo_id(cls, value: str | None) -> str | None:
+        """`repo` is joined under `mirror` (and into hf:// paths): only a hub id ('org/name'), never a path."""
+        if value is not None:
+            check_hub_id(value, "dataset id")
+        return value
+
+    @field_validator("config", "hf_split", "data_files")
+    @classmethod
+    def _inside_the_repo(cls, value: str | None) -> str | None:
+        """These name files inside the repo (or its `mirror/<repo>/` copy): no absolute path, no '..' step out."""
+        if value is not None:
+            check_relative(value)
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -213,24 +253,94 @@ class DatasetSpec(Section):
 
 
 # ------------------------------------------------------------------------------------------- model
+def _check_device(value: str) -> str:
+    """A device string reaches torch.device in every actor: refuse anything else at validate, not 40 s later."""
+    if not _DEVICE.fullmatch(value):
+        raise ValueError(f"{value!r} is not a device: use auto, cpu, cuda or cuda:N")
+    return value
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(?::[0-9]{1,3})?")
+#: A torch device a model may be placed on (the spec's `model.device`, serve's `--device`).
+DeviceName = Annotated[str, AfterValidator(_check_device)]
+
+
+def check_hub_id(value: str, what: str) -> None:
+    """Raise ValueError unless `value` is a Hugging Face repo id ('name' or 'org/name', no '..' or '--')."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        raise ValueError(f"{value!r} is not a Hugging Face {what} ('org/name')") from None
+
+
+def check_relative(value: str) -> None:
+    """Raise ValueError when a path inside a repo is absolute or steps out of it ('..')."""
+    parts = value.replace("\\", "/").split("/")
+    if value.startswith(("/", "\\", "~")) or ".." in parts or re.match(r"^[A-Za-z]:", value):
+        raise ValueError(f"{value!r} must stay inside the dataset repo (no absolute path, no '..')")
+
+
+def check_model_id(value: str, on_this_machine: bool = True) -> None:
+    """A model id is a hub id, an offline alias (a valid hub name too), a .gguf file or a model directory.
+
+    transformers takes an existing directory as a local model and anything else as a hub id, so `/etc` or
+    `../../etc/passwd` would reach it and fail deep inside with its own message: refuse them here, one line."""
+    path = Path(value)
+    looks_like_path = value.endswith(".gguf") or value.startswith(("/", "./", "../", "~")) \
+        or value.count("/") > 1 or "\\" in value
+    if not on_this_machine and looks_like_path:
+        if ".." in path.parts:
+            raise ValueError(f"model path {value!r} climbs out of its directory ('..')")
+        return  # a path on the machine the job runs on: checked there
+    if value.endswith(".gguf"):
+        if not path.is_file():
+            raise ValueError(f"GGUF file not found: {value}")
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{value!r} is a directory without config.json, not a model directory")
+    elif path.exists():
+        raise ValueError(f"{value!r} is a file, not a model directory (nor a .gguf file)")
+    elif value.startswith(("/", "./", "../", "~")) or value.count("/") > 1 or "\\" in value:
+        raise ValueError(f"model directory not found: {value}")
+    else:
+        try:
+            check_hub_id(value, "model id")
+        except ValueError:
+            raise ValueError(f"{value!r} is neither a Hugging Face model id ('org/name') nor a model directory") \
+                from None
+
+
+
 class ModelSpec(Section):
     """A causal LM: Hugging Face id, local directory, GGUF file, or a built-in offline alias."""
 
-    id: str = Field("smollm2-135m-instruct", description="HF id, local dir, .gguf path or offline alias.")
+    id: str = Field("smollm2-135m-instruct", description="HF id ('org/name'), local model directory (with "
+                    "config.json), .gguf file or offline alias; a path must exist when the spec is validated.")
     revision: str | None = None
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="'auto': bf16 on GPUs that support it, else fp16; fp32 on the CPU.")
-    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'.")
+    device: DeviceName = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'.")
     max_length: int = Field(512, ge=8, description="Token budget of a rendered prompt.")
-    chat_template: bool = Field(True, description="Render with the tokenizer's chat template (else raw text).")
+    chat_template: StrictBool = Field(True, description="Render with the tokenizer's chat template (else raw text).")
     system_prompt: str | None = Field(None, description="System turn; None keeps the template's default.")
     truncation: Literal["middle", "start"] = Field(
         "middle", description="How an over-long user text is cut: keep its start and end ('middle') or its start."
     )
-    trust_remote_code: bool = False
+    trust_remote_code: StrictBool = False
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel; flash_attention_2 falls back to sdpa unless flash_attn is installed "
         "and the model runs in half precision on a GPU.")
+
+    @field_validator("id")
+    @classmethod
+    def _model_exists(cls, value: str, info: ValidationInfo) -> str:
+        """Checked on the driver only: a worker may see other paths, and it rebuilds a spec the driver checked."""
+        if not _already_checked(info):
+            check_model_id(value, on_this_machine=not _paths_elsewhere(info))
+        return value
 
     def cache_payload(self) -> dict[str, Any]:
         """Everything that changes the numbers: the device enters as its class ('cuda:1' computes like
@@ -245,6 +355,73 @@ def device_class(device: str) -> str:
     return device.split(":", 1)[0]
 
 
+# ------------------------------------------------------------------------------------ engine arguments
+#: vLLM engine arguments refused in `generate.vllm_engine_args` and `guard.vllm_engine_args`, and why. Those
+#: maps are merged last into the engine's keyword arguments (guard/vllm.py, generate_vllm.py), so anything here
+#: would override what the spec's own fields decide. Read from vLLM's `EngineArgs` (vllm/engine/arg_utils.py):
+#: the arguments that run code, pick which model/tokenizer/files are loaded, read or write other paths, carry a
+#: secret or open network endpoints. Speed and numerics settings (gpu_memory_utilization, quantization, ...)
+#: stay allowed.
+SAFETY_ENGINE_ARGS: dict[str, str] = {
+    **dict.fromkeys(("trust_remote_code", "code_revision"), "runs Python from the model repo: set "
+                    "model.trust_remote_code (and model.revision) instead"),
+    **dict.fromkeys(("model", "tokenizer", "hf_config_path", "model_weights", "revision", "tokenizer_revision"),
+                    "picks which model or tokenizer is loaded: set model.id / model.revision (or guard.model) instead"),
+    **dict.fromkeys(("hf_overrides", "model_impl", "tokenizer_mode", "config_format"),
+                    "changes which model or tokenizer class (and code) is loaded"),
+    **dict.fromkeys(("worker_cls", "worker_extension_cls", "scheduler_cls", "logits_processors",
+                     "logits_processor_pattern", "io_processor_plugin", "reasoning_parser_plugin",
+                     "tool_parser_plugin", "inductor_passes", "kv_transfer_config", "kv_events_config",
+                     "ec_transfer_config"), "imports code named by a string"),
+    # load_format picks the weight loader: 'pt' unpickles .bin/.pt files, tensorizer/runai_streamer read URIs,
+    # 'dummy' loads random weights; a speculative draft model, LoRA or generation config is another download
+    **dict.fromkeys(("load_format", "model_loader_extra_config", "speculative_config", "generation_config",
+                     "default_mm_loras", "download_dir"), "loads weights or files other than the model's"),
+    **dict.fromkeys(("allowed_local_media_path", "allowed_media_domains"), "lets requests read local files or URLs"),
+    "hf_token": "a secret in the spec (it is hashed and written to spec.json): set HF_TOKEN in the environment",
+    **dict.fromkeys(("otlp_traces_endpoint", "master_addr", "data_parallel_address"), "opens a network endpoint"),
+}
+#: Key fragments refused at any depth (nested configs such as compilation_config have their own cache
+#: directories and module paths): '*_dir', '*_path', '*_cls', '*_module', '*download*', '*plugin*', ...
+_UNSAFE_KEY = re.compile(r"(_dir|_path|_cls|_module|_uri|_url|_endpoint|_token|_passes)$|download|plugin|remote_code")
+#: `distributed_executor_backend` may also name an executor class to import: only vLLM's own are allowed.
+EXECUTOR_BACKENDS = ("ray", "mp", "uni", "external_launcher")
+
+
+def check_engine_args(value: dict[str, Any]) -> dict[str, Any]:
+    """Refuse the engine arguments above (and unsafe keys nested in config maps), all named in one line."""
+    problems = [f"{key}: {why}" for key, why in _unsafe_engine_keys(value)]
+    backend = value.get("distributed_executor_backend")
+    if backend is not None and backend not in EXECUTOR_BACKENDS:
+        problems.append(f"distributed_executor_backend: {backend!r} is not one of {', '.join(EXECUTOR_BACKENDS)}")
+    if problems:
+        raise ValueError(f"refused ({'; '.join(problems)})")
+    return value
+
+
+def _unsafe_engine_keys(value: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted key, why) for each refused key: SAFETY_ENGINE_ARGS at the top, _UNSAFE_KEY at any depth."""
+    if isinstance(value, list):
+        return [hit for i, item in enumerate(value) for hit in _unsafe_engine_keys(item, f"{prefix}{i}.")]
+    if not isinstance(value, dict):
+        return []
+    found: list[tuple[str, str]] = []
+    for key, item in value.items():
+        name = f"{prefix}{key}"
+        why = None if prefix else SAFETY_ENGINE_ARGS.get(key)
+        if why is None and _UNSAFE_KEY.search(str(key)):
+            why = "names code, a path or a secret"
+        if why:
+            found.append((name, why))
+        else:
+            found += _unsafe_engine_keys(item, f"{name}.")
+    return found
+
+
+#: The `vllm_engine_args` maps, checked against SAFETY_ENGINE_ARGS.
+EngineArgs = Annotated[dict[str, Any], AfterValidator(check_engine_args)]
+
+
 class ActorPoolSpec(Section):
     """How a sharded model stage (responses, features) runs on its Ray Data actor pool: none of these change
     what it computes, so none enter its cache key."""
@@ -252,7 +429,7 @@ class ActorPoolSpec(Section):
     accelerator: Literal["auto", "gpu", "cpu"] = Field(
         "auto", description="What each actor asks Ray for. 'gpu' requests GPUs even before GPU nodes are up (so "
         "the autoscaler launches them); 'auto' = gpu when the cluster has or declares GPU nodes, else cpu.")
-    actors: int | Literal["auto"] = Field(
+    actors: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         1, description="Fixed actor pool size, or 'auto': a pool that starts at 1 and grows to `max_actors`.")
     max_actors: int | None = Field(
         None, ge=1, description="Upper bound of an 'auto' pool (default: the GPUs the cluster has or its autoscaler "
@@ -304,7 +481,7 @@ class GenerateSpec(ActorPoolSpec):
     """The responses stage: the chat model answers every prompt with its own chat template (same rendering and
     truncation as the features stage). Greedy unless `temperature` > 0."""
 
-    enabled: bool = False
+    enabled: StrictBool = False
     backend: Literal["hf", "vllm"] = Field(
         "hf", description="'hf': transformers `generate` (batched, left padding, KV cache); 'vllm': ray.data.llm's "
         "vLLM processor.")
@@ -314,8 +491,9 @@ class GenerateSpec(ActorPoolSpec):
     seed: int = Field(0, description="Sampling seed. vllm: each row's draws depend on the seed and its id; hf: on "
                       "the seed and the ids of the rows batched with it, so they change with batch_size.")
     rows_per_shard: int = Field(64, ge=1, description="Rows per output part (the unit of work and resume).")
-    vllm_engine_args: dict[str, Any] = Field(
-        default_factory=dict, description="Extra keyword arguments for the vLLM engine (e.g. gpu_memory_utilization).")
+    vllm_engine_args: EngineArgs = Field(
+        default_factory=dict, description="Extra keyword arguments for the vLLM engine (e.g. gpu_memory_utilization); "
+        "settings that load code or files, or pick the model, are refused (see SAFETY_ENGINE_ARGS).")
 
     def cache_payload(self) -> dict[str, Any]:
         """Sampling settings only matter when sampling; engine arguments that change speed alone are left out."""
@@ -342,11 +520,11 @@ BUILTIN_CATEGORY_CODES = tuple(f"S{i}" for i in range(1, 15))
 class GuardSpec(Section):
     """The guard model whose safe/unsafe logits at the first generated position give a score."""
 
-    enabled: bool = True
-    response: bool | Literal["auto"] = Field(
+    enabled: StrictBool = True
+    response: StrictBool | Literal["auto"] = Field(
         "auto", description="Also judge each generated response (the user turn is context, the assistant turn is "
         "judged): guard_response_* columns. 'auto' = when `generate` is enabled.")
-    categories: bool = Field(
+    categories: StrictBool = Field(
         False, description="Per-category scores guard_cat_<code> = P(first listed category | unsafe) x P(unsafe), "
         "read after forcing 'unsafe\\nS' (and guard_response_cat_<code> for responses).")
     custom_categories: tuple[CustomCategory, ...] = Field(
@@ -362,9 +540,9 @@ class GuardSpec(Section):
     unsafe_token: str = "unsafe"
     safe_token_id: int | None = Field(None, description="Explicit id (LlamaGuard-7b: 9109).")
     unsafe_token_id: int | None = Field(None, description="Explicit id (LlamaGuard-7b: 25110).")
-    vllm_engine_args: dict[str, Any] = Field(
-        default_factory=dict, description="Extra keyword arguments for vllm.LLM (e.g. gpu_memory_utilization)."
-    )
+    vllm_engine_args: EngineArgs = Field(
+        default_factory=dict, description="Extra keyword arguments for vllm.LLM (e.g. gpu_memory_utilization); "
+        "settings that load code or files, or pick the model, are refused (see SAFETY_ENGINE_ARGS).")
 
     @field_validator("custom_categories")
     @classmethod
@@ -407,12 +585,8 @@ SPEED_ONLY_ENGINE_ARGS = frozenset({
 
 
 # ------------------------------------------------------------------------------------------ probes
-#: Validation context for a spec the driver has already validated (`spec_for_worker`, the built-in default grid).
-_CHECKED = {"checked_on_driver": True}
-
-
-def _already_checked(info: ValidationInfo) -> bool:
-    return bool(info.context and info.context.get("checked_on_driver"))
+#: Most hyper-parameter combinations one grid entry may expand to.
+MAX_GRID_POINTS = 10_000
 
 
 class ProbeGridEntry(Section):
@@ -429,6 +603,18 @@ class ProbeGridEntry(Section):
             from guardray.probes.registry import check_probe_type
 
             check_probe_type(value)
+        return value
+
+    @field_validator("params")
+    @classmethod
+    def _grid_size(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """Every grid point is built at validate and fitted per fold: a grid past MAX_GRID_POINTS is a typo or
+        an attack (five lists of 100 are 10^10 points), refused before anything is expanded."""
+        points = 1
+        for item in value.values():
+            points *= len(item) if isinstance(item, list) else 1
+            if points > MAX_GRID_POINTS:
+                raise ValueError(f"the lists expand to more than {MAX_GRID_POINTS:,} grid points")
         return value
 
     @model_validator(mode="after")
@@ -451,13 +637,13 @@ class CVSpec(Section):
 class TorchProbeSpec(Section):
     """Logistic regression in torch, trained with Ray Train's TorchTrainer for very large feature sets."""
 
-    enabled: bool = False
+    enabled: StrictBool = False
     workers: int = Field(2, ge=1)
     epochs: int = Field(20, ge=1)
     lr: float = Field(0.01, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(256, ge=1)
-    use_gpu: bool | Literal["auto"] = Field(
+    use_gpu: StrictBool | Literal["auto"] = Field(
         "auto", description="'auto' = GPUs when the cluster has or declares GPU nodes (as extract.accelerator).")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per training worker.")
     feature: str | None = Field(None, description="Feature column to train on (default: the best CV feature).")
@@ -514,7 +700,7 @@ class EvaluateSpec(Section):
         100_000, ge=100, description="Bootstrap on a label-stratified sample of at most this many test rows "
         "(wider, conservative intervals on larger sets; keeps 2.5M-row reports to seconds).")
     seed: int = 0
-    plots: bool = True
+    plots: StrictBool = True
     guard_for: dict[str, str] = Field(
         default_factory=dict, description="Target → the guard score column it is compared with (defaults: "
         "guard_score; cat_<name> → its mapped guard_cat_<code> when guard.categories is on; see README).")
@@ -530,21 +716,55 @@ class JobSpec(Section):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     output: str = Field(description="Local directory or gs://bucket/prefix for all stage outputs.")
+    file_mode: str = Field(
+        "0600", description="Permission bits (octal, e.g. '0600', '0640', '0644') of the "
+        "files written to a local `output`: prompts, responses and activations are private to the job's user by "
+        "default. How the job runs, not what it computes: it enters no stage hash. Ignored for gs://.")
     ray: RaySpec = RaySpec()
     dataset: DatasetSpec
-    model: ModelSpec = ModelSpec()
+    model: ModelSpec = Field(default_factory=lambda: ModelSpec.model_validate({}, context=_CHECKED))
     generate: GenerateSpec = GenerateSpec()
     extract: ExtractSpec = ExtractSpec()
     guard: GuardSpec = GuardSpec()
     feedback: FeedbackSpec = FeedbackSpec()
     probes: ProbesSpec = ProbesSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
+    # How the job runs, not what it computes; the stage keys are built from the sections (runner.STAGES), and
+    # these top-level fields enter none of them.
+    runtime_fields: ClassVar[frozenset[str]] = frozenset({"output", "ray", "file_mode"})
+
+    @property
+    def file_mode_bits(self) -> int:
+        """`file_mode` as an int for os.chmod / os.open, e.g. '0600' → 0o600."""
+        return int(self.file_mode, 8)
+
+    @field_validator("file_mode", mode="before")
+    @classmethod
+    def _file_mode_quoted(cls, v: Any) -> Any:
+        """YAML reads an unquoted 0600 as the number 384: ask for the quoted form rather than guess."""
+        if isinstance(v, int) and not isinstance(v, bool):
+            raise ValueError(f"got the number {v}: write the mode as a quoted octal string, e.g. '0600'")
+        return v
+
+    @field_validator("file_mode")
+    @classmethod
+    def _file_mode_octal(cls, v: str) -> str:
+        """Permission bits only (no setuid/sticky); the job reads back what it wrote (resume, later stages), so
+        the owner keeps read and write."""
+        if not re.fullmatch(r"0?[0-7]{3}", v):
+            raise ValueError(f"{v!r} is not a file mode: give octal permission digits such as '0600' or '0644'")
+        if int(v, 8) & 0o600 != 0o600:
+            raise ValueError(f"{v!r} takes read/write from the owner; the owner digit must be 6 or 7 (e.g. '0600')")
+        return v
 
     @field_validator("output")
     @classmethod
-    def _output_scheme(cls, v: str) -> str:
+    def _output_scheme(cls, v: str, info: ValidationInfo) -> str:
         if "://" in v and not v.startswith("gs://"):
             raise ValueError(f"unsupported scheme in {v!r}: use a local path or gs://bucket/prefix")
+        if "://" not in v and not _already_checked(info) and not _paths_elsewhere(info) \
+                and os.path.lexists(v) and not os.path.isdir(v):
+            raise ValueError(f"{v!r} exists and is not a directory")  # a file, or a dangling/looping symlink
         return v.rstrip("/") if v not in ("/",) else v
 
     @model_validator(mode="after")
@@ -600,12 +820,28 @@ class DuplicateKeyError(yaml.YAMLError):
         super().__init__(f"duplicate key {key!r} at {lines}")
 
 
+#: Largest spec file read: a job spec is a few KiB; anything near this is a mistake or an attack.
+MAX_SPEC_BYTES = 1 << 20
+#: Deepest nesting of lists/mappings: the composer recurses per level (5,000 levels overflow Python's stack).
+MAX_DEPTH = 64
+#: Largest spec after expanding aliases, in values (a scalar counts 1 per started 64 characters). A "billion
+#: laughs" document is a few hundred bytes that aliases expand to 10^9 values when the spec is dumped and hashed.
+MAX_EXPANDED = 250_000
+
+
+class SpecLimitError(yaml.YAMLError):
+    """A spec over one of the size limits above; the line is 1-based."""
+
+
 class StrictSafeLoader(yaml.SafeLoader):
-    """yaml's safe loader, except that a repeated key is an error and only true/false are booleans.
+    """yaml's safe loader, except that a repeated key is an error, only true/false are booleans, and the
+    document's nesting and its size after alias expansion are bounded.
 
     Plain `safe_load` keeps the last value, so a second `sources:` would silently replace the first. And YAML 1.1
     reads on/off/yes/no as booleans, so the key `on:` (extract.on) would become True; as in YAML 1.2 they stay
-    strings here (pydantic still reads a string 'yes' given to a boolean field as true).
+    strings here (and boolean fields refuse strings: they are StrictBool). Aliases are composed as shared nodes,
+    so a tiny file can describe an exponentially large value; each node's expanded size is counted as it is
+    composed and the load stops at MAX_EXPANDED, before anything is built from it.
     """
 
     yaml_implicit_resolvers = {
@@ -615,6 +851,40 @@ class StrictSafeLoader(yaml.SafeLoader):
     for _first in "tTfF":
         yaml_implicit_resolvers.setdefault(_first, []).insert(0, ("tag:yaml.org,2002:bool", _YAML12_BOOL))
     del _first
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._expanded: dict[int, int] = {}  # id(node) -> its size with aliases expanded; set once composed
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        """Compose as usual, bounding the nesting depth and the expanded size of every node."""
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            node = super().compose_node(parent, index)
+            if id(node) not in self._expanded:  # the anchor is still being composed: a value that contains itself
+                raise SpecLimitError(f"alias *{event.anchor} at line {event.start_mark.line + 1} refers to a value "
+                                     "that contains it (recursive alias)")
+            return node
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise SpecLimitError(f"nested more than {MAX_DEPTH} levels deep at line {event.start_mark.line + 1}")
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        size = self._size(node)
+        if size > MAX_EXPANDED:
+            raise SpecLimitError(f"the value at line {event.start_mark.line + 1} expands to more than "
+                                 f"{MAX_EXPANDED:,} values (YAML aliases repeat what they point to)")
+        self._expanded[id(node)] = size
+        return node
+
+    def _size(self, node: yaml.Node) -> int:
+        if isinstance(node, yaml.ScalarNode):
+            return 1 + len(node.value) // 64
+        children = [item for pair in node.value for item in pair] if isinstance(node, yaml.MappingNode) else node.value
+        return 1 + sum(self._expanded[id(child)] for child in children)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         _check_duplicate_keys(self, node)
@@ -643,7 +913,11 @@ def _check_duplicate_keys(loader: yaml.SafeLoader, node: yaml.MappingNode) -> No
 def _read_yaml(path: Path) -> Any:
     """Parse a spec file as UTF-8 YAML; every way it can be unreadable becomes one SpecError line."""
     try:
-        text = path.read_bytes().decode("utf-8")
+        with path.open("rb") as handle:
+            data = handle.read(MAX_SPEC_BYTES + 1)  # bounded: a huge file or /dev/zero is never read whole
+        if len(data) > MAX_SPEC_BYTES:
+            raise SpecError([f"{path}: larger than {MAX_SPEC_BYTES >> 20} MiB: not a job spec"])
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise SpecError([f"{path}: file not found"]) from None
     except UnicodeDecodeError as e:
@@ -652,14 +926,16 @@ def _read_yaml(path: Path) -> Any:
         raise SpecError([f"{path}: cannot read: {e.strerror or e}"]) from None
     try:
         return yaml.load(text, Loader=StrictSafeLoader)  # noqa: S506 - a SafeLoader subclass
-    except DuplicateKeyError as e:
+    except (DuplicateKeyError, SpecLimitError) as e:
         raise SpecError([f"{path}: {e}"]) from None
     except yaml.YAMLError as e:
         raise SpecError([f"{path}: not valid YAML: {one_line(e, 10_000)}"]) from None
 
 
-def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = (), output: str | None = None) -> JobSpec:
-    """Read, override and validate a job spec. Raises SpecError listing every problem, one line each."""
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = (), output: str | None = None,
+              paths_elsewhere: bool = False) -> JobSpec:
+    """Read, override and validate a job spec. Raises SpecError listing every problem, one line each.
+    `paths_elsewhere`: the job runs on another machine (submit), so local paths are checked in form only."""
     path = Path(path)
     raw = _read_yaml(path)
     if not isinstance(raw, dict):
@@ -669,12 +945,13 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = (), out
         try:
             apply_override(raw, item)
         except ValueError as e:
-            problems.append(f"{path}: --set {item}: {e}")
+            shown = item if len(item) <= 120 else f"{item[:80]}...{item[-20:]}"  # a huge value stays one short line
+            problems.append(f"{path}: --set {shown}: {e}")
     if output:
         raw["output"] = output
     if problems:
         raise SpecError(problems)
-    return validate_spec(raw, str(path))
+    return validate_spec(raw, str(path), _ELSEWHERE if paths_elsewhere else None)
 
 
 def spec_for_worker(spec_json: dict[str, Any]) -> JobSpec:
@@ -685,11 +962,23 @@ def spec_for_worker(spec_json: dict[str, Any]) -> JobSpec:
     return JobSpec.model_validate(spec_json, context=_CHECKED)
 
 
-def validate_spec(raw: dict[str, Any], origin: str = "<spec>") -> JobSpec:
+def validate_spec(raw: dict[str, Any], origin: str = "<spec>", context: dict[str, Any] | None = None) -> JobSpec:
     try:
-        return JobSpec.model_validate(raw)
+        return JobSpec.model_validate(raw, context=context)
     except ValidationError as e:
-        raise SpecError([_format_error(origin, err) for err in e.errors()]) from None
+        raise SpecError(_problems(origin, e.errors())) from None
+
+
+def _problems(origin: str, errors: list[Any]) -> list[str]:
+    """One line per error; a union field's errors (one per member: `true/false` and `'auto'`, say) become one line."""
+    lines: dict[Any, str] = {}
+    for n, err in enumerate(errors):
+        line = _format_error(origin, err)
+        path = _dotted(err["loc"])
+        key = path if len(path.split(".")) < len(err["loc"]) else n  # locations with union tags merge by field
+        head = f"{origin}: {path}: "
+        lines[key] = f"{lines[key]}, or {line.removeprefix(head)}" if key in lines and line.startswith(head) else line
+    return list(lines.values())
 
 
 def _format_error(origin: str, err: dict[str, Any]) -> str:
@@ -705,6 +994,8 @@ def _format_error(origin: str, err: dict[str, Any]) -> str:
         hint = difflib.get_close_matches(str(err["ctx"]["tag"]), tags, n=1)
         extra = f"did you mean '{hint[0]}'?" if hint else f"choose one of: {', '.join(tags)}"
         return f"{origin}: {path}.{err['ctx']['discriminator'].strip(chr(39))}: unknown type {err['ctx']['tag']!r}; {extra}"
+    if kind == "bool_type":
+        return f"{origin}: {path}: expected true or false (a YAML boolean), got {one_line(repr(err['input']), 80)}"
     msg = err["msg"].removeprefix("Value error, ")
     return f"{origin}: {path or '(top level)'}: {msg}"
 
@@ -802,4 +1093,19 @@ def _typed_value(keys: list[str], text: str) -> Any:
             _, model = _step(model, int(key) if key.lstrip("-").isdigit() else key)
     if _unwrap(model) is str:
         return text
-    return yaml.load(text, Loader=StrictSafeLoader) if text.strip() else None  # noqa: S506 - a SafeLoader subclass
+    if len(text) > MAX_SPEC_BYTES:
+        raise ValueError(f"value larger than {MAX_SPEC_BYTES >> 20} MiB")
+    try:
+        return yaml.load(text, Loader=StrictSafeLoader) if text.strip() else None  # noqa: S506 - a SafeLoader subclass
+    except (DuplicateKeyError, SpecLimitError) as e:
+        raise ValueError(str(e)) from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"not a YAML value: {_yaml_problem(e)}") from None
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """A parser error as one short line: what went wrong and the column (the value is one line)."""
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem:
+        mark = error.problem_mark
+        return f"{error.problem}" + (f" at column {mark.column + 1}" if mark is not None else "")
+    return one_line(error, 200)

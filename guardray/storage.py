@@ -24,20 +24,26 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.fs as pafs  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
+from guardray.errors import InputError  # noqa: E402
+
 #: Temporary files of atomic writes start with this (hidden from `*.parquet` listings and parquet datasets).
 TEMPORARY_PREFIX = ".tmp-"
 
-
-def _umask() -> int:
-    """The process umask, read without setting it (os.umask would change it for every thread meanwhile)."""
-    try:
-        with open("/proc/self/status") as status:
-            return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
-    except (OSError, StopIteration, ValueError):
-        return 0o022
+#: Permission bits of local output files unless the job says otherwise (`JobSpec.file_mode`): prompts, responses
+#: and activations stay private to the job's user on a shared host, whatever the umask.
+DEFAULT_FILE_MODE = 0o600
 
 
-_UMASK = _umask()
+def directory_mode(file_mode: int) -> int:
+    """The mode of a directory holding files of `file_mode`: each class that may read may also enter
+    (0600 → 0700, 0640 → 0750, 0644 → 0755)."""
+    return file_mode | ((file_mode & 0o444) >> 2)
+
+
+def file_mode_of(spec: Any) -> int:
+    """A job spec's `file_mode` as bits (the default where a spec has none)."""
+    return int(str(getattr(spec, "file_mode", None) or f"{DEFAULT_FILE_MODE:04o}"), 8)
+
 
 #: Environment variables a Ray worker needs to reach the same storage as the driver.
 STORAGE_ENV_VARS = ("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS")
@@ -59,11 +65,17 @@ def gcs_filesystem() -> pafs.FileSystem:
 
 @dataclass(frozen=True)
 class Location:
-    """A directory or file: `fs` + `path` (scheme-less), and the `uri` users see."""
+    """A directory or file: `fs` + `path` (scheme-less), and the `uri` users see.
+
+    `file_mode`: the permission bits of the local files written here (and, with `directory_mode`, of the
+    directories created for them); it travels with `join` and with the Location to Ray workers. GCS objects
+    have no mode: their bucket's IAM decides who reads them.
+    """
 
     fs: pafs.FileSystem
     path: str
     uri: str
+    file_mode: int = DEFAULT_FILE_MODE
 
     @property
     def is_gcs(self) -> bool:
@@ -75,7 +87,7 @@ class Location:
         return isinstance(self.fs, pafs.LocalFileSystem)
 
     def join(self, *parts: str) -> "Location":
-        return Location(self.fs, posixpath.join(self.path, *parts), posixpath.join(self.uri, *parts))
+        return Location(self.fs, posixpath.join(self.path, *parts), posixpath.join(self.uri, *parts), self.file_mode)
 
     def refresh(self) -> None:
         """Drop gcsfs's listing cache so we see what Ray workers (other processes) wrote."""
@@ -87,7 +99,7 @@ class Location:
         return self.fs.get_file_info(self.path).type != pafs.FileType.NotFound
 
     def mkdir(self) -> None:
-        self.fs.create_dir(self.path, recursive=True)
+        _make_dirs(self.fs, self.path, self.file_mode)
 
     def list(self, suffix: str = "") -> list[str]:
         """Names (not paths) of the files directly inside this directory, sorted."""
@@ -97,6 +109,13 @@ class Location:
         return sorted(
             posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix)
         )
+
+    def list_dirs(self) -> list[str]:
+        """Names of the directories directly inside this directory, sorted."""
+        if not self.exists():
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=False))
+        return sorted(posixpath.basename(i.path.rstrip("/")) for i in infos if i.type == pafs.FileType.Directory)
 
     def delete(self) -> None:
         """Remove this directory and everything in it (used to redo an incomplete stage)."""
@@ -117,7 +136,7 @@ class Location:
         directory, name = os.path.split(self.path)
         fd, temporary = tempfile.mkstemp(prefix=f"{TEMPORARY_PREFIX}{name}-", dir=directory)
         try:
-            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs keep the usual permissions
+            os.fchmod(fd, self.file_mode)  # before any byte is written: never readable by more than the mode says
             with os.fdopen(fd, "wb") as f:
                 write(f)
                 f.flush()
@@ -131,7 +150,7 @@ class Location:
     def write_with(self, write: Any) -> None:
         """Stream a file through `write(file)`, atomically (a temporary then a rename on local disk; a GCS
         object appears whole when its upload completes), never holding the whole file in memory."""
-        self.fs.create_dir(posixpath.dirname(self.path), recursive=True)
+        _make_dirs(self.fs, posixpath.dirname(self.path), self.file_mode)
         if self.is_local:
             self._replace_atomically(write)
             return
@@ -186,14 +205,57 @@ class Location:
         return Path(self.path)
 
 
-def resolve(uri: str) -> Location:
-    """Map a local path or gs:// URI to a Location."""
+def _make_dirs(fs: pafs.FileSystem, path: str, file_mode: int) -> None:
+    """Create `path` and its missing parents. On local disk the directories this creates get
+    `directory_mode(file_mode)` exactly (whatever the umask); existing ones, the user's, are left as they are."""
+    if not isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(path, recursive=True)
+        return
+    missing = []
+    current = Path(path)
+    while not current.is_dir():
+        if current.exists() or current.is_symlink():
+            raise InputError(f"{path}: {current} exists and is not a directory")
+        missing.append(current)
+        if current.parent == current:
+            break
+        current = current.parent
+    mode = directory_mode(file_mode)
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, mode)
+        except FileExistsError:  # another writer (a Ray worker) made it meanwhile: theirs has the same mode
+            continue
+        os.chmod(directory, mode)  # mkdir's mode passes through the umask
+
+
+def apply_file_mode(location: Location) -> None:
+    """Give everything under a local directory that another library wrote (Ray Train's checkpoints) the
+    location's file mode, and its directories the matching directory mode; gs:// is left alone."""
+    if not location.is_local or not os.path.isdir(location.path):
+        return
+    os.chmod(location.path, directory_mode(location.file_mode))
+    for root, dirs, files in os.walk(location.path):  # symlinks (and what they point to) are left alone
+        for name, mode in [*((d, directory_mode(location.file_mode)) for d in dirs),
+                           *((f, location.file_mode) for f in files)]:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, mode)
+
+
+def resolve(uri: str, file_mode: int = DEFAULT_FILE_MODE) -> Location:
+    """Map a local path or gs:// URI to a Location whose local writes get `file_mode`."""
     if uri.startswith("gs://"):
-        return Location(gcs_filesystem(), uri.removeprefix("gs://").rstrip("/"), uri.rstrip("/"))
+        return Location(gcs_filesystem(), uri.removeprefix("gs://").rstrip("/"), uri.rstrip("/"), file_mode)
     if "://" in uri:
         raise ValueError(f"unsupported URI scheme: {uri!r} (use a local path or gs://)")
     path = str(Path(uri).expanduser().absolute())
-    return Location(pafs.LocalFileSystem(), path, path)
+    return Location(pafs.LocalFileSystem(), path, path, file_mode)
+
+
+def output_location(spec: Any) -> Location:
+    """A job's output root, writing with the job's `file_mode`."""
+    return resolve(spec.output, file_mode_of(spec))
 
 
 def storage_env() -> dict[str, str]:

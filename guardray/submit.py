@@ -95,7 +95,7 @@ def submit(spec_path: str, address: str, overrides: list[str], output: str | Non
            runtime_env_file: Path | None = RUNTIME_ENV_FILE, project: Path = PROJECT_ROOT) -> int:
     from guardray.spec import load_spec
 
-    spec = load_spec(spec_path, overrides, output)  # fail here, not on the cluster
+    spec = load_spec(spec_path, overrides, output, paths_elsewhere=True)  # fail here, not on the cluster
     path = Path(spec_path).resolve()
     if not path.is_relative_to(project):
         raise InputError(f"{spec_path}: the spec must be inside the project ({project}), which is the job's working_dir")

@@ -221,10 +221,11 @@ def test_generation_key_covers_what_changes_the_text() -> None:
 
 
 def test_on_is_a_key_not_a_boolean(tmp_path: Path) -> None:
-    """YAML 1.1 reads `on:` as True; specs are read with 1.2 booleans, so `extract.on` is a key."""
+    """YAML 1.1 reads `on:` as True; specs are read with 1.2 booleans, so `extract.on` is a key (and `yes` is
+    the string 'yes', which a boolean field refuses: tests/test_spec_security.py)."""
     path = tmp_path / "job.yaml"
     path.write_text("name: x\noutput: runs/x\ndataset: {sources: [{type: advbench}]}\n"
-                    "generate: {enabled: yes}\nextract:\n  on: [prompt, response]\n")
+                    "generate: {enabled: true}\nextract:\n  on: [prompt, response]\n")
     spec = load_spec(path)
     assert spec.extract.on == ("prompt", "response") and spec.generate.enabled is True
 

@@ -33,6 +33,7 @@ from guardray.datasets import categories, packaged
 from guardray.datasets.normalize import text_keys
 from guardray.datasets.sources import expected_rows, load_source
 from guardray.datasets.tables import SPLITS
+from guardray.errors import InputError, one_line
 from guardray.spec import DatasetSpec, SplitSpec, SubsampleSpec
 from guardray.storage import Location
 
@@ -81,7 +82,10 @@ def build_dataset(spec: DatasetSpec, out: Location) -> dict[str, Any]:
         log.warning("%d near-duplicate groups have rows on both sides of the split because a split_column put "
                     "them there (kept as given: test metrics may be optimistic)", straddling)
     final = _final_table(loaded, kept, extra)
-    counts = count_table(_meta(loaded, exact, near), rejects["source"].to_pandas(), kept, expected)
+    counts = count_table(_meta(loaded, ~usable | removed, exact, near), kept, expected)
+    if not final.num_rows:  # every later stage would fail on it, or train on nothing: say why, here
+        _write_outputs(out, None, rejects, conflicts, counts)
+        raise InputError(empty_dataset_problem(counts, rejects, out.join(REJECTS_FILE).uri))
     _write_outputs(out, final, rejects, conflicts, counts)
     return {
         "rows": final.num_rows,
@@ -103,9 +107,11 @@ def build_dataset(spec: DatasetSpec, out: Location) -> dict[str, Any]:
 
 
 def _write_outputs(
-    out: Location, final: pa.Table, rejects: pa.Table, conflicts: pa.Table, counts: pd.DataFrame
+    out: Location, final: pa.Table | None, rejects: pa.Table, conflicts: pa.Table, counts: pd.DataFrame
 ) -> None:
-    out.join(DATASET_FILE).write_table(final, row_group_size=DATASET_ROW_GROUP_ROWS)
+    """The stage's files; without `final` (an empty dataset, a failed stage) only what explains it."""
+    if final is not None:
+        out.join(DATASET_FILE).write_table(final, row_group_size=DATASET_ROW_GROUP_ROWS)
     out.join(REJECTS_FILE).write_table(rejects)
     out.join(CONFLICTS_FILE).write_table(conflicts)
     out.join("counts.csv").write_text(counts.to_csv(index=False))
@@ -181,11 +187,13 @@ def _conform(table: pa.Table, name: str, extra: list[str]) -> pa.Table:
     return pa.table(columns)
 
 
-def _meta(loaded: pa.Table, exact: np.ndarray, near: np.ndarray) -> pd.DataFrame:
-    """source, label and duplicate kind per loaded row (no text), for the counts."""
+def _meta(loaded: pa.Table, rejected: np.ndarray, exact: np.ndarray, near: np.ndarray) -> pd.DataFrame:
+    """source, label, whether rejected (bad or a copy) and the duplicate kind per loaded row (no text), for
+    the counts."""
     return pd.DataFrame({
         "source": loaded["source"].to_pandas(),
         "harmful": loaded["harmful"].to_pandas(types_mapper={pa.bool_(): pd.BooleanDtype()}.get),
+        "rejected": rejected,
         "duplicate": exact,
         "near_duplicate": near,
     })
@@ -440,41 +448,62 @@ def _null_labels(final: pa.Table, missing: dict[str, list[str]]) -> dict[str, di
 # ------------------------------------------------------------------------------------------------- counts
 
 
-def count_table(
-    loaded: pd.DataFrame, rejected_sources: pd.Series, final: pd.DataFrame, expected: dict[str, int | None]
-) -> pd.DataFrame:
-    """Rows per (source, label): expected, loaded, rejected (bad + duplicates), of those the exact and the
-    near duplicates, kept, train, test.
+COUNT_COLUMNS = ["source", "harmful", "expected", "loaded", "rejected", "duplicates", "near_duplicates", "kept",
+                 "train", "test"]
 
-    `loaded` and `final` hold one row per loaded / kept row (source, harmful[, duplicate, near_duplicate]
-    / [, split]); no text. Duplicates always have a label, so they are counted per label even where the
-    rejects of a mixed-label source are not.
+
+def count_table(loaded: pd.DataFrame, final: pd.DataFrame, expected: dict[str, int | None]) -> pd.DataFrame:
+    """Rows per (source, label): expected, loaded, rejected (bad + duplicates), of those the exact and the
+    near duplicates, kept, train, test. A source that loaded no rows (a header-only CSV) has one row of zeros
+    with label '-', so every source is accounted for.
+
+    `loaded` and `final` hold one row per loaded / kept row (source, harmful, rejected, duplicate,
+    near_duplicate / source, harmful, split); no text. A row without a label is counted under '?' (it is
+    always rejected: 'missing label').
     """
     label = _label_text(loaded["harmful"])
     strata = [loaded["source"], label]
     loaded_counts = loaded.groupby(strata, sort=False, observed=True).size()
-    dupes = {c: loaded[c].groupby(strata, observed=True).sum() if c in loaded.columns else pd.Series(dtype=int)
-             for c in ("duplicate", "near_duplicate")}
+    sums = {c: loaded[c].groupby(strata, observed=True).sum() for c in ("rejected", "duplicate", "near_duplicate")}
     labels_per_source = label.groupby(loaded["source"], observed=True).nunique()
-    rejects = rejected_sources.value_counts()
     kept = final.groupby([final["source"], _label_text(final["harmful"]), final["split"]], observed=True).size()
-    records = []
+    by_source: dict[str, list[tuple[str, int]]] = {}
     for (source, text), n in loaded_counts.items():
-        single = labels_per_source[source] == 1
-        train, test = (int(kept.get((source, text, s), 0)) for s in ("train", "test"))
-        records.append({
-            "source": source,
-            "harmful": text,
-            "expected": expected.get(source) if single else None,
-            "loaded": int(n),
-            "rejected": int(rejects.get(source, 0)) if single else None,
-            "duplicates": int(dupes["duplicate"].get((source, text), 0)),
-            "near_duplicates": int(dupes["near_duplicate"].get((source, text), 0)),
-            "kept": train + test,
-            "train": train,
-            "test": test,
-        })
-    return pd.DataFrame(records)
+        by_source.setdefault(source, []).append((text, int(n)))
+    records = []
+    for source in dict.fromkeys([*expected, *by_source]):  # spec order
+        single = labels_per_source.get(source, 1) == 1
+        for text, n in by_source.get(source, [("-", 0)]):
+            train, test = (int(kept.get((source, text, s), 0)) for s in ("train", "test"))
+            records.append({
+                "source": source,
+                "harmful": text,
+                "expected": expected.get(source) if single else None,
+                "loaded": n,
+                **{column: int(sums[key].get((source, text), 0)) for column, key in
+                   (("rejected", "rejected"), ("duplicates", "duplicate"), ("near_duplicates", "near_duplicate"))},
+                "kept": train + test,
+                "train": train,
+                "test": test,
+            })
+    return pd.DataFrame(records, columns=COUNT_COLUMNS)
+
+
+def empty_dataset_problem(counts: pd.DataFrame, rejects: pa.Table, rejects_uri: str) -> str:
+    """One line for a dataset with no row left: per source its rows, rejects (with the first reason) and
+    what subsampling dropped."""
+    first = (rejects.select(["source", "reason"]).to_pandas().drop_duplicates("source")
+             .set_index("source")["reason"].to_dict())
+    per_source = counts.groupby("source", sort=False)[["loaded", "rejected"]].sum()
+    parts = []
+    for source, row in per_source.iterrows():
+        text = f"{source}: {row['loaded']} rows, {row['rejected']} rejected"
+        if source in first:
+            text += f" (first reason: {one_line(first[source], 120)})"
+        if row["loaded"] > row["rejected"]:
+            text += f", {row['loaded'] - row['rejected']} dropped by dataset.subsample"
+        parts.append(text)
+    return f"dataset: no rows left; {'; '.join(parts)}; see {rejects_uri}"
 
 
 def _label_text(labels: pd.Series) -> pd.Series:
@@ -491,7 +520,7 @@ def format_counts(counts: pd.DataFrame) -> str:
     lines = [header, "-" * len(header)]
     for r in counts.itertuples():
         exp = "" if pd.isna(r.expected) else f"{int(r.expected)}"
-        rej = "" if pd.isna(r.rejected) else f"{int(r.rejected)}"
+        rej = f"{int(r.rejected)}"
         mark = "" if not exp else (" ✓" if int(r.expected) == r.loaded else " ✗")
         lines.append(
             f"{r.source:28} {r.harmful:>7} {exp:>9} {r.loaded:>8} {rej:>9} {r.duplicates:>7} {r.near_duplicates:>7} "
@@ -499,7 +528,8 @@ def format_counts(counts: pd.DataFrame) -> str:
         )
     lines.append("-" * len(header))
     lines.append(
-        f"{'total':28} {'':>7} {'':>9} {counts['loaded'].sum():>8} {'':>9} {counts['duplicates'].sum():>7} "
+        f"{'total':28} {'':>7} {'':>9} {counts['loaded'].sum():>8} {counts['rejected'].sum():>9} "
+        f"{counts['duplicates'].sum():>7} "
         f"{counts['near_duplicates'].sum():>7} {counts['kept'].sum():>7} "
         f"{counts['train'].sum():>7} {counts['test'].sum():>6}"
     )

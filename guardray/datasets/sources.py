@@ -8,7 +8,9 @@ registered in `LOADERS`.
 """
 from __future__ import annotations
 
+import errno
 import fnmatch
+import os
 import posixpath
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -32,7 +34,33 @@ def load_file(spec: FileSource) -> pa.Table:
         root = resolve(spec.path)
     except ValueError as e:
         raise InputError(f"source '{spec.source_name}': path: {e}") from None
-    return _table_from_files(_expand(root), spec)
+    files = _expand(root)
+    for file in files:
+        _refuse_symlink_loop(file, spec.source_name)
+    return _table_from_files(files, spec)
+
+
+def _refuse_symlink_loop(location: Location, source: str) -> None:
+    """A local path that is (or passes through) a symlink loop: one line saying so, rather than a message
+    about its extension or a missing file."""
+    if location.is_local and _is_loop(location.path):
+        raise InputError(f"source '{source}': path {location.uri}: symlink loop")
+
+
+def _symlink_loops(directory: Location) -> list[str]:
+    """Names in a local directory that are symlink loops: its listing skips them silently, so the source
+    would quietly lose a file; listed, they fail with `_refuse_symlink_loop`'s line."""
+    if not directory.is_local or not os.path.isdir(directory.path):
+        return []
+    return [n for n in os.listdir(directory.path) if _is_loop(os.path.join(directory.path, n))]
+
+
+def _is_loop(path: str) -> bool:
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno == errno.ELOOP
+    return False
 
 
 def load_huggingface(spec: HuggingFaceSource) -> pa.Table:
@@ -53,10 +81,11 @@ def _expand(root: Location) -> list[Location]:
     if "*" in posixpath.basename(root.path):
         parent = Location(root.fs, posixpath.dirname(root.path), posixpath.dirname(root.uri))
         pattern = posixpath.basename(root.path)
-        names = [n for n in parent.list() if fnmatch.fnmatch(n, pattern)]
-        files = [parent.join(n) for n in names]
+        names = [n for n in [*parent.list(), *_symlink_loops(parent)] if fnmatch.fnmatch(n, pattern)]
+        files = [parent.join(n) for n in sorted(set(names))]
     elif root.exists() and root.fs.get_file_info(root.path).type == pafs.FileType.Directory:
-        files = [root.join(n) for n in root.list() if posixpath.splitext(n)[1].lower() in FORMATS]
+        names = [n for n in [*root.list(), *_symlink_loops(root)] if posixpath.splitext(n)[1].lower() in FORMATS]
+        files = [root.join(n) for n in sorted(set(names))]
     else:
         files = [root]
     if not files:

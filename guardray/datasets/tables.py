@@ -40,10 +40,16 @@ AnyArray = pa.Array | pa.ChunkedArray
 
 
 class RawTable(NamedTuple):
-    """The columns a source uses, as read, plus why rows could not be read at all (null where they could)."""
+    """The columns a source uses, as read, plus why rows could not be read at all (null where they could).
+
+    `kinds`: for a JSON column whose values have more than one type (strings in some rows, a number, a list
+    or an object in others), read as text, each row's original type where it was not a string (null where it
+    was, or was null), so a prompt that was `42` is rejected as a number rather than kept as the text "42".
+    """
 
     table: pa.Table
     problems: pa.Array | None = None
+    kinds: dict[str, pa.Array] | None = None
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -77,7 +83,7 @@ def read_table(location: Location, fmt: str, wanted: dict[str, str]) -> RawTable
             return _read_csv(data, wanted, location.uri)
         raw = _read_json(data) if fmt == "json" else _read_json_lines(data)
         _check_columns(raw.table.column_names, wanted, location.uri)
-        return RawTable(raw.table.select(_unique(wanted.values())), raw.problems)
+        return raw._replace(table=raw.table.select(_unique(wanted.values())))
     except FileNotFoundError:
         raise InputError(f"{location.uri}: file not found") from None
     except (pa.ArrowException, OSError, ValueError) as e:
@@ -204,32 +210,69 @@ def _json_message(error: Exception) -> str:
 def _assemble_pieces(pieces: list[pa.Table | str]) -> RawTable:
     """Good spans and bad lines (one all-null row each), in file order, under one promoted schema.
 
-    Spans whose types cannot be merged (a column of numbers in one, strings in another: the reason the fast
-    path failed) are merged as text; labels and splits are parsed from text as well.
+    A column whose spans cannot be merged (strings in one, numbers, lists or objects in another: the reason
+    the fast path failed) is merged as text, and `kinds` keeps each row's original type; labels and splits are
+    then parsed from that text, and a prompt that was not a string is rejected (`source_table`).
     """
     tables = [p for p in pieces if isinstance(p, pa.Table)]
-    try:
-        schema = pa.concat_tables(tables, promote_options="permissive").schema
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        pieces = [p if isinstance(p, str) else _scalars_as_text(p) for p in pieces]
-        tables = [p for p in pieces if isinstance(p, pa.Table)]
-        schema = pa.concat_tables(tables, promote_options="permissive").schema
-    parts, problems = [], []
-    for piece in pieces:
+    mixed = _mixed_columns(tables)
+    texts = [p if isinstance(p, str) else _mixed_as_text(p, mixed) for p in pieces]
+    schema = pa.concat_tables([t[0] for t in texts if not isinstance(t, str)], promote_options="permissive").schema
+    parts, problems, kinds = [], [], {c: [] for c in mixed}
+    for piece in texts:
         if isinstance(piece, str):
-            parts.append(pa.table([pa.nulls(1, f.type) for f in schema], schema=schema))
-            problems.append(pa.array([piece], pa.string()))
+            rows, problem, row_kinds = pa.table([pa.nulls(1, f.type) for f in schema], schema=schema), piece, {}
         else:
-            parts.append(piece)
-            problems.append(pa.nulls(piece.num_rows, pa.string()))
+            (rows, row_kinds), problem = piece, None
+        parts.append(rows)
+        problems.append(pa.array([problem] * rows.num_rows, pa.string()))
+        for column in mixed:
+            kinds[column].append(row_kinds.get(column, pa.nulls(rows.num_rows, pa.string())))
     table = pa.concat_tables(parts, promote_options="permissive")
-    return RawTable(table, pa.concat_arrays(problems))
+    return RawTable(table, pa.concat_arrays(problems), {c: pa.concat_arrays(k) for c, k in kinds.items()} or None)
 
 
-def _scalars_as_text(table: pa.Table) -> pa.Table:
-    """Every non-nested column cast to string (booleans become 'true'/'false', numbers their digits)."""
-    columns = [c if pa.types.is_nested(c.type) else c.cast(pa.string()) for c in table.columns]
-    return pa.table(columns, names=table.column_names)
+def _mixed_columns(tables: list[pa.Table]) -> list[str]:
+    """The columns whose types differ between spans in a way Arrow cannot promote (int64 and double can be)."""
+    mixed = []
+    for name in dict.fromkeys(n for t in tables for n in t.column_names):
+        types = {t.schema.field(name).type for t in tables if name in t.column_names}
+        try:
+            pa.unify_schemas([pa.schema([pa.field(name, t)]) for t in types], promote_options="permissive")
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            mixed.append(name)
+    return mixed
+
+
+def _mixed_as_text(table: pa.Table, mixed: list[str]) -> tuple[pa.Table, dict[str, pa.Array]]:
+    """The `mixed` columns of one span as text (numbers and booleans as their JSON spelling, lists and
+    objects as JSON), and per such column the original type of each non-null value that was not a string."""
+    kinds = {}
+    for name in (c for c in mixed if c in table.column_names):
+        values = table[name].combine_chunks()
+        if _is_text(values.type):
+            continue
+        if pa.types.is_nested(values.type):
+            text = pa.array([None if v is None else json.dumps(v) for v in values.to_pylist()], pa.string())
+        else:
+            text = values.cast(pa.string())
+        table = table.set_column(table.column_names.index(name), name, text)
+        kinds[name] = pc.if_else(pc.is_valid(values), pa.scalar(_json_kind(values.type)), _NO_TEXT)
+    return table, kinds
+
+
+_NO_TEXT = pa.scalar(None, pa.string())
+
+
+def _json_kind(t: pa.DataType) -> str:
+    """What a JSON value that Arrow read as `t` was, in JSON's words."""
+    if pa.types.is_boolean(t):
+        return "a boolean"
+    if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t):
+        return "a number"
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return "an array"
+    return "an object" if pa.types.is_struct(t) else str(t)
 
 
 # --------------------------------------------------------------------------------------- the prompt table
@@ -242,7 +285,7 @@ def source_table(raw: RawTable, spec: LabelledColumns, origin: str) -> pa.Table:
     prompt itself (missing, empty) is judged later, by the assembly, for every source alike.
     """
     table, problems = raw.table, [raw.problems]
-    prompt, text_problems = _text_column(table, spec)
+    prompt, text_problems = _text_column(table, spec, raw.kinds or {})
     problems += text_problems
     columns: dict[str, AnyArray] = {"prompt": prompt}
     if spec.label_column:
@@ -259,8 +302,10 @@ def source_table(raw: RawTable, spec: LabelledColumns, origin: str) -> pa.Table:
     return pa.table(columns)
 
 
-def _text_column(table: pa.Table, spec: LabelledColumns) -> tuple[AnyArray, list[AnyArray | None]]:
-    """The prompt column as strings (+ problems): a list item for 'col[i]', joined with extra_text_column."""
+def _text_column(table: pa.Table, spec: LabelledColumns,
+                 kinds: dict[str, pa.Array]) -> tuple[AnyArray, list[AnyArray | None]]:
+    """The prompt column as strings (+ problems): a list item for 'col[i]', joined with extra_text_column.
+    A row whose value was not a string in a column of mixed types (`kinds`) is rejected, naming its type."""
     m = _INDEXED.match(spec.text_column)
     column = m.group("column") if m else spec.text_column
     values = table[column]
@@ -276,10 +321,19 @@ def _text_column(table: pa.Table, spec: LabelledColumns) -> tuple[AnyArray, list
         except pa.ArrowException:
             return pa.nulls(len(values), pa.string()), [problem]
     text, problem = decode_text(values, spec.text_column)
+    not_text = _not_a_string(kinds.get(column) if not m else None, spec.text_column, "prompt")
     if not spec.extra_text_column:
-        return text, [problem]
+        return text, [problem, not_text]
     extra, extra_problem = decode_text(table[spec.extra_text_column], spec.extra_text_column)
-    return join_extra_text(text, extra), [problem, extra_problem]
+    extra_not_text = _not_a_string(kinds.get(spec.extra_text_column), spec.extra_text_column, "extra text")
+    return join_extra_text(text, extra), [problem, not_text, extra_problem, extra_not_text]
+
+
+def _not_a_string(kinds: pa.Array | None, field: str, what: str) -> pa.Array | None:
+    """'<field>: <what> is int64, not a string' where a row's original value had another type, else null."""
+    if kinds is None:
+        return None
+    return pc.binary_join_element_wise(f"{field}: {what} is ", kinds, ", not a string", "")
 
 
 def _label_column(table: pa.Table, column: str, mapping: dict[str, bool] | None, problems: list) -> AnyArray:

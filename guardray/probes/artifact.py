@@ -2,6 +2,11 @@
 
 A linear probe's score is `((normalize(x) - mean) / scale) · weight + bias`, which is all a serving system
 needs; `load(path)` returns an object whose `score(features)` reproduces the sklearn pipeline exactly.
+
+Unpickling runs whatever code the file names, so an artifact is data only while it is JSON + safetensors:
+`load` refuses `probe.pkl` unless the caller opts in (`allow_pickle=True`, `guardray serve --allow-pickle`), and
+a `probe.json` that asks for pickle for a type that has the portable form (every linear type) is refused
+outright (`read_meta`): no genuine artifact is like that.
 """
 from __future__ import annotations
 
@@ -10,13 +15,15 @@ import logging
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors.numpy import load_file, save_file
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 
+from guardray.errors import InputError, one_line
 from guardray.probes.registry import PROBE_TYPES, probe_scores
 
 log = logging.getLogger(__name__)
@@ -60,7 +67,8 @@ def save(pipeline: Pipeline, meta: dict[str, Any], directory: Path) -> None:
                     normalize=isinstance(pre, Normalizer))
         return
     directory.mkdir(parents=True, exist_ok=True)
-    log.warning("%s is not linear: saved with pickle (load only artifacts you trust)", meta["type"])
+    log.warning("%s is not linear: saved with pickle (loading it runs code: serving it needs --allow-pickle)",
+                meta["type"])
     (directory / PICKLE).write_bytes(pickle.dumps(pipeline))
     (directory / META).write_text(json.dumps({**meta, "format": "pickle"}, indent=2, sort_keys=True, default=str))
 
@@ -79,9 +87,56 @@ def save_linear(directory: Path, meta: dict[str, Any], weight: Any, bias: Any, m
     (directory / META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
 
 
-def load(path: str | Path) -> LinearProbe | PickledProbe:
+#: the probe types that may be pickled: those without the portable linear form
+PICKLED_TYPES = tuple(name for name, kind in PROBE_TYPES.items() if not kind.linear)
+
+
+class PickleRefused(InputError):
+    """A pickled artifact met a caller that did not opt in to running its code."""
+
+
+class _Header(BaseModel):
+    """The fields of `probe.json` that decide how the rest is read (the others are the probe's metadata)."""
+
+    model_config = ConfigDict(extra="allow")
+    format: Literal["linear", "pickle"]
+    type: str | None = None
+
+
+def read_meta(meta: Any, where: str, allow_pickle: bool = False) -> dict[str, Any]:
+    """`probe.json`'s content (parsed JSON) checked before anything else of the artifact is read: its format,
+    a pickle only for a type that has no portable form, and only when the caller allows pickles. `where` names
+    the artifact in the one-line errors."""
+    try:
+        header = _Header.model_validate(meta)
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "probe.json"
+        raise InputError(f"{where}/{META}: {field}: {first['msg']}") from None
+    if header.format == "pickle":
+        if header.type not in PICKLED_TYPES:
+            raise InputError(f"{where}/{META}: format 'pickle' for probe type {header.type!r}: only "
+                             f"{', '.join(PICKLED_TYPES)} are pickled (linear probes are always safetensors); "
+                             f"refusing to unpickle {PICKLE}")
+        if not allow_pickle:
+            raise PickleRefused(f"{where}/{PICKLE}: a pickled probe ({header.type}) runs code when loaded; load "
+                                f"it only if you trust where it came from (guardray serve --allow-pickle)")
+    return dict(meta)
+
+
+def read_meta_file(path: Path, where: str | None = None) -> Any:
+    """`probe.json` parsed, or a one-line InputError naming the file."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{where or path.parent}/{META}: {one_line(e)}") from None
+
+
+def load(path: str | Path, allow_pickle: bool = False) -> LinearProbe | PickledProbe:
+    """The artifact in directory `path`. A pickled one (a non-linear probe type) is unpickled only with
+    `allow_pickle`; otherwise `PickleRefused` (an InputError) before `probe.pkl` is opened."""
     directory = Path(path)
-    meta = json.loads((directory / META).read_text())
+    meta = read_meta(read_meta_file(directory / META), str(directory), allow_pickle)
     if meta["format"] == "pickle":
         return PickledProbe(meta, pickle.loads((directory / PICKLE).read_bytes()))
     t = load_file(str(directory / WEIGHTS))

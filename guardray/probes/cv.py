@@ -18,6 +18,7 @@ import logging
 import os
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,13 +30,14 @@ from sklearn.model_selection import StratifiedKFold
 
 from guardray import targets
 from guardray.columns import ColumnData, feature_dims, feature_schema, label_counts, read_column
+from guardray.shards import PARTS_DIR, footer
 from guardray.errors import InputError, StageError, one_line, ray_get
 from guardray.evaluate import recall_at_fpr
 from guardray.metrics import peak_rss_mb
 from guardray.probes import artifact
 from guardray.probes.registry import ProbeId, build_probe, grid_points, probe_scores
 from guardray.spec import RESPONSE_POOLINGS, JobSpec, ProbesSpec
-from guardray.storage import Location, resolve
+from guardray.storage import Location, apply_file_mode, resolve
 from guardray.targets import Target
 
 log = logging.getLogger(__name__)
@@ -202,6 +204,7 @@ def run_probes(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dic
     """The probes stage: CV grid with Tune, refit the best per (target, feature column) where the data is, save
     artifacts."""
     features = inputs["features"]
+    check_parts(features)
     dims = feature_columns(spec, features)
     resolved = resolve_targets(spec, features)
     _check_classes(spec, features, resolved)
@@ -229,6 +232,31 @@ def run_probes(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dic
             "train_rows": int(train_rows[first]), "train_rows_by_target": {t: int(n) for t, n in train_rows.items()},
             "trial_peak_rss_mb": _max(results["peak_rss_mb"]),
             "refit_peak_rss_mb": _max(pd.Series([p.pop("peak_rss_mb") for p in saved if "peak_rss_mb" in p]))}
+
+
+def check_parts(features: Location) -> None:
+    """Every part's footer reads (a few KB each, in threads; no rows): a part truncated or replaced after the
+    features stage finished fails here, naming the file and the fix, instead of deep inside a Ray task whose
+    flattened traceback is cut off before the file name."""
+    parts = features.join(PARTS_DIR)
+    names = parts.list(".parquet")
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        problems = list(pool.map(lambda name: _footer_problem(parts.join(name)), names))
+    bad = [(name, problem) for name, problem in zip(names, problems) if problem]
+    if bad:
+        more = f" (and {len(bad) - 1} more parts)" if len(bad) > 1 else ""
+        raise InputError(f"features part {parts.join(bad[0][0]).uri} is unreadable ({bad[0][1]}){more}: the "
+                         f"features stage must be redone: guardray run SPEC --force features")
+
+
+def _footer_problem(part: Location) -> str | None:
+    """Why a part's parquet footer cannot be read (truncated, not parquet), or None. An I/O error (a storage
+    outage) is raised as such: it says nothing about the file."""
+    try:
+        footer(part)
+    except pa.ArrowInvalid as e:
+        return one_line(e, 120)
+    return None
 
 
 def _max(values: pd.Series) -> int | None:
@@ -278,6 +306,7 @@ def _torch_probe(spec: JobSpec, features: Location, dims: dict[str, int], best_f
         raise InputError(f"probes.torch_probe.feature: '{feature}' not extracted; available: {', '.join(dims)}")
     fitted = train_torch_probe(config, features, feature, target, out.join("torch_train"),
                                seed=spec.probes.cv.seed)
+    apply_file_mode(out.join("torch_train"))  # Ray Train wrote its checkpoints with the umask's modes
     params = config.model_dump(include={"workers", "epochs", "lr", "weight_decay", "batch_size"})
     probe = ProbeId(feature, TORCH_PROBE_TYPE, "standardize", params, target.name)
     meta = {**probe_meta(spec, probe, numerics), "history": fitted["history"], "use_gpu": fitted["use_gpu"]}

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool
 
 from guardray.errors import InputError
 from guardray.serve.engine import GUARD_MODES, POLICIES, ChatRequest, Completion, Sampling, Verdict
+from guardray.spec import DeviceName
 
 Policy = Literal["block", "flag"]
 GuardMode = Literal["none", "probe", "model", "both"]
@@ -30,27 +31,53 @@ class ServeSettings(BaseModel):
                            "answers and marks the response. A request may ask for either.")
     guard: GuardMode = Field("probe", description="'probe', 'both' (and the guard model, shadow mode), 'model' (the "
                              "guard model alone, before generation), 'none'.")
-    allow_request_overrides: bool = Field(
+    allow_request_overrides: StrictBool = Field(
         False, description="Let requests choose any `policy` and `guard` (a benchmark, a trusted caller). Without "
         "it a request may only make its own check stricter: policy 'block', guard 'both'.")
+    # safety switches: YAML booleans only, and never taken from the artifact
+    allow_pickle: StrictBool = Field(
+        False, description="Load a pickled probe (a non-linear type): unpickling runs code, so only for artifacts "
+        "from a source you trust. Without it such an artifact is refused.")
+    trust_remote_code: StrictBool = Field(
+        False, description="Let the chat and guard models run their own Python code (transformers' "
+        "trust_remote_code). The artifact's record of it is ignored.")
+    api_key_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Name of the environment variable holding the "
+        "bearer token every request must send (`Authorization: Bearer <key>`); it must be set where the replicas "
+        "run. Only the name is stored, never the key.")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body; a larger one gets 413 "
+                                "before it is read.")
     refusal: str = "I can't help with that request."
-    device: str | None = Field(None, description="Override the artifact's model device ('cpu', 'cuda').")
+    device: DeviceName | None = Field(None, description="Override the artifact's model device (auto, cpu, cuda, cuda:N).")
     max_tokens: int = Field(256, ge=1, description="Default and upper bound of a request's max_tokens.")
     max_batch_size: int = Field(8, ge=1, description="Concurrent requests batched into one generate call.")
     batch_wait_timeout_s: float = Field(0.01, ge=0)
-    max_ongoing_requests: int = Field(32, ge=1, description="Per replica; beyond it requests queue.")
-    max_queued_requests: int = Field(128, ge=1, description="Beyond it the server answers 503 at once (bounded "
-                                     "queueing).")
+    max_ongoing_requests: int = Field(32, ge=1, description="Per replica: requests being answered.")
+    max_queued_requests: int = Field(128, ge=1, description="Per replica: more requests that wait for the model. "
+                                     "Beyond both, a request gets 503 with Retry-After at once (bounded queueing).")
+    retry_after_s: int = Field(1, ge=1, description="The Retry-After of a 503 (seconds).")
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0, description="Per replica: 1 on a GPU cluster (the model's device 'auto' "
                             "then picks cuda).")
 
 
+def _unicode(text: str) -> str:
+    """JSON may escape a lone surrogate (`"\\ud800"`), which no tokenizer takes: refused here, as a 400."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"not valid Unicode (a lone surrogate at character {e.start})") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class ChatCompletionRequest(BaseModel):
@@ -64,7 +91,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(1 << 63), le=(1 << 64) - 1)  # torch.manual_seed's range
     stream: bool = False
     policy: Policy | None = None
     guard: GuardMode | None = None
@@ -87,7 +114,7 @@ class ChatCompletionRequest(BaseModel):
 
 class ScoreRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    prompts: list[str] = Field(min_length=1, max_length=256)
+    prompts: list[Text] = Field(min_length=1, max_length=256)
 
 
 def completion_body(completion: Completion, model: str) -> dict[str, Any]:

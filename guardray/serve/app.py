@@ -8,9 +8,11 @@ Concurrent requests are batched by `guardray.serve.batching.DrainingBatcher`: ea
 requests that waited (up to `max_batch_size`, of one kind, streamed or not, and one set of decoding settings)
 share one `generate` call; an idle model waits `batch_wait_timeout_s` for company. Streams get each decoding
 step's new text. (Not `@serve.batch`: it closes batches on a timer while the model is still busy; see there.)
-Beyond `max_ongoing_requests` per replica requests queue in Serve; beyond `max_queued_requests` (per caller:
-each proxy) they get 503.
-A request Serve cannot parse, or whose prompt does not fit, gets 400 with one message.
+Every request first passes `guardray.serve.gate.Gate` (the bearer token, the body size, UTF-8, and the
+replica's bounded queue: beyond `max_ongoing_requests + max_queued_requests` held requests, 503 with
+Retry-After). A request the app cannot parse, or whose prompt does not fit, gets 400; every refusal is one line
+of JSON, `{"error": {"message", "type"}}`. A prompt is measured in characters before it is tokenised: one
+longer than `max_length` times the tokenizer's longest token cannot fit and is refused without tokenising.
 
 A client that disconnects cancels its request (Serve cancels the handler's task): it leaves the queue if its
 batch has not started, else its row stops producing tokens at the next decoding step; the generate call ends
@@ -33,15 +35,18 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from starlette.exceptions import HTTPException
 
 from guardray.errors import InputError, one_line
 from guardray.serve.api import (ChatCompletionRequest, ScoreRequest, ServeSettings, chunk, completion_body,
                                 score_body, sse, usage)
 from guardray.serve.batching import DrainingBatcher
 from guardray.serve.engine import ChatRequest, Verdict
+from guardray.serve.gate import Gate, Gatekeeper, error_body, prompt_char_limit
 
 log = logging.getLogger(__name__)
 api = FastAPI(title="guardray", description="A trained probe in front of its chat model.")
+api.add_middleware(Gate)
 
 #: Ray histograms take positive boundaries: the score is recorded through a sigmoid (for a logistic probe, its
 #: probability of unsafe; for any linear probe, a monotone squash of the score).
@@ -50,7 +55,7 @@ LATENCY_BOUNDARIES_MS = [0.1, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 200
 
 
 def _bad_request(message: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": "invalid_request_error"}}, status_code=400)
+    return JSONResponse(error_body(message, "invalid_request_error"), status_code=400)
 
 
 @api.exception_handler(RequestValidationError)
@@ -66,6 +71,15 @@ async def _invalid(request: Request, error: RequestValidationError) -> JSONRespo
 @api.exception_handler(InputError)
 async def _input_error(request: Request, error: InputError) -> JSONResponse:
     return _bad_request(one_line(error))
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
+    """FastAPI's and Starlette's own refusals (an unknown path, a wrong method, a body it cannot read) in the
+    same shape as the rest (their default is `{"detail": ...}`)."""
+    kind = "invalid_request_error" if 400 <= error.status_code < 500 else "server_error"
+    return JSONResponse(error_body(f"{request.url.path}: {one_line(str(error.detail))}", kind),
+                        status_code=error.status_code, headers=getattr(error, "headers", None))
 
 
 class ServeMetrics:
@@ -101,8 +115,10 @@ class GuardrayServer:
         from guardray.serve.loading import load_guarded_model
 
         self.settings = ServeSettings(**settings)
+        self.gatekeeper = Gatekeeper.from_settings(self.settings)  # the key first: a missing one fails at once
         self.engine = load_guarded_model(self.settings)
         self.model_name = self.engine.loaded.spec.id
+        self.max_prompt_chars = prompt_char_limit(self.engine.loaded.tokenizer, self.engine.max_length)
         self.metrics = ServeMetrics(self.engine.name)
         self.batcher = DrainingBatcher(self.engine, self.settings.max_batch_size, self.settings.batch_wait_timeout_s)
 
@@ -114,11 +130,20 @@ class GuardrayServer:
                 "guard": self.settings.guard, "guard_model": engine.guard is not None, "steps": engine.steps,
                 "largest_batch": engine.largest_batch, "cancelled_streams": engine.cancelled_streams,
                 "batches": self.batcher.batches, "batched_requests": self.batcher.batched_requests,
-                "dropped_waiting": self.batcher.dropped,
-                "numerics": engine.numerics}
+                "dropped_waiting": self.batcher.dropped, "held": self.gatekeeper.held,
+                "refused_busy": self.gatekeeper.refused_busy, "numerics": engine.numerics}
+
+    def _fits(self, texts: list[str], field: str) -> None:
+        """A 400 for text that cannot fit max_length whatever it says, before it is tokenised."""
+        size = sum(map(len, texts))
+        if size > self.max_prompt_chars:
+            raise InputError(f"{field}: {size} characters cannot fit this server's max_length of "
+                             f"{self.engine.max_length} tokens (at most {self.max_prompt_chars} characters)")
 
     @api.post("/v1/score")
     async def score(self, body: ScoreRequest) -> dict[str, Any]:
+        for i, prompt in enumerate(body.prompts):
+            self._fits([prompt], f"prompts.{i}")
         verdicts = await asyncio.to_thread(self.engine.score, body.prompts)
         for verdict in verdicts:
             self.metrics.record("score", verdict)
@@ -127,6 +152,7 @@ class GuardrayServer:
     @api.post("/v1/chat/completions")
     async def chat(self, body: ChatCompletionRequest) -> Any:
         started = asyncio.get_running_loop().time()
+        self._fits([m.content for m in body.messages], "messages")
         request = body.to_request(self.settings)
         encoded = await asyncio.to_thread(self.engine.encode, request.messages)  # 400 before queueing
         await asyncio.to_thread(self.engine.check, request)
@@ -176,9 +202,13 @@ class GuardrayServer:
 def build_app(settings: ServeSettings) -> serve.Application:
     """The application `guardray serve` runs and a Serve config's `import_path` names (`app_builder`)."""
     actor_options = {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus}
+    # the replica's own queue (the Gate) answers 503 at `held`; Serve may send twice that to a replica, so its
+    # own queue (plain-text 503s) fills only when the refusals themselves pile up
+    held = settings.max_ongoing_requests + settings.max_queued_requests
     return GuardrayServer.options(
         num_replicas=settings.num_replicas, ray_actor_options=actor_options,
-        max_ongoing_requests=settings.max_ongoing_requests, max_queued_requests=settings.max_queued_requests,
+        max_ongoing_requests=2 * held, max_queued_requests=settings.max_queued_requests,
+        backpressure_config={"retry_after_s": float(settings.retry_after_s)},
     ).bind(settings.model_dump())
 
 

@@ -4,6 +4,11 @@ A job output (with `latest.json`) or a probes stage directory serves its headlin
 `best`: the first target's best prompt probe by CV) unless `--probe NAME` picks another; an artifact directory
 (with `probe.json`) serves itself. Only probes on prompt features can run in front of a model (a response
 probe needs the response first), and only artifacts that record their chat model.
+
+An artifact is data, not configuration: it names the chat model it was trained on (id, revision, rendering),
+but never whether that model's own code may run (`trust_remote_code` comes from the server's settings only),
+and a pickled probe is read only when the server allows pickles (`--allow-pickle`): `probe.json` is checked
+before `probe.pkl` is opened or downloaded.
 """
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from guardray.errors import InputError
+from guardray.errors import InputError, one_line
 from guardray.probes import artifact
 from guardray.probes.artifact import META
 from guardray.spec import RESPONSE_POOLINGS, ModelSpec
@@ -27,26 +32,42 @@ class ServedProbe:
 
     uri: str
     meta: dict[str, Any]
-    probe: Any  # artifact.LinearProbe | artifact.PickledProbe: `.score(features) -> scores`
+    # artifact.LinearProbe | artifact.PickledProbe: `.score(features) -> scores`; None when only the metadata
+    # was read (`find_probe(..., unpickle=False)`)
+    probe: Any
 
     @property
     def model_spec(self) -> ModelSpec:
-        """The chat model the probe was trained on; artifacts from before `model` was recorded give the id and
-        rendering they have (revision and dtype then take the spec's defaults)."""
-        if "model" in self.meta:
-            return ModelSpec(**self.meta["model"])
-        return ModelSpec(id=self.meta["chat_model"], **self.meta.get("rendering", {}))
+        """The chat model the probe was trained on, with `trust_remote_code` off whatever the artifact says (the
+        server's settings turn it on: `loading.serving_spec`); artifacts from before `model` was recorded give
+        the id and rendering they have (revision and dtype then take the spec's defaults)."""
+        return untrusted_model(self.meta["model"] if "model" in self.meta else
+                                {"id": self.meta["chat_model"], **self.meta.get("rendering", {})}, self.uri)
 
 
-def find_probe(target: str, name: str | None = None) -> ServedProbe:
-    """The artifact `target` names (job output, probes stage or artifact dir), loaded and checked."""
+def untrusted_model(fields: Any, uri: str) -> ModelSpec:
+    """A ModelSpec from an artifact's record, whose own `trust_remote_code` is dropped; a record the spec
+    refuses is a one-line InputError naming the artifact."""
+    if not isinstance(fields, dict):
+        raise InputError(f"{uri}/{META}: model: not a mapping")
+    try:
+        return ModelSpec(**{**fields, "trust_remote_code": False})
+    except ValueError as e:
+        raise InputError(f"{uri}/{META}: model: {one_line(e)}") from None
+
+
+def find_probe(target: str, name: str | None = None, allow_pickle: bool = False,
+               unpickle: bool = True) -> ServedProbe:
+    """The artifact `target` names (job output, probes stage or artifact dir), loaded and checked. A pickled
+    probe needs `allow_pickle` even to read its metadata; `unpickle=False` then reads the metadata only (the
+    CLI checks the artifact and writes configs without running its code)."""
     location = resolve(target)
     if location.join(META).exists():
         directory = location
     else:
         stage = _probes_stage(location)
         directory = stage.join("artifacts", _probe_name(stage, name))
-    meta, probe = _load(directory)
+    meta, probe = _load(directory, allow_pickle, unpickle)
     meta.setdefault("name", directory.uri.rstrip("/").rsplit("/", 1)[-1])  # artifacts before names were recorded
     served = ServedProbe(directory.uri, meta, probe)
     _check(served)
@@ -54,18 +75,18 @@ def find_probe(target: str, name: str | None = None) -> ServedProbe:
 
 
 def _probes_stage(location: Location) -> Location:
+    """A finished probes stage itself, or the one a job output's `latest.json` names; when that one is missing
+    or unfinished (a partial or failed rerun), the newest probes stage with its completion marker."""
+    from guardray.cache import MARKER, latest_stage
+
     if location.join("summary.json").exists() and location.join("artifacts").exists():
+        if not location.join(MARKER).exists():
+            raise InputError(f"{location.uri}: the probes stage did not finish (no {MARKER}); run the job again")
         return location
-    latest = location.join("latest.json")
-    if not latest.exists():
-        raise InputError(f"{location.uri}: not a job output (no latest.json), a probes stage or a probe artifact "
-                         f"(no {META})")
-    stages = latest.read_json()["stages"]
-    if "probes" not in stages:
-        raise InputError(f"{location.uri}: this job's last run has no probes stage; run it with `guardray run`")
-    stage = resolve(stages["probes"])
-    if not stage.join("_SUCCESS").exists():
-        raise InputError(f"{stage.uri}: the probes stage did not finish; run the job again")
+    stage = latest_stage(location, "probes")
+    if stage is None:
+        raise InputError(f"{location.uri}: no finished probes stage (probes-<hash> with {MARKER}), probes stage "
+                         f"or probe artifact ({META}); run the job with `guardray run`")
     return stage
 
 
@@ -79,15 +100,23 @@ def _probe_name(stage: Location, name: str | None) -> str:
     return name
 
 
-def _load(directory: Location) -> tuple[dict[str, Any], Any]:
-    """safetensors reads local files: a gs:// artifact is copied to a temporary directory first."""
+def _load(directory: Location, allow_pickle: bool, unpickle: bool) -> tuple[dict[str, Any], Any]:
+    """`probe.json` is checked first (format, pickle allowed); safetensors reads local files: a gs:// artifact
+    is copied to a temporary directory after that check."""
+    try:
+        raw = directory.join(META).read_json()
+    except ValueError as e:
+        raise InputError(f"{directory.uri}/{META}: {one_line(e)}") from None
+    meta = artifact.read_meta(raw, directory.uri, allow_pickle)
+    if meta["format"] == "pickle" and not unpickle:
+        return meta, None
     if directory.is_local:
-        probe = artifact.load(directory.local_path())
+        probe = artifact.load(directory.local_path(), allow_pickle)
         return probe.meta, probe
     with tempfile.TemporaryDirectory() as tmp:
         for name in directory.list():
             (Path(tmp) / name).write_bytes(directory.join(name).read_bytes())
-        probe = artifact.load(tmp)
+        probe = artifact.load(tmp, allow_pickle)
     return probe.meta, probe
 
 

@@ -31,7 +31,7 @@ from guardray.activations import Batch, decoder_layers, pool
 from guardray.errors import InputError
 from guardray.generate import generation_config, left_padded, split_stop, stop_ids
 from guardray.models import LoadedModel
-from guardray.rendering import Encoded, PromptRenderer, chat_renderer, chat_template
+from guardray.rendering import Encoded, PromptRenderer, chat_renderer, conversation_renderer
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,8 @@ class GuardedChatModel:
         elif not self.loaded.spec.chat_template:
             raise InputError("messages: this model renders raw text (no chat template): send one user message")
         else:
-            renderer = _renderer(self.loaded.tokenizer, history, system, self.max_length, self.loaded.spec.truncation)
+            renderer = _renderer(self.loaded.tokenizer, history, system, self.max_length, self.loaded.spec.truncation,
+                                 system != self.system_prompt)
         try:
             encoded = renderer.encode(text)
         except InputError:
@@ -451,9 +452,9 @@ class _RowStreamer(BaseStreamer):
 
 @lru_cache(maxsize=8)  # each holds a private tokenizer copy: conversations with the same head share one
 def _renderer(tokenizer: Any, history: tuple[tuple[str, str], ...], system: str | None,
-              max_length: int, truncation: str) -> PromptRenderer:
+              max_length: int, truncation: str, own_system: bool) -> PromptRenderer:
     """The renderer of a conversation's last user turn after `history` (cached per distinct conversation
-    head); a single user turn uses `chat_renderer`, exactly the features stage's rendering."""
-
-    return PromptRenderer(tokenizer, chat_template(tokenizer, system, history), max_length, truncation)
+    head); a single user turn uses `chat_renderer`, exactly the features stage's rendering. The history, and
+    a system prompt of the request's own, are user text: their special tokens are read as plain text."""
+    return conversation_renderer(tokenizer, system, history, max_length, truncation, own_system)
 

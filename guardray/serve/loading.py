@@ -1,15 +1,20 @@
 """Builds a replica's `GuardedChatModel` from `ServeSettings`: the artifact, its chat model, and (for guard
 modes 'model' and 'both') the guard model the probe's run compared against, shared with the chat model when the
-run's guard was the chat model itself."""
+run's guard was the chat model itself.
+
+The artifact names the models (id, revision, rendering); the server decides what may run: `trust_remote_code`
+and the device come from `ServeSettings` only (`serving_spec`), and each model is logged, with where it is read
+from, before it is loaded."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from guardray.errors import InputError
-from guardray.models import load_model, numerics
+from guardray.models import OFFLINE_MODELS, load_model, numerics
 from guardray.serve.api import ServeSettings
-from guardray.serve.artifact import find_probe
+from guardray.serve.artifact import find_probe, untrusted_model
 from guardray.serve.engine import GuardedChatModel
 from guardray.spec import GuardSpec, ModelSpec
 
@@ -17,10 +22,9 @@ log = logging.getLogger(__name__)
 
 
 def load_guarded_model(settings: ServeSettings) -> GuardedChatModel:
-    served = find_probe(settings.artifact, settings.probe)
-    model_spec = served.model_spec
-    if settings.device:
-        model_spec = model_spec.model_copy(update={"device": settings.device})
+    served = find_probe(settings.artifact, settings.probe, allow_pickle=settings.allow_pickle)
+    model_spec = serving_spec(served.model_spec, settings)
+    log.info("loading chat model %s", describe_model(model_spec))
     loaded = load_model(model_spec)
     guard, guard_threshold = None, 0.0
     recorded = served.meta.get("guard")
@@ -33,6 +37,28 @@ def load_guarded_model(settings: ServeSettings) -> GuardedChatModel:
     engine = GuardedChatModel(loaded, served.probe, served.meta, threshold, settings.refusal, guard, guard_threshold)
     engine.numerics = compare_numerics(served.meta.get("numerics"), numerics(loaded), served.uri)
     return engine
+
+
+def serving_spec(spec: ModelSpec, settings: ServeSettings) -> ModelSpec:
+    """A model the artifact names, as this server runs it: `trust_remote_code` from the server's settings only
+    (never the artifact's), `--device` over the recorded device."""
+    update: dict[str, Any] = {"trust_remote_code": settings.trust_remote_code}
+    if settings.device:
+        update["device"] = settings.device
+    return spec.model_copy(update=update)
+
+
+def describe_model(spec: ModelSpec) -> str:
+    """Which model, which revision, read from where (a built-in alias, a local path, the Hugging Face hub), and
+    whether its own code may run: said before loading, so an operator sees what an artifact points at."""
+    if spec.id in OFFLINE_MODELS:
+        source = f"built-in offline alias (package {OFFLINE_MODELS[spec.id][0]})"
+    elif spec.id.endswith(".gguf") or Path(spec.id).exists():
+        source = f"local path {Path(spec.id).resolve()}"
+    else:
+        source = "Hugging Face hub (or its local cache)"
+    return (f"{spec.id!r} revision {spec.revision or 'default'} from {source}, trust_remote_code="
+            f"{'on' if spec.trust_remote_code else 'off'}")
 
 
 def compare_numerics(trained: dict[str, str] | None, served: dict[str, str], uri: str) -> dict[str, Any]:
@@ -50,10 +76,11 @@ def compare_numerics(trained: dict[str, str] | None, served: dict[str, str], uri
 def _guard(recorded: dict, chat, settings: ServeSettings):
     from guardray.guard.hf import HFGuard
 
-    # the server runs the guard in its own process, and reads its verdict only (no category pass)
-    spec = GuardSpec(**{**recorded["spec"], "backend": "hf", "categories": False})
+    # the server runs the guard in its own process (hf: no engine arguments), and reads its verdict only (no
+    # category pass)
+    spec = GuardSpec(**{**recorded["spec"], "backend": "hf", "categories": False, "vllm_engine_args": {}})
     if recorded["is_chat_model"]:
         return HFGuard.create(chat, spec)
-    model = ModelSpec(**recorded["model"])
-    return HFGuard.create(load_model(model.model_copy(update={"device": settings.device}) if settings.device
-                                     else model), spec)
+    model = serving_spec(untrusted_model(recorded["model"], settings.artifact), settings)
+    log.info("loading guard model %s", describe_model(model))
+    return HFGuard.create(load_model(model), spec)
