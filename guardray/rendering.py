@@ -22,16 +22,13 @@ policy costs more than the user's text; splitting the tokenisation would not be 
 """
 from __future__ import annotations
 
-import logging
 import re
-import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from guardray.errors import InputError
+from guardray.tokenizing import OffsetTokenizer, Tokens
 from guardray.spec import ModelSpec
-
-log = logging.getLogger(__name__)
 
 _SENTINEL = "\ue000GUARDRAY_USER_TEXT\ue000"
 
@@ -54,235 +51,7 @@ class Encoded:
     truncated: bool
 
 
-@dataclass(frozen=True)
-class _Tokens:
-    """One tokenised rendering. `lead`/`trail` count the ids the tokenizer itself added around the text (BOS,
-    EOS in raw-text mode): they have no characters, so offsets cannot place them."""
-
-    ids: list[int]
-    offsets: list[tuple[int, int]]
-    lead: int
-    trail: int
-
-
-def _private_copy(backend: Any) -> Any:
-    """A copy of the Rust tokenizer with truncation and padding off: transformers leaves those settings on the
-    shared backend after any call with `truncation=True` or `padding=True`, which would cut renderings."""
-    if backend is None:
-        return None
-    from tokenizers import Tokenizer
-
-    copy = Tokenizer.from_str(backend.to_str())
-    copy.no_truncation()
-    copy.no_padding()
-    return copy
-
-
-class _Tokenizer:
-    """Tokenises rendered strings with offsets, through the Rust tokenizer directly where that is exact.
-
-    Calling the backend skips transformers' per-call Python work (about 2x faster); it is used only if it gives
-    the same ids as `tokenizer(...)` on the probe renderings, since some tokenizers preprocess text in Python.
-
-    With `spans` (each rendering's user-controlled character ranges), added tokens (special or not) written in
-    those ranges are read as plain text while the template's own stay control tokens: see `as_data`.
-    """
-
-    def __init__(self, tokenizer: Any, add_special_tokens: bool, samples: Sequence[str]):
-        if not getattr(tokenizer, "is_fast", False):
-            raise InputError(f"rendering needs a fast tokenizer (character offsets); {type(tokenizer).__name__} "
-                             "has none: load the model's tokenizer.json or a tokenizer with a fast version")
-        self.tokenizer = tokenizer
-        self.add_special_tokens = add_special_tokens
-        copies = _copies(tokenizer)
-        self.backend = copies.backend
-        if self.backend is not None and any(t.ids != self._called([s])[0].ids for s, t in zip(samples, self(samples))):
-            self.backend = None
-        self.escaping = copies.escaping if self.backend is not None else None
-        self.added_ids = copies.added_ids
-
-    def __call__(self, texts: Sequence[str], spans: Sequence[Sequence[tuple[int, int]]] | None = None
-                 ) -> list[_Tokens]:
-        tokens = self._encode(texts)
-        if spans is None:
-            return tokens
-        return [self.as_data(text, t, s) for text, t, s in zip(texts, tokens, spans)]
-
-    def _encode(self, texts: Sequence[str], backend: Any = None) -> list[_Tokens]:
-        backend = backend or self.backend
-        if backend is None:
-            return self._called(texts)
-        if len(texts) == 1:  # encode_batch's thread pool costs more than it saves on one text
-            return [self._from_encoding(backend.encode(texts[0], add_special_tokens=self.add_special_tokens))]
-        encodings = backend.encode_batch(list(texts), add_special_tokens=self.add_special_tokens)
-        return [self._from_encoding(e) for e in encodings]
-
-    def _from_encoding(self, encoding: Any) -> _Tokens:
-        ids = encoding.ids
-        lead = trail = 0
-        if self.add_special_tokens:
-            lead, trail = _added_counts(encoding.sequence_ids)
-        return _Tokens(ids, encoding.offsets, lead, trail)
-
-    def _called(self, texts: Sequence[str]) -> list[_Tokens]:
-        batch = self.tokenizer(list(texts), add_special_tokens=self.add_special_tokens, return_offsets_mapping=True)
-        out = []
-        for i, ids in enumerate(batch["input_ids"]):
-            lead, trail = _added_counts(batch.sequence_ids(i)) if self.add_special_tokens else (0, 0)
-            out.append(_Tokens(list(ids), [tuple(o) for o in batch["offset_mapping"][i]], lead, trail))
-        return out
-
-    # -------------------------------------------------------------------------------- user text as data
-    def as_data(self, text: str, tokens: _Tokens, spans: Sequence[tuple[int, int]]) -> _Tokens:
-        """`tokens`, or, when an added token's id overlaps a user span, the rendering tokenised again with the
-        user's text as plain text.
-
-        Why: the tokenizer matches its added tokens (`<|im_end|>`, `<think>`) anywhere in a string, so a user's
-        `<|im_end|>` would close the turn and let them write the conversation, or the guard's verdict context,
-        themselves. The escaping copy of the tokenizer knows each added token only by a private-use alias of
-        the same length and id: the template's own occurrences (outside the spans) are written as aliases and
-        stay control tokens, exactly as before (whitespace they strip included), while the user's characters no
-        longer match any added token. One tokenisation of the whole rendering, so merges and offsets are those
-        of the real tokenizer. Where no exact escaping copy exists, such a text is refused (fail closed).
-        """
-        hit = self._user_hit(tokens, spans)
-        if hit is None:
-            return tokens
-        escaping = self.escaping
-        if escaping is None or escaping.holds_alias(text, spans):
-            raise InputError(f"the text holds the control token {text[hit[0]:hit[1]]!r}, and this tokenizer cannot "
-                             "read it as plain text exactly: refused rather than encoded as a control token")
-        return self._encode([escaping.escape(text, spans)], escaping.tokenizer)[0]
-
-    def _user_hit(self, tokens: _Tokens, spans: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
-        """The characters of the first added token that overlaps a user span (a set lookup per id: cheap next
-        to the tokenisation itself, even for Llama-3's 256 reserved tokens), or None."""
-        added = self.added_ids
-        for tid, (s, e) in zip(tokens.ids, tokens.offsets):
-            if tid in added and e > s and any(s < b and e > a for a, b in spans):
-                return s, e
-        return None
-
-    def check_escaping(self, texts: Sequence[str], spans: Sequence[Sequence[tuple[int, int]]]) -> None:
-        """Drops the escaping copy unless it tokenises the probe renderings (no control token in their user
-        text) exactly as the tokenizer does: then texts holding an added token are refused instead."""
-        if self.escaping is None:
-            return
-        for text, t, s in zip(texts, self._encode(texts), spans):
-            if self._user_hit(t, s) is None \
-                    and self._encode([self.escaping.escape(text, s)], self.escaping.tokenizer)[0].ids != t.ids:
-                log.warning("%s: its escaping copy tokenises the template differently; texts holding one of its "
-                            "control tokens will be refused", type(self.tokenizer).__name__)
-                self.escaping = None
-                return
-
-
-@dataclass(frozen=True)
-class _Escaping:
-    """A tokenizer copy whose added tokens answer only to same-length private-use aliases (same ids)."""
-
-    tokenizer: Any
-    aliases: dict[str, str]  # added token's text -> its alias
-    pattern: Any  # matches any added token's text, longest first
-
-    def escape(self, text: str, spans: Sequence[tuple[int, int]]) -> str:
-        """The rendering with the template's added tokens (outside the user spans) written as their aliases."""
-        out, at = [], 0
-        for a, b in sorted(spans):
-            out += [self._aliased(text[at:a]), text[a:b]]
-            at = max(at, b)
-        return "".join(out + [self._aliased(text[at:])])
-
-    def _aliased(self, part: str) -> str:
-        return self.pattern.sub(lambda m: self.aliases[m.group()], part) if part else part
-
-    @staticmethod
-    def holds_alias(text: str, spans: Sequence[tuple[int, int]]) -> bool:
-        """A user span written in the aliases' own characters would forge a control token: refused."""
-        return any(_ALIAS_RANGE.search(text, a, b) for a, b in spans)
-
-
-#: Aliases use Unicode's supplementary private-use plane 15 (U+F0000-U+FFFFD), which no text needs.
-_ALIAS_BASE, _ALIAS_SIZE = 0xF0000, 0xFFFD  # the last one, U+FFFFD, is the filler
-_ALIAS_RANGE = re.compile("[\U000F0000-\U000FFFFD]")
-
-
-@dataclass(frozen=True)
-class _Copies:
-    backend: Any
-    escaping: _Escaping | None
-    added_ids: frozenset[int]
-
-
-_COPIES: "weakref.WeakKeyDictionary[Any, _Copies]" = weakref.WeakKeyDictionary()
-
-
-def _copies(tokenizer: Any) -> _Copies:
-    """The private backend and the escaping copy of a tokenizer, built once per tokenizer (a served
-    conversation builds a renderer per distinct history; copying a 128k vocabulary each time would cost)."""
-    try:
-        return _COPIES[tokenizer]
-    except (KeyError, TypeError):
-        pass
-    backend = _private_copy(getattr(tokenizer, "backend_tokenizer", None))
-    added = getattr(backend, "get_added_tokens_decoder", lambda: {})() if backend is not None else \
-        getattr(tokenizer, "added_tokens_decoder", {})
-    copies = _Copies(backend, _escaping_copy(backend) if backend is not None else None,
-                     frozenset(i for i, t in added.items() if t.content))
-    try:
-        _COPIES[tokenizer] = copies
-    except TypeError:
-        pass
-    return copies
-
-
-def _escaping_copy(backend: Any) -> _Escaping | None:
-    """The backend with every added token renamed to an alias of the same length (so offsets stay those of
-    the rendering) and the same id; None when the copy does not keep every id (then texts holding an added
-    token are refused)."""
-    import json
-
-    from tokenizers import Tokenizer
-
-    data = json.loads(backend.to_str())
-    vocab = data.get("model", {}).get("vocab")
-    aliases: dict[str, str] = {}
-    for n, token in enumerate(data.get("added_tokens", [])):
-        content = token["content"]
-        if not content or n >= _ALIAS_SIZE:
-            return None
-        # unique by its first character, as long as the text by a filler (offsets stay the rendering's)
-        alias = chr(_ALIAS_BASE + n) + chr(_ALIAS_BASE + _ALIAS_SIZE) * (len(content) - 1)
-        if isinstance(vocab, dict) and content in vocab:
-            vocab[alias] = vocab.pop(content)
-        elif isinstance(vocab, list) and vocab and isinstance(vocab[0], list):  # Unigram: [piece, score]
-            vocab[:] = [[alias, score] if piece == content else [piece, score] for piece, score in vocab]
-        aliases[content] = token["content"] = alias
-    if not aliases:
-        return None
-    escaping = Tokenizer.from_str(json.dumps(data))
-    escaping.no_truncation()
-    escaping.no_padding()
-    if any(escaping.token_to_id(aliases[t.content]) != i for i, t in backend.get_added_tokens_decoder().items()
-           if t.content in aliases):
-        return None
-    pattern = re.compile("|".join(re.escape(c) for c in sorted(aliases, key=len, reverse=True)))
-    return _Escaping(escaping, aliases, pattern)
-
-
-def _added_counts(sequence_ids: list[int | None]) -> tuple[int, int]:
-    """How many tokens the tokenizer added before and after the text (their sequence id is None)."""
-    n = len(sequence_ids)
-    lead = 0
-    while lead < n and sequence_ids[lead] is None:
-        lead += 1
-    trail = 0
-    while trail < n - lead and sequence_ids[n - 1 - trail] is None:
-        trail += 1
-    return lead, trail
-
-
-def _token_span(tokens: _Tokens, a: int, b: int, skip: int) -> tuple[int, int]:
+def _token_span(tokens: Tokens, a: int, b: int, skip: int) -> tuple[int, int]:
     """Indices [start, end) of the tokens overlapping characters [a, b); `skip` tokens are known to lie before.
 
     A token straddling a or b holds the user's characters too, so it is the user's. With an empty span (a == b)
@@ -307,7 +76,7 @@ def caught(fn: Callable[..., Any], *args: Any) -> Any:
         return e
 
 
-def _caught_tokens(fn: Callable[..., Any], tokens: _Tokens | Exception, *args: Any) -> Any:
+def _caught_tokens(fn: Callable[..., Any], tokens: Tokens | Exception, *args: Any) -> Any:
     """`caught(fn, tokens, *args)`, passing on the exception that tokenising the row already raised."""
     return tokens if isinstance(tokens, Exception) else caught(fn, tokens, *args)
 
@@ -351,14 +120,14 @@ class PromptRenderer:
         self.prefix: list[int] = []
         located = [self._locate(p) for p in _PROBES]
         raw = not self._before and not self._after
-        self._tokenize = _Tokenizer(tokenizer, raw, [full for full, _, _ in located])
+        self._tokenize = OffsetTokenizer(tokenizer, raw, [full for full, _, _ in located])
         self._tokenize.check_escaping([full for full, _, _ in located], [self._user_spans(a, b) for _, a, b in located])
         # A tokenizer that must refuse control tokens in user text cannot measure the probes that hold them.
         measured = [(t, (a, b)) for t, (_, a, b) in
                     zip(self._tokenize_located(located), located) if not isinstance(t, Exception)]
         self._measure([t for t, _ in measured], [span for _, span in measured])
 
-    def _measure(self, probes: list[_Tokens], spans: list[tuple[int, int]]) -> None:
+    def _measure(self, probes: list[Tokens], spans: list[tuple[int, int]]) -> None:
         """Sets `prefix`, `suffix` and `user_budget` from the probe renderings."""
         cuts = [_token_span(t, a, b, 0) for t, (a, b) in zip(probes, spans)]
         first = probes[0]
@@ -389,7 +158,7 @@ class PromptRenderer:
         return [loc if isinstance(loc, Exception) else _caught_tokens(self._encoded, next(tokens), loc[1], loc[2])
                 for loc in located]
 
-    def _tokenize_located(self, located: Sequence[tuple[str, int, int]]) -> list[_Tokens | Exception]:
+    def _tokenize_located(self, located: Sequence[tuple[str, int, int]]) -> list[Tokens | Exception]:
         """One batched tokenisation; a rendering whose user text cannot be read as data gets its exception."""
         if not located:
             return []
@@ -415,7 +184,7 @@ class PromptRenderer:
         raise InputError("the chat template changed its own text around this prompt, so the prompt's place in "
                          "the rendering is unknown")
 
-    def _encoded(self, tokens: _Tokens, a: int, b: int) -> Encoded:
+    def _encoded(self, tokens: Tokens, a: int, b: int) -> Encoded:
         ids = tokens.ids
         if ids[:len(self.prefix)] != self.prefix:
             # Never seen: it would take a merge reaching past the margin token into the template's head.
@@ -576,13 +345,13 @@ class ConversationRenderer:
                    if not isinstance(loc, Exception)]
         if len(located) < len(_PAIR_PROBES) // 2:
             raise InputError("the conversation template changes its own text around most probe texts")
-        self._tokenize = _Tokenizer(tokenizer, False, [loc[0] for loc in located])
+        self._tokenize = OffsetTokenizer(tokenizer, False, [loc[0] for loc in located])
         self._tokenize.check_escaping([loc[0] for loc in located], [_pair_spans(loc) for loc in located])
         measured = [(t, loc) for t, loc in zip(self._tokenize_located(located), located)
                     if not isinstance(t, Exception)]
         self._measure([t for t, _ in measured], [loc for _, loc in measured])
 
-    def _measure(self, probes: list[_Tokens], located: list[tuple[str, int, int, int, int]]) -> None:
+    def _measure(self, probes: list[Tokens], located: list[tuple[str, int, int, int, int]]) -> None:
         """Sets `prefix` (less one token of margin, as `PromptRenderer`) and checks the template leaves room."""
         spans = [self._spans(t, loc[1:], 0) for t, loc in zip(probes, located)]
         head = min(common_prefix([t.ids for t in probes]), *(prompt[0] for prompt, _ in spans))
@@ -618,21 +387,21 @@ class ConversationRenderer:
         raise InputError("the chat template changed its own text around this conversation, so the prompt's and "
                          "the response's places in the rendering are unknown")
 
-    def _tokenize_located(self, located: Sequence[tuple[str, int, int, int, int]]) -> list[_Tokens | Exception]:
+    def _tokenize_located(self, located: Sequence[tuple[str, int, int, int, int]]) -> list[Tokens | Exception]:
         """One batched tokenisation; a rendering whose texts cannot be read as data gets its exception."""
         if not located:
             return []
         tokens = self._tokenize._encode([loc[0] for loc in located])
         return [caught(self._tokenize.as_data, loc[0], t, _pair_spans(loc)) for loc, t in zip(located, tokens)]
 
-    def _spans(self, tokens: _Tokens, chars: Sequence[int], skip: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    def _spans(self, tokens: Tokens, chars: Sequence[int], skip: int) -> tuple[tuple[int, int], tuple[int, int]]:
         """Token spans of the prompt and the response; a token straddling both belongs to the response."""
         p0, p1, r0, r1 = chars
         prompt = _token_span(tokens, p0, p1, skip)
         response = _token_span(tokens, r0, r1, prompt[0])
         return (prompt[0], min(prompt[1], response[0])), response
 
-    def _encoded(self, tokens: _Tokens, chars: Sequence[int]) -> Encoded:
+    def _encoded(self, tokens: Tokens, chars: Sequence[int]) -> Encoded:
         ids = tokens.ids
         if ids[:len(self.prefix)] != self.prefix:
             raise InputError("this prompt changes how the template's shared head tokenises; it cannot share the "

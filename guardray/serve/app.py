@@ -202,12 +202,14 @@ class GuardrayServer:
 def build_app(settings: ServeSettings) -> serve.Application:
     """The application `guardray serve` runs and a Serve config's `import_path` names (`app_builder`)."""
     actor_options = {"num_cpus": settings.num_cpus, "num_gpus": settings.num_gpus}
-    # the replica's own queue (the Gate) answers 503 at `held`; Serve may send twice that to a replica, so its
-    # own queue (plain-text 503s) fills only when the refusals themselves pile up
+    # The replica's own queue (the Gate) answers 503 in JSON at `held`. Serve's limits sit well beyond it: a
+    # replica may be sent twice `held`, and the proxy may keep 4x `held` waiting for assignment (a flood arrives
+    # faster than the router hears back from a busy replica); Serve's own plain-text 503 is only for a flood
+    # that outruns even that. Each request waiting at the proxy is at most `max_body_bytes`.
     held = settings.max_ongoing_requests + settings.max_queued_requests
     return GuardrayServer.options(
         num_replicas=settings.num_replicas, ray_actor_options=actor_options,
-        max_ongoing_requests=2 * held, max_queued_requests=settings.max_queued_requests,
+        max_ongoing_requests=2 * held, max_queued_requests=4 * held,
         backpressure_config={"retry_after_s": float(settings.retry_after_s)},
     ).bind(settings.model_dump())
 
