@@ -22,15 +22,6 @@ MARKER = "_SUCCESS"
 SPEC_FILE = "spec.json"
 #: `<output>/latest.json`: {"job": name, "stages": {stage: directory}}, merged by every run (`runner`).
 LATEST_FILE = "latest.json"
-#: Bumped when a stage's output format changes, so old directories are not reused.
-FORMAT_VERSION = 2  # 2: features parts named by row range, dataset.parquet with 1,024-row row groups
-#: A stage's own format, where it changed alone (its directory, and those after it, are recomputed).
-# probes 3: artifacts record the model spec, features dtype, guard; 4: numerics (serving).
-# responses/features 3: special tokens in user text are read as plain text (rendering.as_data).
-# dataset 3: a JSON prompt that is not a string (42, a list) is rejected, no longer kept as its text.
-STAGE_FORMATS = {"probes": 4, "responses": 3, "features": 3, "dataset": 3}
-
-
 def stable_hash(payload: Any, length: int = 12) -> str:
     """Hash of a JSON-able value, independent of dict order."""
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
@@ -46,8 +37,11 @@ class StageDir:
     location: Location
 
     @classmethod
-    def for_stage(cls, output: Location, stage: str, part: dict[str, Any], upstream: dict[str, str]) -> "StageDir":
-        key = {"stage": stage, "format": STAGE_FORMATS.get(stage, FORMAT_VERSION), "spec": part, "inputs": upstream}
+    def for_stage(cls, output: Location, stage: str, part: dict[str, Any], upstream: dict[str, str],
+                  format: int) -> "StageDir":
+        """The directory of `stage` whose result depends on `part` of the spec, its output `format` and its
+        inputs' directories (`upstream`: {stage: directory name})."""
+        key = {"stage": stage, "format": format, "spec": part, "inputs": upstream}
         return cls(stage, key, output.join(f"{stage}-{stable_hash(key)}"))
 
     @property

@@ -9,8 +9,12 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
+import time
+from pathlib import Path
 from typing import Callable
 
+from guardray import progress
 from guardray.errors import InputError, SpecError, StageError, one_line
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
@@ -29,12 +33,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from guardray.runner import run_job
+    from guardray.runner import run
 
     spec = _load(args)
     stages = [s for s in (args.stages or "").split(",") if s] or None
     force = tuple(s for f in args.force or [] for s in f.split(",") if s)
-    results = run_job(spec, stages, force)
+    print(f"log: {args.log_file}", file=sys.stderr, flush=True)
+    results = run(spec, stages, force=force)
     print(stage_summary(results, spec.output))
     return EXIT_OK
 
@@ -150,6 +155,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run_server(pinned, args.host, args.port, args.address, served)
 
 
+def default_log_file(command: str) -> Path:
+    """A new private file for this invocation's full log: `$TMPDIR/guardray-logs/<command>-<time>-<pid>.log`."""
+    directory = Path(tempfile.gettempdir()) / "guardray-logs"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    path = directory / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))  # private before anything is written to it
+    return path
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "validate": cmd_validate,
     "run": cmd_run,
@@ -165,6 +179,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="guardray", description=__doc__.split("\n")[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's, Ray Data's and Tune's own output on the console (always in the log file)")
+    parser.add_argument("--log-file", dest="log_file", type=Path, default=None,
+                        help="the run's full log (default: a new file under $TMPDIR/guardray-logs)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_spec(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -228,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    progress.set_verbose(args.verbose or args.debug)
+    if args.command == "run":
+        args.log_file = args.log_file or default_log_file(args.command)
+        progress.log_to_file(args.log_file)
     try:
         return COMMANDS[args.command](args)
     except SpecError as e:

@@ -1,146 +1,26 @@
-"""How a job runs: the stages in order, each skipped when its cached output is complete.
+"""How a job runs: the stages (`guardray.stages`) in order, each skipped when its cached output is complete.
 
-A stage is a function `(spec, inputs, out) -> summary` of the validated spec, the directories of the stages it
-reads, and its own output directory. Ray is started only when a stage that needs it actually runs.
-
-Some stages exist only for some specs (`Stage.enabled`): `responses` runs between `dataset` and `features` when
-`generate.enabled`, and then `features` reads it instead of `dataset` (its hash chains through it) and `report`
-reads it too. A job without `generate` has exactly the stages and hashes it had before that stage existed.
+The runner knows no stage by name: it plans each enabled stage's directory (the hash of its key, format and
+inputs' directories), runs the missing ones, in a Ray task when they are offloaded, and records what finished in
+`<output>/latest.json`. Ray is started only when a stage that needs it actually runs.
 """
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
-from guardray.cache import LATEST_FILE, StageDir, latest_stage  # noqa: F401 - latest_stage: report, serve
-from guardray.errors import InputError, StageError, ray_get
+from guardray.cache import LATEST_FILE, StageDir
+from guardray.errors import InputError, ray_get
 from guardray.metrics import peak_rss_mb
-from guardray.spec import JobSpec, device_class
+from guardray.spec import JobSpec
+from guardray.stages import STAGES, Stage
+from guardray.stages.base import StageFn
 from guardray.storage import Location, output_location
 
 log = logging.getLogger(__name__)
-
-StageFn = Callable[[JobSpec, dict[str, Location], Location], dict[str, Any]]
-
-
-def _always(spec: JobSpec) -> bool:
-    return True
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    #: The stages it reads: a tuple, or a function of the spec when that depends on what is enabled.
-    inputs: tuple[str, ...] | Callable[[JobSpec], tuple[str, ...]]
-    spec_part: Callable[[JobSpec], dict[str, Any]]
-    run: StageFn
-    needs_ray: bool = False
-    #: A resumable stage keeps what an interrupted run left in its directory; others start over.
-    resumable: bool = False
-    #: Runs in a Ray task (off the driver process) whenever this job uses Ray anyway, so the driver of a
-    #: cluster job never holds the prompts; inline when the job runs only such stages (no Ray start-up).
-    offload: bool = False
-    #: Whether the job has this stage at all; a disabled stage is planned, run and listed nowhere.
-    enabled: Callable[[JobSpec], bool] = _always
-
-    def inputs_for(self, spec: JobSpec) -> tuple[str, ...]:
-        return self.inputs(spec) if callable(self.inputs) else self.inputs
-
-
-def _dataset_stage(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dict[str, Any]:
-    from guardray.datasets.assemble import build_dataset
-
-    return build_dataset(spec.dataset, out)
-
-
-def _responses_stage(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dict[str, Any]:
-    from guardray.generate import run_responses
-
-    return run_responses(spec, inputs, out)
-
-
-def _responses_key(spec: JobSpec) -> dict[str, Any]:
-    """The chat model, the generation settings and the device class the responses are computed on (as
-    `JobSpec.device_class`, but read from `generate.accelerator`, which is what places this stage's actors)."""
-    declared = device_class(spec.model.device)
-    device = declared if declared != "auto" else {"gpu": "cuda", "cpu": "cpu"}.get(spec.generate.accelerator, "auto")
-    return {"model": spec.model.cache_payload(), "generate": spec.generate.cache_payload(), "device_class": device}
-
-
-def _generates(spec: JobSpec) -> bool:
-    return spec.generate.enabled
-
-
-def _prompts_from(spec: JobSpec) -> str:
-    """The stage whose `dataset.parquet` the features stage reads: the responses when there are any."""
-    return "responses" if spec.generate.enabled else "dataset"
-
-
-def _features_stage(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dict[str, Any]:
-    from guardray.features import run_features
-
-    return run_features(spec, inputs, out)
-
-
-def _features_key(spec: JobSpec) -> dict[str, Any]:
-    return {"model": spec.model.cache_payload(), "extract": spec.extract.cache_payload(),
-            "guard": spec.guard.cache_payload(), "device_class": spec.device_class}
-
-
-def _probes_stage(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dict[str, Any]:
-    from guardray.probes.cv import run_probes
-
-    return run_probes(spec, inputs, out)
-
-
-def _report_stage(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dict[str, Any]:
-    from guardray.report import run_report
-
-    return run_report(spec, inputs, out)
-
-
-def _feedback_key(spec: JobSpec, reads_feedback: bool) -> dict[str, Any]:
-    """The feedback thresholds, in the key of a stage whose labels they define (and only then: tuning them does
-    not invalidate a job that never reads a feedback label)."""
-    return {"feedback": spec.feedback.cache_payload()} if reads_feedback else {}
-
-
-def _probes_key(spec: JobSpec) -> dict[str, Any]:
-    from guardray.targets import uses_feedback
-
-    return {**spec.probes.cache_payload(), **_feedback_key(spec, uses_feedback(spec.probes.all_targets))}
-
-
-def _report_key(spec: JobSpec) -> dict[str, Any]:
-    # Scores come from the inputs; the report adds thresholds/metrics (evaluate), the labels and the title; the
-    # feedback thresholds define the feedback labels and the mined prompts (whenever responses are judged).
-    # The category mapping picks the guard column a cat_<name> target is compared with.
-    from guardray.targets import CATEGORY_PREFIX, category_codes, uses_feedback
-
-    names = spec.probes.all_targets
-    reads_feedback = uses_feedback(names) or spec.judges_responses
-    categories = {"category_codes": category_codes(spec)} if any(t.startswith(CATEGORY_PREFIX) for t in names) else {}
-    return {"evaluate": spec.evaluate.cache_payload(), "targets": list(names), "job": spec.name,
-            **_feedback_key(spec, reads_feedback), **categories}
-
-
-STAGES: dict[str, Stage] = {
-    "dataset": Stage("dataset", (), lambda s: s.dataset.cache_payload(), _dataset_stage, offload=True),
-    "responses": Stage("responses", ("dataset",), _responses_key, _responses_stage, needs_ray=True, resumable=True,
-                       enabled=_generates),
-    "features": Stage("features", lambda s: (_prompts_from(s),), _features_key, _features_stage, needs_ray=True,
-                      resumable=True),
-    "probes": Stage("probes", ("features",), _probes_key, _probes_stage, needs_ray=True),
-    "report": Stage("report", lambda s: ("features", "probes", *(("responses",) if _generates(s) else ())),
-                    _report_key, _report_stage, needs_ray=True),
-}
-
-
-def register_stage(stage: Stage) -> None:
-    STAGES[stage.name] = stage
-
 
 def plan(spec: JobSpec) -> dict[str, StageDir]:
     """The directory of every stage for this spec (hashes chain through the inputs)."""
@@ -148,7 +28,7 @@ def plan(spec: JobSpec) -> dict[str, StageDir]:
     dirs: dict[str, StageDir] = {}
     for stage in active_stages(spec):
         upstream = {name: dirs[name].name for name in stage.inputs_for(spec)}
-        dirs[stage.name] = StageDir.for_stage(output, stage.name, stage.spec_part(spec), upstream)
+        dirs[stage.name] = StageDir.for_stage(output, stage.name, stage.key(spec), upstream, stage.format)
     return dirs
 
 
@@ -170,6 +50,24 @@ def _closure(spec: JobSpec, selected: list[str]) -> list[str]:
     for name in selected:
         visit(name)
     return [name for name in STAGES if name in needed]
+
+
+def run(spec: JobSpec | Mapping[str, Any] | str | os.PathLike, stages: Sequence[str] | None = None,
+        overrides: Sequence[str] = (), force: Sequence[str] = (), output: str | None = None) -> dict[str, Any]:
+    """`guardray.run`: run a job from Python as `guardray run` does, and return the same summary
+    ({stage: {status, dir, rows, wall_s, ...}}).
+
+    `spec` is a spec file, the spec as a mapping (what the YAML would hold), or a validated `JobSpec`;
+    `overrides` are `--set` items (`"probes.cv.folds=3"`), `output` replaces `output`. Bad input raises
+    `SpecError`/`InputError` (one line per problem), a failed stage `StageError`."""
+    from guardray.spec import load_spec
+
+    if isinstance(spec, JobSpec):
+        if overrides or output:
+            spec = load_spec(spec.model_dump(mode="json"), overrides, output)
+    else:
+        spec = load_spec(spec, overrides, output)
+    return run_job(spec, list(stages) if stages else None, tuple(force))
 
 
 def run_job(spec: JobSpec, stages: list[str] | None = None, force: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -222,7 +120,7 @@ def _run_stages(spec: JobSpec, dirs: dict[str, StageDir], order: list[str], to_r
         if remote:
             summary = _run_remote(stage, spec, inputs, stage_dir.location)
         else:
-            summary = stage.run(spec, inputs, stage_dir.location)
+            summary = stage.function()(spec, inputs, stage_dir.location)
         summary["wall_s"] = round(time.perf_counter() - started, 2)
         stage_dir.commit(summary)
         results[name] = {"status": "ran", "dir": stage_dir.location.uri, **summary}
@@ -268,7 +166,7 @@ def _run_remote(stage: Stage, spec: JobSpec, inputs: dict[str, Location], out: L
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     options = {"scheduling_strategy": here} if uses_local_paths(spec) else {}
     task = ray.remote(num_cpus=1, max_retries=0, **options)(_with_peak_rss)
-    return ray_get(task.remote(stage.run, spec, inputs, out))
+    return ray_get(task.remote(stage.function(), spec, inputs, out))
 
 
 def stage_states(spec: JobSpec) -> list[tuple[str, str, str]]:

@@ -13,13 +13,14 @@ fields that only change *how* it runs (actors, batch sizes), so tuning those nev
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 import re
 import types
 import typing
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Mapping, Sequence, Union
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, ValidationError, ValidationInfo,
@@ -806,12 +807,16 @@ def _read_yaml(path: Path) -> Any:
         raise SpecError([f"{path}: not valid YAML: {one_line(e, 10_000)}"]) from None
 
 
-def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = (), output: str | None = None,
+def load_spec(source: str | Path | Mapping[str, Any], overrides: Sequence[str] = (), output: str | None = None,
               paths_elsewhere: bool = False) -> JobSpec:
-    """Read, override and validate a job spec. Raises SpecError listing every problem, one line each.
+    """Read, override and validate a job spec: a YAML file, or the spec as a mapping (from Python: a copy is
+    validated, the caller's mapping is left alone). Raises SpecError listing every problem, one line each.
     `paths_elsewhere`: the job runs on another machine (submit), so local paths are checked in form only."""
-    path = Path(path)
-    raw = _read_yaml(path)
+    if isinstance(source, Mapping):
+        path, raw = "<spec>", copy.deepcopy(dict(source))
+    else:
+        path = Path(source)
+        raw = _read_yaml(path)
     if not isinstance(raw, dict):
         raise SpecError([f"{path}: the spec must be a mapping of sections, got {type(raw).__name__}"])
     problems = []

@@ -5,6 +5,8 @@ import os
 
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # before gcsfs is imported anywhere
 
+import subprocess
+import sys
 import threading
 import uuid
 from pathlib import Path
@@ -77,3 +79,34 @@ def small_spec(output: str, **sections: Any) -> dict[str, Any]:
     }
     spec.update(sections)
     return spec
+
+
+#: jobs/local-conversations.yaml made small: source index → rows kept (advbench, harmbench, donotanswer,
+#: (normal_instructions), sharegpt, politics)
+CONVERSATIONS_SMALL = {0: 5, 1: 2, 2: 8, 4: 6, 5: 14}
+CONVERSATIONS_TARGETS = ["harmful", "response_unsafe", "politics"]  # cat_hate: tests/test_targets.py
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """jobs/local-conversations.yaml run once through the CLI, small by overrides, for every test that only reads
+    a finished run's results: dataset → responses → features → probes (three targets) → report.
+    {"out": output directory, "result": the CLI's CompletedProcess}."""
+    out = tmp_path_factory.mktemp("conversations") / "run"
+    limits = [item for index, rows in CONVERSATIONS_SMALL.items()
+              for item in ("--set", f"dataset.sources.{index}.limit={rows}")]
+    command = [sys.executable, "-m", "guardray", "run", str(REPO / "jobs/local-conversations.yaml"), "--output",
+               str(out), *limits, "--set", "generate.max_new_tokens=6", "--set", "generate.rows_per_shard=16",
+               "--set", "extract.rows_per_shard=16", "--set", "extract.layers=[4]",
+               # one actor per stage with both cores: two model loads fewer than the job's two actors
+               "--set", "generate.actors=1", "--set", "generate.num_cpus_per_actor=2",
+               "--set", "extract.actors=1", "--set", "extract.num_cpus_per_actor=2",
+               "--set", f"probes.targets={CONVERSATIONS_TARGETS}",
+               "--set", "model.max_length=128", "--set", "guard.max_length=512",
+               # SmolLM2's scores sit around -2.8: median thresholds give both classes at this size
+               "--set", "feedback.response_threshold=-2.8", "--set", "feedback.input_threshold=-2.8",
+               "--set", "probes.cv.folds=2", "--set", "probes.grid=[{type: logistic_regression, params: {C: 0.1}}]",
+               "--set", "evaluate.bootstrap=20"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"out": out, "result": result}

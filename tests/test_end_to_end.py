@@ -7,44 +7,29 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import REPO
-
-SMALL = {  # source index → rows kept: advbench, harmbench, donotanswer, (normal_instructions), sharegpt, politics
-    0: 5, 1: 2, 2: 8, 4: 6, 5: 14}
-TARGETS = ["harmful", "response_unsafe", "politics"]  # cat_hate's mapping is checked in tests/test_targets.py
+import guardray
+from tests.conftest import CONVERSATIONS_TARGETS as TARGETS
 
 
 @pytest.mark.slow
-def test_local_conversations_job_end_to_end(tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    limits = [item for index, rows in SMALL.items() for item in ("--set", f"dataset.sources.{index}.limit={rows}")]
-    command = [sys.executable, "-m", "guardray", "run", str(REPO / "jobs/local-conversations.yaml"), "--output",
-               str(out), *limits, "--set", "generate.max_new_tokens=6", "--set", "generate.rows_per_shard=16",
-               "--set", "extract.rows_per_shard=16", "--set", "extract.layers=[4]",
-               # one actor per stage with both cores: two model loads fewer than the job's two actors
-               "--set", "generate.actors=1", "--set", "generate.num_cpus_per_actor=2",
-               "--set", "extract.actors=1", "--set", "extract.num_cpus_per_actor=2",
-               "--set", f"probes.targets={TARGETS}",
-               "--set", "model.max_length=128", "--set", "guard.max_length=512",
-               # SmolLM2's scores sit around -2.8: median thresholds give both classes at this size
-               "--set", "feedback.response_threshold=-2.8", "--set", "feedback.input_threshold=-2.8",
-               "--set", "probes.cv.folds=2", "--set", "probes.grid=[{type: logistic_regression, params: {C: 0.1}}]",
-               "--set", "evaluate.bootstrap=20"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_local_conversations_job_end_to_end(finished_run: dict[str, Any]) -> None:
+    out, result = finished_run["out"], finished_run["result"]
     assert "| probe harmful/act_" in result.stdout and "| guard |" in result.stdout
+    assert result.stdout.count("\n") < 40  # the stage table and the report's headline, not Ray's chatter
     stages = json.loads((out / "latest.json").read_text())["stages"]
     assert set(stages) == {"dataset", "responses", "features", "probes", "report"}
+    run = guardray.open_run(str(out))
 
     # every prompt is accounted for: answered, or an error row of the responses stage
     dataset = pq.read_table(Path(stages["dataset"]) / "dataset.parquet")
-    answered = pq.read_table(Path(stages["responses"]) / "dataset.parquet")
+    answered = run.dataset()  # the responses stage's prompt set, with the answers
     failed = pq.read_table(Path(stages["responses"]) / "errors.parquet")
     assert answered.num_rows + failed.num_rows == dataset.num_rows > 30
     assert set(answered.column("finish_reason").to_pylist()) <= {"stop", "length"}
@@ -52,7 +37,7 @@ def test_local_conversations_job_end_to_end(tmp_path: Path) -> None:
     parts = pads.dataset(Path(stages["features"]) / "parts").to_table()
     assert sorted(parts.column("id").to_pylist()) == sorted(answered.column("id").to_pylist())  # reads responses
     names = set(parts.column_names)
-    assert {"act_last_L4", "act_mean_L4", "act_resp_last_L4", "act_resp_mean_L4"} <= names
+    assert set(run.feature_columns()) == {"act_last_L4", "act_mean_L4", "act_resp_last_L4", "act_resp_mean_L4"}
     assert {"guard_score", "guard_response_score", "guard_cat_S15", "guard_response_cat_S15", "politics",
             "cat_hate"} <= names and "response" not in names and "prompt" not in names
     for judge in ("guard_", "guard_response_"):
@@ -63,7 +48,7 @@ def test_local_conversations_job_end_to_end(tmp_path: Path) -> None:
     for name in ("report.md", "report.json", "scores.parquet", "mined_prompts.parquet", "auc_by_target.png",
                  "harmful/roc_curve.png", "response_unsafe/roc_curve.png", "politics/pr_curve.png", "_SUCCESS"):
         assert (report_dir / name).exists(), name
-    report = json.loads((report_dir / "report.json").read_text())
+    report = run.report()
     sections = report["targets"]
     assert list(report["target_order"]) == TARGETS
     assert sections["politics"]["guard_scorer"] == "guard_cat_S15"  # evaluate.guard_for: the custom policy

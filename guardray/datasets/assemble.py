@@ -34,7 +34,7 @@ from guardray.datasets.normalize import text_keys
 from guardray.datasets.sources import expected_rows, load_source
 from guardray.datasets.tables import SPLITS
 from guardray.errors import InputError, one_line
-from guardray.spec import DatasetSpec, SplitSpec, SubsampleSpec
+from guardray.spec import DatasetSpec, JobSpec, SplitSpec, SubsampleSpec
 from guardray.storage import Location
 
 log = logging.getLogger(__name__)
@@ -534,3 +534,8 @@ def format_counts(counts: pd.DataFrame) -> str:
         f"{counts['train'].sum():>7} {counts['test'].sum():>6}"
     )
     return "\n".join(lines)
+
+
+def run_dataset(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dict[str, Any]:
+    """The dataset stage's entry point (`guardray.stages.dataset`): it reads no other stage."""
+    return build_dataset(spec.dataset, out)

@@ -1,0 +1,119 @@
+"""A finished run from Python: `guardray.open_run(output)` → `Run`, the one call a notebook needs.
+
+A `Run` is a job's output directory (local or gs://). Each reader finds its stage the way `guardray report` and
+`guardray serve` do (`cache.latest_stage`: the directory `latest.json` names when finished, else the newest
+finished one) and reads only what it is asked for: `features(column)` projects that one column (and the label
+and id) out of the parts, so a notebook can look at one layer of a run whose feature matrix would not fit in
+memory.
+
+    run = guardray.open_run("runs/local-smoke")
+    X, y, ids = run.features("act_last_L29", split="train")
+    probe = run.probe()                       # the headline probe of the first target
+    scores = run.scores().to_pandas()         # every probe and guard score per test row
+    run.report()["targets"]["harmful"]["probes"][0]["roc_auc"]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from guardray.cache import latest_stage
+from guardray.errors import InputError
+from guardray.storage import Location, resolve
+
+DATASET_FILE, SCORES_FILE, REPORT_FILE = "dataset.parquet", "scores.parquet", "report.json"
+
+
+@dataclass(frozen=True)
+class Run:
+    """A job's output directory: its finished stages, read on demand."""
+
+    location: Location
+
+    @property
+    def uri(self) -> str:
+        return self.location.uri
+
+    def stage(self, name: str) -> Location:
+        """The finished `name` stage (dataset, responses, features, probes, report); one line naming the fix when
+        there is none."""
+        found = latest_stage(self.location, name)
+        if found is None:
+            raise InputError(f"{self.uri}: no finished {name} stage ({name}-<hash> with _SUCCESS); run the job "
+                             f"with `guardray run` (or guardray.run)")
+        return found
+
+    def dataset(self, pandas: bool = False) -> Any:
+        """The prompt set (the responses stage's, with the answers, when the job generated them): a pyarrow
+        Table, or a pandas DataFrame with `pandas=True`."""
+        stage = self._first_of("responses", "dataset")
+        table = stage.join(DATASET_FILE).read_table()
+        return table.to_pandas() if pandas else table
+
+    def feature_columns(self) -> dict[str, int]:
+        """{activation column: width} of the features stage, from a parquet footer (no rows read)."""
+        from guardray.columns import feature_dims, feature_schema
+
+        return feature_dims(feature_schema(self.stage("features")))
+
+    def features(self, column: str, split: str | None = None, target: str = "harmful"
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(X, y, ids): one activation column as a float32 [rows, width] matrix, the `target` label as bool and
+        the row ids, of `split` ('train', 'test') or all rows; rows without a known label are left out. Only
+        that column, the label's columns and the ids are read."""
+        from guardray.columns import read_column
+
+        data = read_column(self.stage("features"), column, target, split, extra=("id",))
+        return data.x, data.y, _ids(data.extra["id"])
+
+    def scores(self, split: str | None = "test", pandas: bool = False) -> Any:
+        """Every probe's and guard's score per row of `split` (None: all rows), with the labels, from the
+        report stage's `scores.parquet`."""
+        table = self.stage("report").join(SCORES_FILE).read_table()
+        if split is not None:
+            table = table.filter(pc.field("split") == split)
+        return table.to_pandas() if pandas else table
+
+    def probe(self, name: str | None = None, allow_pickle: bool = False) -> Any:
+        """A trained probe (with `.score(X)` and `.meta`): the headline probe of the first target by default,
+        else `name` as the probes stage lists it. A pickled (non-linear) probe runs code when loaded: it loads
+        only with `allow_pickle=True`."""
+        from guardray.probes import artifact
+
+        stage = self.stage("probes")
+        summary = stage.join("summary.json").read_json()
+        names = [p["name"] for p in summary["probes"]]
+        chosen = summary["best"]["name"] if name is None else name
+        if chosen not in names:
+            raise InputError(f"probe {chosen!r}: not in {stage.uri} (probes: {', '.join(names)})")
+        return artifact.load(stage.join("artifacts", chosen), allow_pickle)
+
+    def probes(self) -> list[str]:
+        """The names `probe(name)` takes, in the probes stage's order."""
+        return [p["name"] for p in self.stage("probes").join("summary.json").read_json()["probes"]]
+
+    def report(self) -> dict[str, Any]:
+        """The report's JSON (`targets: {name: section}` with every metric)."""
+        return self.stage("report").join(REPORT_FILE).read_json()
+
+    def _first_of(self, *names: str) -> Location:
+        for name in names:
+            if (found := latest_stage(self.location, name)) is not None:
+                return found
+        return self.stage(names[-1])
+
+
+def open_run(output: str) -> Run:
+    """The run in `output` (a job's output directory, local or gs://); InputError when it holds no stage."""
+    location = resolve(str(output))
+    if not location.exists():
+        raise InputError(f"{location.uri}: no such run directory")
+    return Run(location)
+
+
+def _ids(column: pa.ChunkedArray) -> np.ndarray:
+    return np.asarray(column.to_pylist(), dtype=object)

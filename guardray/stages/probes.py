@@ -1,0 +1,19 @@
+"""The probes stage: every (feature column, probe type, target) cross-validated in parallel with Ray Tune, the best
+refit where the data is and saved as portable artifacts (`guardray.probes.cv`)."""
+from __future__ import annotations
+
+from typing import Any
+
+from guardray.spec import JobSpec
+from guardray.stages.base import Stage, feedback_key
+
+
+def probes_key(spec: JobSpec) -> dict[str, Any]:
+    from guardray.targets import uses_feedback
+
+    return {**spec.probes.cache_payload(), **feedback_key(spec, uses_feedback(spec.probes.all_targets))}
+
+
+# 3: artifacts record the model spec, features dtype and guard; 4: their numerics (serving)
+STAGE = Stage("probes", inputs=("features",), key=probes_key, run="guardray.probes.cv:run_probes", format=4,
+              needs_ray=True)
