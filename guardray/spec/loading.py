@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from guardray.errors import SpecError, one_line
 from guardray.spec.job import JobSpec
-from guardray.spec.problems import problem_lines, step, unwrap
+from guardray.spec.problems import location_order, problem_lines, step, unwrap
 from guardray.spec.schema import CHECKED_ON_DRIVER, PATHS_ELSEWHERE
 from guardray.spec.validate import job_errors, validate_job
 
@@ -184,14 +184,8 @@ def validate_spec(raw: dict[str, Any], origin: str = "<spec>", context: dict[str
         spec = JobSpec.model_validate(raw, context=context)
     except ValidationError as e:
         errors = [*e.errors(), *job_errors(raw)]
-        raise SpecError(problem_lines(origin, sorted(errors, key=_section_order))) from None
+        raise SpecError(problem_lines(origin, sorted(errors, key=lambda err: location_order(err["loc"])))) from None
     return validate_job(spec, origin)
-
-
-def _section_order(error: Any) -> int:
-    """Where an error's top-level field comes in JobSpec (a stable sort keeps the order within a section)."""
-    fields = list(JobSpec.model_fields)
-    return fields.index(error["loc"][0]) if error["loc"] and error["loc"][0] in fields else len(fields)
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

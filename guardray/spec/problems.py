@@ -28,6 +28,28 @@ def problem_lines(origin: str, errors: list[Any]) -> list[str]:
     return list(lines.values())
 
 
+def location_order(loc: tuple[Any, ...]) -> tuple[int, ...]:
+    """Where a location comes in the schema: each field's place in its model (unknown keys after the fields),
+    each item's index in its list. Problems from the schema and from `validate_job`, stably sorted by it, come in
+    the order pydantic lists its own."""
+    order: list[int] = []
+    model: Any = JobSpec
+    for item in loc:
+        is_tag, inner = step(model, item)
+        if not is_tag:
+            order.append(_place(unwrap(model), item))
+        model = inner
+    return tuple(order)
+
+
+def _place(annotation: Any, item: Any) -> int:
+    fields = list(getattr(annotation, "model_fields", ()))
+    if fields:
+        return fields.index(item) if item in fields else len(fields)
+    is_sequence = typing.get_origin(annotation) in (tuple, list)
+    return item if is_sequence and isinstance(item, int) else 0  # a mapping's keys keep their input order
+
+
 def _format_error(origin: str, err: dict[str, Any]) -> str:
     loc, kind = err["loc"], err["type"]
     path = _dotted(loc)
