@@ -1,8 +1,9 @@
 """The job spec's schema, section by section: what a guardray job *is*, validated and frozen.
 
 This module holds the base of every section and the sections about models and how they run (ray, model, extract,
-generate, guard); `dataset.py` and `job.py` hold the rest. The schema imports nothing above it: checks that need
-the registries of the stages (probe types, dataset rules) run in `validate.py`, after it.
+generate, guard); `dataset.py` and `job.py` hold the rest. The schema imports nothing above it: the checks that
+need the stages' registries (probe types and parameters, affix regexes) run after it, in `validate.py`, and the
+dataset rules it uses are handed to it (`links.py`).
 
 Every model forbids unknown keys, so a typo fails loudly with a "did you mean" hint. A spec may come from someone
 else, so it is read as untrusted: booleans are real booleans; devices, model ids, dataset repos and engine
