@@ -1,56 +1,28 @@
-"""Spec validation: shipped jobs validate, bad specs fail with the field named, overrides are typed."""
+"""The spec's schema (guardray/spec/schema.py, dataset.py, job.py): bad sections fail with the field named,
+booleans are real booleans, pool sizes and file modes make sense, and cache keys leave out how a stage runs."""
 from __future__ import annotations
 
+import typing
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from guardray.errors import SpecError
-from guardray.spec import JobSpec, load_spec, validate_spec
-from tests.conftest import REPO, small_spec, write_spec
-
-JOBS = sorted((REPO / "jobs").glob("*.yaml"))
-
-
-@pytest.mark.parametrize("path", JOBS, ids=[p.stem for p in JOBS])
-def test_shipped_jobs_validate(path: Path) -> None:
-    spec = load_spec(path)
-    assert isinstance(spec, JobSpec)
+from guardray.spec import JobSpec, validate_spec
+from tests.conftest import small_spec, write_spec
+from tests.test_spec_loading import guardray, one_line_exit_2
 
 
-def _errors(raw: dict) -> list[str]:
+def _errors(raw: dict[str, Any]) -> list[str]:
     with pytest.raises(SpecError) as info:
         validate_spec(raw, "job.yaml")
     return info.value.problems
 
 
-def test_unknown_key_suggests_the_closest_field() -> None:
-    raw = small_spec("out")
-    raw["extract"] = {"layer": [1]}
-    (line,) = _errors(raw)
-    assert line == "job.yaml: extract.layer: unknown key; did you mean 'layers'?"
-
-
-def test_unknown_key_inside_a_source_names_its_index() -> None:
-    raw = small_spec("out")
-    raw["dataset"]["sources"].append({"type": "file", "name": "x", "path": "a.csv", "harmful": True, "text_colum": "t"})
-    (line,) = _errors(raw)
-    assert line == "job.yaml: dataset.sources.3.text_colum: unknown key; did you mean 'text_column'?"
-
-
-def test_all_errors_are_reported_at_once_one_line_each() -> None:
-    raw = small_spec("out")
-    raw["model"] = {"dtype": "float64", "max_length": 2}
-    raw["evaluate"] = {"bootstrap": -1}
-    del raw["name"]
-    problems = _errors(raw)
-    assert len(problems) == 4
-    assert all("\n" not in p for p in problems)
-    fields = {p.split(": ")[1] for p in problems}
-    assert fields == {"name", "model.dtype", "model.max_length", "evaluate.bootstrap"}
-
-
+# ---------------------------------------------------------------------------------------- sections
 def test_source_needs_exactly_one_label_kind() -> None:
     raw = small_spec("out")
     raw["dataset"]["sources"] = [{"type": "file", "name": "x", "path": "a.csv"}]
@@ -83,105 +55,6 @@ def test_spec_is_frozen() -> None:
         spec.name = "other"  # type: ignore[misc]
 
 
-def test_overrides_are_typed_by_the_schema(tmp_path: Path) -> None:
-    path = write_spec(tmp_path / "job.yaml", small_spec("out"))
-    spec = load_spec(path, ["dataset.subsample.every=20", "name=123", "dataset.sources.0.limit=7",
-                            "extract.layers=[1, -1]"])
-    assert spec.dataset.subsample.every == 20
-    assert spec.name == "123"  # a string field keeps the text, not the int YAML would make of it
-    assert spec.dataset.sources[0].limit == 7
-    assert spec.extract.layers == (1, -1)
-
-
-def test_bad_override_names_itself(tmp_path: Path) -> None:
-    path = write_spec(tmp_path / "job.yaml", small_spec("out"))
-    with pytest.raises(SpecError) as info:
-        load_spec(path, ["dataset.sources.9.limit=3", "nonsense"])
-    assert len(info.value.problems) == 2
-    assert "--set dataset.sources.9.limit=3" in info.value.problems[0]
-
-
-def test_yaml_is_loaded_safely(tmp_path: Path) -> None:
-    path = tmp_path / "job.yaml"
-    path.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
-    with pytest.raises(SpecError) as info:
-        load_spec(path)
-    assert "not valid YAML" in info.value.problems[0]
-
-
-def test_cache_payload_leaves_out_runtime_fields() -> None:
-    a = validate_spec(small_spec("out", extract={"actors": 1, "batch_size": 4}))
-    b = validate_spec(small_spec("out", extract={"actors": 3, "batch_size": 32}))
-    c = validate_spec(small_spec("out", extract={"layers": [3]}))
-    assert a.extract.cache_payload() == b.extract.cache_payload() != c.extract.cache_payload()
-
-
-def test_dump_roundtrip() -> None:
-    spec = validate_spec(small_spec("out"))
-    again = validate_spec(yaml.safe_load(yaml.safe_dump(spec.model_dump(mode="json"))))
-    assert again == spec
-
-
-def _load_problems(path: Path) -> list[str]:
-    with pytest.raises(SpecError) as info:
-        load_spec(path)
-    return info.value.problems
-
-
-def test_duplicate_key_names_key_and_both_lines(tmp_path: Path) -> None:
-    path = tmp_path / "job.yaml"
-    path.write_text("name: tiny\n"            # 1
-                    "output: out\n"           # 2
-                    "dataset:\n"              # 3
-                    "  sources:\n"            # 4
-                    "    - type: advbench\n"  # 5
-                    "  split:\n"              # 6
-                    "    seed: 0\n"           # 7
-                    "  sources:\n"            # 8
-                    "    - type: dan\n")      # 9
-    assert _load_problems(path) == [f"{path}: duplicate key 'sources' at lines 4 and 8"]
-
-
-def test_duplicate_top_level_key_and_flow_mapping(tmp_path: Path) -> None:
-    top = tmp_path / "top.yaml"
-    top.write_text(yaml.safe_dump(small_spec("out"), sort_keys=False) + "name: other\n")
-    (line,) = _load_problems(top)
-    assert line.startswith(f"{top}: duplicate key 'name' at lines 1 and ")
-    flow = tmp_path / "flow.yaml"
-    flow.write_text("name: tiny\noutput: out\nextract: {layers: [1], layers: [2]}\n")
-    assert _load_problems(flow) == [f"{flow}: duplicate key 'layers' at line 3"]
-
-
-def test_merge_keys_may_be_overridden(tmp_path: Path) -> None:
-    """`<<: *anchor` then the same key is an override, not a duplicate."""
-    path = tmp_path / "job.yaml"
-    path.write_text("name: tiny\noutput: out\n"
-                    "dataset:\n  sources:\n    - &adv {type: advbench, limit: 40}\n    - <<: *adv\n      type: dan\n")
-    spec = load_spec(path)
-    assert [s.source_name for s in spec.dataset.sources] == ["advbench", "dan"]
-
-
-def test_duplicate_check_constructs_keys_safely(tmp_path: Path) -> None:
-    """The duplicate check builds each key before the mapping is built: a python tag there is still refused."""
-    marker = tmp_path / "pwned"
-    path = tmp_path / "job.yaml"
-    path.write_text(f"name: tiny\n? !!python/object/apply:os.system ['touch {marker}']\n: 1\n")
-    (line,) = _load_problems(path)
-    assert "not valid YAML" in line and not marker.exists()
-
-
-@pytest.mark.parametrize("data, offset", [(b"name: caf\xe9\noutput: out\n", 9), (b"\x00\x01PK\x03\x04\xff\xfe\x80", 6)],
-                         ids=["latin-1", "binary"])
-def test_non_utf8_file_is_one_line(tmp_path: Path, data: bytes, offset: int) -> None:
-    path = tmp_path / "job.yaml"
-    path.write_bytes(data)
-    assert _load_problems(path) == [f"{path}: not UTF-8 text (byte 0x{data[offset]:02x} at offset {offset})"]
-
-
-def test_directory_instead_of_spec_is_one_line(tmp_path: Path) -> None:
-    assert _load_problems(tmp_path) == [f"{tmp_path}: cannot read: Is a directory"]
-
-
 def test_response_readers_need_generation() -> None:
     """Response activations, an explicit response guard and feedback targets all read generated responses."""
     raw = small_spec("runs/x", extract={"on": ["prompt", "response"]}, guard={"response": True},
@@ -210,6 +83,31 @@ def test_custom_categories_take_new_codes() -> None:
         validate_spec(small_spec("runs/x", guard={"custom_categories": [{"code": "politics", "name": "x"}]}))
 
 
+def test_feedback_targets_need_the_response_guard() -> None:
+    raw = small_spec("runs/x", generate={"enabled": True}, guard={"response": False},
+                     probes={"targets": ["harmful", "slipped_through"]})
+    with pytest.raises(SpecError, match="slipped_through are read from the response guard"):
+        validate_spec(raw)
+
+
+def test_a_grid_that_expands_past_the_cap_is_refused(tmp_path: Path) -> None:
+    """Every grid point is built at validate: five lists of 100 values would be 10^10 estimators (the old code
+    exhausted memory expanding them). Run through the CLI, under the memory limit, so a regression fails alone."""
+    params = {name: [1.0] * 100 for name in ("C", "tol", "intercept_scaling", "l1_ratio", "max_iter")}
+    path = write_spec(tmp_path / "job.yaml", small_spec(
+        str(tmp_path / "out"), probes={"grid": [{"type": "logistic_regression", "params": params}]}))
+    line = one_line_exit_2(guardray("validate", str(path)))
+    assert line == f"error: {path}: probes.grid.0.params: the lists expand to more than 10,000 grid points"
+
+
+# --------------------------------------------------------------------------------------- cache keys
+def test_cache_payload_leaves_out_runtime_fields() -> None:
+    a = validate_spec(small_spec("out", extract={"actors": 1, "batch_size": 4}))
+    b = validate_spec(small_spec("out", extract={"actors": 3, "batch_size": 32}))
+    c = validate_spec(small_spec("out", extract={"layers": [3]}))
+    assert a.extract.cache_payload() == b.extract.cache_payload() != c.extract.cache_payload()
+
+
 def test_generation_key_covers_what_changes_the_text() -> None:
     """Sampling settings enter the key only when sampling; pool settings never do."""
     base = validate_spec(small_spec("runs/x", generate={"enabled": True})).generate
@@ -220,38 +118,105 @@ def test_generation_key_covers_what_changes_the_text() -> None:
     assert base.model_copy(update={"max_new_tokens": 8}).cache_payload() != base.cache_payload()
 
 
-def test_on_is_a_key_not_a_boolean(tmp_path: Path) -> None:
-    """YAML 1.1 reads `on:` as True; specs are read with 1.2 booleans, so `extract.on` is a key (and `yes` is
-    the string 'yes', which a boolean field refuses: tests/test_spec_security.py)."""
-    path = tmp_path / "job.yaml"
-    path.write_text("name: x\noutput: runs/x\ndataset: {sources: [{type: advbench}]}\n"
-                    "generate: {enabled: true}\nextract:\n  on: [prompt, response]\n")
-    spec = load_spec(path)
-    assert spec.extract.on == ("prompt", "response") and spec.generate.enabled is True
+def test_the_dataset_rules_reach_the_schema() -> None:
+    """Presets and the dataset stage key's rule tables live in guardray.datasets, above the schema, and are handed
+    to it (guardray/spec/links.py): a preset fills its source, the key carries the normalisation and category rules."""
+    from guardray.datasets import categories, normalize
+
+    spec = validate_spec(small_spec("out", dataset={"sources": [{"type": "huggingface", "preset": "advbench_hf"},
+                                                                {"type": "donotanswer"}]}))
+    assert spec.dataset.sources[0].repo and spec.dataset.sources[0].harmful is True
+    key = spec.dataset.cache_payload()
+    assert key["normalisation"]["affixes"] == normalize.AFFIXES and key["categories"]
+    assert key["categories"] == categories.cache_key(["huggingface", "donotanswer"])["categories"]
 
 
-def test_feedback_targets_need_the_response_guard() -> None:
-    raw = small_spec("runs/x", generate={"enabled": True}, guard={"response": False},
-                     probes={"targets": ["harmful", "slipped_through"]})
-    with pytest.raises(SpecError, match="slipped_through are read from the response guard"):
-        validate_spec(raw)
+def test_dump_roundtrip() -> None:
+    spec = validate_spec(small_spec("out"))
+    again = validate_spec(yaml.safe_load(yaml.safe_dump(spec.model_dump(mode="json"))))
+    assert again == spec
 
 
-def test_a_worker_rebuilds_the_spec_without_importing_scikit_learn(tmp_path: Path) -> None:
-    """Model actors and dataset tasks rebuild the driver's spec; the probe grid's estimator checks (scikit-learn,
-    SciPy: over a second of CPU per process) are the driver's job. A fresh interpreter shows what gets imported."""
-    import subprocess
-    import sys
+# ------------------------------------------------------------------------------------- booleans
+def _models(model: Any = JobSpec, seen: set | None = None) -> set[type[BaseModel]]:
+    """Every spec model reachable from JobSpec (sources, nested sections)."""
+    seen = set() if seen is None else seen
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        if model in seen:
+            return seen
+        seen.add(model)
+        for field in model.model_fields.values():
+            _models(field.annotation, seen)
+        return seen
+    for arg in typing.get_args(model):
+        _models(arg, seen)
+    return seen
 
-    spec = validate_spec(small_spec(str(tmp_path), probes={"grid": [{"type": "ridge", "params": {"alpha": [1, 2]}}]}))
-    code = ("import json, sys; from guardray.spec import spec_for_worker; "
-            "spec = spec_for_worker(json.loads(sys.argv[1])); "
-            "print(spec.probes.grid[0].type, 'sklearn' in sys.modules, 'scipy' in sys.modules)")
-    shown = subprocess.run([sys.executable, "-c", code, spec.model_dump_json()], capture_output=True, text=True,
-                           cwd=REPO, check=True).stdout.split()
-    assert shown == ["ridge", "False", "False"]
-    from guardray.spec import spec_for_worker
 
-    assert spec_for_worker(spec.model_dump(mode="json")) == spec
-    with pytest.raises(SpecError, match="probes.grid.0.type: unknown probe type 'rige'"):  # the driver still checks
-        validate_spec(small_spec(str(tmp_path), probes={"grid": [{"type": "rige"}]}))
+def _boolean_fields() -> list[tuple[str, Any]]:
+    fields = []
+    for model in _models():
+        for name, field in model.model_fields.items():
+            if "bool" in str(field.annotation):
+                annotation = typing.Annotated[(field.annotation, *field.metadata)] if field.metadata else \
+                    field.annotation
+                fields.append((f"{model.__name__}.{name}", TypeAdapter(annotation)))
+    return sorted(fields, key=lambda f: f[0])
+
+
+BOOLEAN_FIELDS = _boolean_fields()
+
+
+@pytest.mark.parametrize("name, adapter", BOOLEAN_FIELDS, ids=[n for n, _ in BOOLEAN_FIELDS])
+def test_every_boolean_field_takes_only_real_booleans(name: str, adapter: TypeAdapter) -> None:
+    """'yes', 1 and the string 'true' are not booleans: a safety switch must not be turned on by a near miss."""
+    assert any(n.endswith(".trust_remote_code") for n, _ in BOOLEAN_FIELDS)
+    for lax in ("yes", 1, "true", "on"):
+        value = {"k": lax} if name.endswith(".label_map") else lax
+        with pytest.raises(ValidationError):
+            adapter.validate_python(value)
+    assert adapter.validate_python({"k": True} if name.endswith(".label_map") else True)
+
+
+# ------------------------------------------------------------------------------------------ pools
+@pytest.mark.parametrize("section, field, value", [
+    ("extract", "actors", 0), ("extract", "actors", -2), ("generate", "actors", 0), ("extract", "max_actors", 0),
+    ("extract", "batch_size", 0), ("generate", "batch_size", -1), ("extract", "rows_per_shard", 0),
+])
+def test_pool_sizes_below_one_are_refused(section: str, field: str, value: int) -> None:
+    """`actors: 0` used to run one actor silently."""
+    (line,) = _errors(small_spec("out", **{section: {field: value}}))
+    assert line.startswith(f"job.yaml: {section}.{field}: Input should be greater than or equal to 1")
+
+
+# ------------------------------------------------------------------------------------ output, file mode
+def test_an_output_that_is_a_file_is_exit_2(tmp_path: Path) -> None:
+    """It failed with exit 1 when the first stage tried to make a directory there."""
+    existing = tmp_path / "results.txt"
+    existing.write_text("not a directory")
+    path = write_spec(tmp_path / "job.yaml", small_spec(str(existing)))
+    line = one_line_exit_2(guardray("validate", str(path)))
+    assert line == f"error: {path}: output: '{existing}' exists and is not a directory"
+    assert validate_spec(small_spec(str(tmp_path))).output == str(tmp_path)  # an existing directory is fine
+
+
+def test_file_mode_defaults_private_and_is_validated() -> None:
+    assert validate_spec(small_spec("out")).file_mode == "0600"
+    assert validate_spec(small_spec("out", file_mode="0644")).file_mode_bits == 0o644
+    assert validate_spec(small_spec("out", file_mode="640")).file_mode_bits == 0o640
+    for bad, says in [(420, "got the number 420: write the mode as a quoted octal string"),
+                      ("0999", "is not a file mode"), ("rw-r--r--", "is not a file mode"),
+                      ("4755", "is not a file mode"),
+                      ("0044", "the owner digit must be 6 or 7")]:
+        (line,) = _errors(small_spec("out", file_mode=bad))
+        assert line.startswith("job.yaml: file_mode: ") and says in line, line
+
+
+def test_file_mode_changes_no_stage_hash(tmp_path: Path) -> None:
+    """How files are written is not what a stage computes: the same stage directories for every mode."""
+    from guardray.runner import plan
+
+    raw = small_spec(str(tmp_path), generate={"enabled": True})
+    dirs = {mode: {name: d.name for name, d in plan(validate_spec({**raw, "file_mode": mode})).items()}
+            for mode in ("0600", "0640", "0644")}
+    assert dirs["0600"] == dirs["0640"] == dirs["0644"] and set(dirs["0600"]) >= {"dataset", "responses", "report"}

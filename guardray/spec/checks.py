@@ -1,5 +1,5 @@
 """Checks on spec values that can attack the machine that reads them: devices, model ids and paths, and vLLM
-engine arguments. Pure functions and annotated types, no pydantic models, so `spec` stays the schema."""
+engine arguments. Pure functions and annotated types, no pydantic models: the lowest layer of the spec package."""
 from __future__ import annotations
 
 import re
