@@ -56,7 +56,7 @@ def _dataset_stage(spec: JobSpec, inputs: dict[str, Location], out: Location) ->
 
 
 def _responses_stage(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dict[str, Any]:
-    from guardray.generate import run_responses
+    from guardray.responses.stage import run_responses
 
     return run_responses(spec, inputs, out)
 
