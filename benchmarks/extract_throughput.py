@@ -106,7 +106,7 @@ def guard_throughput(backend: str, loaded: LoadedModel, model_name: str, prompts
     if backend == "hf":
         guard = HFGuard.create(loaded, spec)
     else:
-        from guardray.guard_vllm import VLLMGuard
+        from guardray.guard.vllm import VLLMGuard
 
         model_spec, engine = loaded.spec, {}
         if model_name == "random-llama3-8b":  # a config-only directory; vLLM draws its own random weights

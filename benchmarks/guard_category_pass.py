@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from benchmarks.extract_throughput import realistic_prompts
-from guardray.features import length_batches
+from guardray.encoding import length_batches
 from guardray.guard import HFGuard
 from guardray.models import load_model
 from guardray.spec import CustomCategory, GuardSpec, ModelSpec

@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from benchmarks.extract_throughput import realistic_prompts
-from guardray.features import length_batches
+from guardray.encoding import length_batches
 from guardray.guard import HFGuard
 from guardray.models import load_model
 from guardray.spec import GuardSpec, ModelSpec

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
+from guardray.encoding import pad
 from guardray.errors import InputError
 from guardray.rendering import Encoded
 
@@ -52,8 +53,9 @@ class _StopForward(Exception):
 
 @dataclass
 class Batch:
-    """A padded batch plus each row's user-text span (positions in the padded rows). `build` pads on the right;
-    serving pads on the left (generation continues every row from its end) and shifts the spans."""
+    """A padded batch plus each row's user-text span (positions in the padded rows). The features stage and the
+    guard pad on the right; serving pads on the left (`left`: generation continues every row from its end),
+    which shifts each row's span by its padding."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -61,15 +63,11 @@ class Batch:
     user_end: torch.Tensor
 
     @classmethod
-    def build(cls, encoded: Sequence[Encoded], pad_id: int, device: torch.device) -> "Batch":
-        width = max(len(e.ids) for e in encoded)
-        ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for row, e in enumerate(encoded):
-            ids[row, : len(e.ids)] = torch.tensor(e.ids)
-            mask[row, : len(e.ids)] = 1
-        starts = torch.tensor([e.user_start for e in encoded])
-        ends = torch.tensor([e.user_end for e in encoded])
+    def build(cls, encoded: Sequence[Encoded], pad_id: int, device: torch.device, left: bool = False) -> "Batch":
+        ids, mask = pad([e.ids for e in encoded], pad_id, left)
+        shift = ids.shape[1] - torch.tensor([len(e.ids) for e in encoded]) if left else 0
+        starts = torch.tensor([e.user_start for e in encoded]) + shift
+        ends = torch.tensor([e.user_end for e in encoded]) + shift
         return cls(ids.to(device), mask.to(device), starts.to(device), ends.to(device))
 
 

@@ -33,39 +33,18 @@ import pyarrow as pa
 from guardray.activations import Batch, capture, resolve_layers
 from guardray.columns import META_COLUMNS, feature_column
 from guardray.datasets.assemble import DATASET_FILE
-from guardray.errors import StageError, one_line
+from guardray.encoding import encode_rows, length_batches
+from guardray.errors import StageError
 from guardray.guard import Guard, build_guards, output_columns, preflight_guard, renamed
 from guardray.models import LoadedModel, load_model, numerics
-from guardray.rendering import (ConversationRenderer, Encoded, PromptRenderer, caught, chat_conversation_renderer,
-                                chat_renderer)
-from guardray.sharded import (NUMERICS_FILE, DeviceFailure, ErrorBudget, NumericsMismatch,  # noqa: F401 - re-exported
-                              RunTally, ShardActor, ShardedStage, actor_resources, claim_numerics, pool_size,
-                              raise_device_failure, run_sharded)
-from guardray.shards import RangeReader, Shard  # noqa: F401 - re-exported
+from guardray.rendering import ConversationRenderer, Encoded, PromptRenderer, chat_conversation_renderer, chat_renderer
+from guardray.sharded import ShardActor, ShardedStage, run_isolating, run_sharded
 from guardray.spec import RESPONSE_POOLINGS, ExtractSpec, JobSpec
 from guardray.storage import Location
 
 log = logging.getLogger(__name__)
 
 STORE_DTYPES = {"float16": (np.float16, pa.float16()), "float32": (np.float32, pa.float32())}
-
-
-def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None) -> list[list[int]]:
-    """Indices grouped into batches of similar length (sorted), each within `batch_size` rows and, when set,
-    `max_tokens` padded tokens (a prompt longer than the budget gets a batch of its own)."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        widest = max(lengths[i], max((lengths[j] for j in current), default=0))
-        over_budget = max_tokens is not None and current and widest * (len(current) + 1) > max_tokens
-        if current and (len(current) >= batch_size or over_budget):
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
 
 
 @dataclass
@@ -134,7 +113,7 @@ class FeatureExtractor:
         pairs = list(zip(prompts, responses)) if responses is not None else []
         errors: dict[int, str] = {}
         results: dict[int, dict[str, Any]] = {}
-        encoded = _encode(self.renderer, prompts, range(len(prompts)), errors, "render")
+        encoded = encode_rows(self.renderer, prompts, range(len(prompts)), errors, "render")
         steps = [(self.renderer, prompts, self._activations, "render") if self.poolings else None,
                  (self.conversation, pairs, self._response_activations, "response render") if self.conversation else None,
                  (self.guard.renderer, prompts, self._guard_scores, "guard render") if self.guard else None,
@@ -142,7 +121,7 @@ class FeatureExtractor:
                  if self.response_guard else None]
         for renderer, items, step, what in filter(None, steps):
             live = [i for i in encoded if i not in errors]
-            inputs = encoded if renderer is self.renderer else _encode(renderer, items, live, errors, what)
+            inputs = encoded if renderer is self.renderer else encode_rows(renderer, items, live, errors, what)
             self._run({i: inputs[i] for i in live if i in inputs}, step, results, errors)
         ok = [i for i in range(len(prompts)) if i not in errors]
         columns = {
@@ -161,18 +140,9 @@ class FeatureExtractor:
         keys = list(encoded)
         batches = length_batches([len(encoded[k].ids) for k in keys], self.extract.batch_size,
                                  self.extract.max_tokens_per_batch)
-        for batch in batches:
-            rows = [keys[b] for b in batch]
-            try:
-                self._store(rows, step([encoded[r] for r in rows]), results)
-            except Exception as e:  # noqa: BLE001 - isolate the prompt that fails
-                raise_device_failure(e)
-                for r in rows:
-                    try:
-                        self._store([r], step([encoded[r]]), results)
-                    except Exception as e:  # noqa: BLE001
-                        raise_device_failure(e)
-                        errors[r] = f"{step.__name__.strip('_')}: {type(e).__name__}: {one_line(e)}"
+        run_isolating([[keys[b] for b in batch] for batch in batches],
+                      lambda rows: self._store(rows, step([encoded[r] for r in rows]), results),
+                      errors, step.__name__.strip("_"))
 
     @staticmethod
     def _store(rows: list[int], columns: dict[str, np.ndarray], results: dict[int, dict[str, Any]]) -> None:
@@ -207,24 +177,6 @@ class FeatureExtractor:
 def guard_judges(spec: JobSpec) -> tuple[str, ...]:
     """What the guard judges: the prompt (`guard.enabled`) and the (prompt, response) turn (`judges_responses`)."""
     return (("prompt",) if spec.guard.enabled else ()) + (("response",) if spec.judges_responses else ())
-
-
-def _encode(renderer: PromptRenderer | ConversationRenderer, items: Sequence[Any], indices: Sequence[int],
-            errors: dict[int, str], what: str) -> dict[int, Encoded]:
-    """Render the given prompts or (prompt, response) pairs (one batched tokenizer call); one that cannot be
-    rendered is recorded in `errors`, never dropped."""
-    encoded: dict[int, Encoded] = {}
-    try:
-        results = renderer.encode_many([items[i] for i in indices])
-    except Exception:  # noqa: BLE001 - the batched tokenizer call failed as a whole: one at a time
-        results = [caught(renderer.encode, *(items[i] if isinstance(items[i], tuple) else (items[i],)))
-                   for i in indices]
-    for i, result in zip(indices, results):
-        if isinstance(result, Exception):
-            errors[i] = f"{what}: {type(result).__name__}: {result}"
-        else:
-            encoded[i] = result
-    return encoded
 
 
 def to_table(meta: pa.Table, columns: dict[str, Any], store_dtype: str) -> pa.Table:

@@ -28,7 +28,7 @@ import re
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Hashable, Iterable, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -42,6 +42,8 @@ from guardray.spec import ActorPoolSpec, JobSpec, spec_for_worker
 from guardray.storage import Location, file_mode_of, resolve
 
 log = logging.getLogger(__name__)
+
+K = TypeVar("K", bound=Hashable)
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,24 @@ def raise_device_failure(error: Exception) -> None:
     accelerator_error = getattr(torch, "AcceleratorError", ())
     if isinstance(error, accelerator_error) or any(m in str(error) for m in DEVICE_FAILURE_MARKERS):
         raise DeviceFailure(f"{type(error).__name__}: {one_line(error)}") from error
+
+
+def run_isolating(batches: Iterable[list[K]], run: Callable[[list[K]], None], errors: dict[K, str],
+                  what: str) -> None:
+    """`run` each batch of rows; when a batch fails, run its rows one by one, so that a failing row becomes an
+    error of its own ("<what>: <error>" in `errors`) and never sinks its neighbours. An accelerator failure is
+    never a row's fault: it is raised as DeviceFailure (the actor restarts) instead."""
+    for batch in batches:
+        try:
+            run(batch)
+        except Exception as e:  # noqa: BLE001 - isolate the row that fails
+            raise_device_failure(e)
+            for row in batch:
+                try:
+                    run([row])
+                except Exception as e:  # noqa: BLE001
+                    raise_device_failure(e)
+                    errors[row] = f"{what}: {type(e).__name__}: {one_line(e)}"
 
 
 def one_numerics(stage: str, checks: list[PartCheck], out: Location) -> str:

@@ -9,7 +9,7 @@ import torch
 
 from guardray.activations import Batch, capture, decoder_layers, pool, resolve_layers
 from guardray.errors import InputError
-from guardray.features import length_batches
+from guardray.encoding import length_batches
 from guardray.guard import HFGuard, guard_columns, resolve_label_tokens
 from guardray.models import LoadedModel, load_model
 from guardray.rendering import chat_renderer

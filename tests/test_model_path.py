@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from guardray.errors import StageError
-from guardray.features import NUMERICS_FILE, FeatureExtractor, claim_numerics
+from guardray.features import FeatureExtractor
 from guardray.models import choose_attention, load_model, resolve_dtype
 from guardray.runner import plan, run_job
+from guardray.sharded import NUMERICS_FILE, claim_numerics
 from guardray.shards import NUMERICS_KEY
 from guardray.spec import ModelSpec, validate_spec
 from guardray.storage import resolve

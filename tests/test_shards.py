@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from guardray.features import DeviceFailure, ErrorBudget, raise_device_failure
+from guardray.sharded import DeviceFailure, ErrorBudget, raise_device_failure
 from guardray.shards import RangeReader, Shard, gaps, overlap_problem, plan_shards, tiling_problem
 from guardray.storage import resolve
 

