@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from guardray.cache import LATEST_FILE, StageDir, latest_stage  # noqa: F401 - latest_stage: report, serve
 from guardray.errors import InputError, StageError, ray_get
-from guardray.metrics import peak_rss_mb
+from guardray.telemetry import peak_rss_mb
 from guardray.spec import JobSpec, device_class
 from guardray.storage import Location, output_location
 

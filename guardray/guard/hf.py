@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from guardray.guard.categories import CategoryContinuations
+from guardray.guard.category_scores import CategoryContinuations
 from guardray.guard.labels import guard_columns, resolve_label_tokens
 from guardray.guard.prompt import Judge, guard_renderer
 from guardray.label_head import LabelHead, VocabHead
