@@ -14,10 +14,10 @@ from typing import Any, Callable, Mapping, Sequence
 
 from guardray.cache import LATEST_FILE, StageDir
 from guardray.errors import InputError, ray_get
-from guardray.metrics import peak_rss_mb
 from guardray.spec import JobSpec
 from guardray.stages import STAGES, Stage
 from guardray.stages.base import StageFn
+from guardray.telemetry import peak_rss_mb
 from guardray.storage import Location, output_location
 
 log = logging.getLogger(__name__)

@@ -214,7 +214,7 @@ class ShardActor(abc.ABC):
         import torch
 
         from guardray.accelerators import check_actor_device
-        from guardray.metrics import ActorMetrics
+        from guardray.telemetry import ActorMetrics
 
         torch.set_num_threads(max(1, threads))
         self.device = check_actor_device()  # `model.device: auto` then picks cuda exactly when this says so
@@ -365,7 +365,7 @@ def run_actor_pool(stage: ShardedStage, spec: JobSpec, dataset: Location, out: L
 
 def drain(stage: str, summaries: Any, budget: ErrorBudget, total: int, done: int) -> RunTally:
     """Tally per-shard summaries as shards finish; stop as soon as the error budget is spent."""
-    from guardray.metrics import StageProgress
+    from guardray.telemetry import StageProgress
 
     progress = StageProgress(stage, total=total, done=done)
     tally = RunTally()

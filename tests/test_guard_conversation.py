@@ -20,7 +20,7 @@ from transformers import AutoTokenizer
 from guardray.activations import Batch, capture, decoder_layers
 from guardray.errors import InputError, SpecError
 from guardray.guard import (GUARD_BACKENDS, HFGuard, guard_renderer, output_columns, preflight_guard, renamed)
-from guardray.guard.categories import CategoryContinuations
+from guardray.guard.category_scores import CategoryContinuations
 from guardray.guard.hf import _chunks
 from guardray.label_head import VocabHead
 from guardray.models import LoadedModel, load_model

@@ -11,6 +11,7 @@ from guardray.probes import artifact
 from guardray.probes.cv import cross_validate, expand_grid
 from guardray.probes.registry import PROBE_TYPES, build_probe, probe_scores
 from guardray.spec import ProbesSpec
+from guardray.storage import resolve
 
 
 def _data(n: int = 240, dim: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -44,7 +45,7 @@ def test_cv_is_reproducible_with_a_seed() -> None:
 def test_every_probe_type_scores_and_round_trips(name: str, tmp_path: Path) -> None:
     x, y = _data()
     pipeline = build_probe(name, "standardize" if name != "ridge" else "normalize", {}).fit(x, y)
-    artifact.save(pipeline, {"type": name, "feature": "act_last_L1"}, tmp_path / name)
-    loaded = probes.load(tmp_path / name, allow_pickle=True)  # the non-linear types are pickled: opt in
+    artifact.save(pipeline, resolve(str(tmp_path / name)), {"type": name, "feature": "act_last_L1"})
+    loaded = probes.load(resolve(str(tmp_path / name)), allow_pickle=True)  # the non-linear types are pickled: opt in
     np.testing.assert_allclose(loaded.score(x), probe_scores(pipeline, x), rtol=1e-5, atol=1e-4)  # float64 vs sklearn float32
     assert (tmp_path / name / "probe.pkl").exists() != PROBE_TYPES[name].linear

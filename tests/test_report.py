@@ -22,20 +22,16 @@ from sklearn.metrics import roc_auc_score
 from guardray import probes
 from guardray.probes.cv import run_probes
 from guardray.probes.torch_probe import TORCH_PROBE_TYPE, train_dataset
-from guardray.report import MINED_FILE, SCORES_DIR, SUMMARY_PLOT, run_report
+from guardray.report import run_report
+from guardray.report.mining import MINED_FILE
+from guardray.report.plots import SUMMARY_PLOT
+from guardray.report.tasks import SCORES_DIR
 from guardray.spec import validate_spec
 from guardray.storage import Location, resolve
 from tests.conftest import small_spec
 from tests.synthetic import write_feature_parts
 
 DIM = 4096  # wide, so one column (~27 MB in float32) dwarfs what Tune and Train allocate on the driver (~10 MB)
-
-
-def _download(location: Location, target: Path) -> Path:
-    target.mkdir(parents=True)
-    for name in location.list():
-        (target / name).write_bytes(location.join(name).read_bytes())
-    return target
 
 
 def _read(location: Location) -> pd.DataFrame:
@@ -110,8 +106,7 @@ def test_probes_and_report_stages_on_gcs_where_the_data_is(ray_local: None, gcs_
         identity = probe["id"]
         assert (identity["layer"], identity["pooling"]) == (2, identity["feature"].split("_")[1])
         assert probe["name"].startswith(identity["target"] + "/")
-        loaded[probe["name"]] = probes.load(_download(probes_out.join("artifacts", probe["name"]),
-                                                      tmp_path / probe["name"]))
+        loaded[probe["name"]] = probes.load(probes_out.join("artifacts", probe["name"]))  # read on gs://
         assert {k: loaded[probe["name"]].meta[k] for k in identity} == identity
     assert loaded["response_unsafe/act_last_L2-ridge"].meta["feedback"]["response_threshold"] == 0.0
     assert len(loaded) == 2 * 3 + 1  # two features x three targets, and the torch probe of the first target

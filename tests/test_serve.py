@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from guardray.probes import artifact
+from guardray.storage import resolve
 from tests.conftest import small_spec, write_spec
 
 LAYER = 8
@@ -68,7 +69,7 @@ def trained(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     artifacts = Path(results["probes"]["dir"]) / "artifacts"
 
     def expected(name: str) -> tuple[Any, np.ndarray, np.ndarray]:
-        probe = artifact.load(artifacts / name)
+        probe = artifact.load(resolve(str(artifacts / name)))
         x = np.stack(features.column(probe.meta["feature"]).to_numpy(zero_copy_only=False))[kept]
         return probe, x, probe.score(x)
 

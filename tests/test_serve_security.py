@@ -17,6 +17,7 @@ import yaml
 from guardray.cli import main
 from guardray.errors import InputError
 from guardray.probes import artifact
+from guardray.storage import resolve
 
 LAYER = 2
 
@@ -29,7 +30,7 @@ def _meta(model: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
 
 
 def _linear(directory: Path, model: dict[str, Any] | None = None) -> Path:
-    artifact.save_linear(directory, _meta(model, type="logistic_regression"), weight=np.ones(4), bias=[0.5])
+    artifact.save_linear(resolve(str(directory)), _meta(model, type="logistic_regression"), weight=np.ones(4), bias=[0.5])
     return directory
 
 
@@ -67,7 +68,7 @@ def test_a_pickled_artifact_is_refused_without_allow_pickle_even_to_write_a_conf
     assert code == 2 and err.count("\n") == 1 and "runs code when loaded" in err and "--allow-pickle" in err, err
     assert not marker.exists() and not config.exists()
     with pytest.raises(artifact.PickleRefused):  # the library's own loader refuses it too
-        artifact.load(crafted)
+        artifact.load(resolve(str(crafted)))
     assert not marker.exists()
 
     # opted in: the config says so, and this process still read the metadata only (the replicas unpickle)
@@ -90,7 +91,7 @@ def test_a_linear_probe_type_is_never_unpickled(tmp_path: Path, capsys: pytest.C
     code, _, err = _cli(capsys, str(forged), "--allow-pickle", "--write-config", str(tmp_path / "serve.yaml"))
     assert code == 2 and err.count("\n") == 1 and "format 'pickle' for probe type 'logistic_regression'" in err
     with pytest.raises(InputError, match="linear probes are always safetensors"):
-        artifact.load(forged, allow_pickle=True)
+        artifact.load(resolve(str(forged)), allow_pickle=True)
     assert not marker.exists()
 
 
@@ -100,7 +101,7 @@ def test_the_probes_stage_never_pickles_a_linear_type(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(40, 4)).astype(np.float32), np.arange(40) % 2 == 0
     for name, kind in PROBE_TYPES.items():
-        artifact.save(build_probe(name, "standardize", {}).fit(x, y), {"type": name}, tmp_path / name)
+        artifact.save(build_probe(name, "standardize", {}).fit(x, y), resolve(str(tmp_path / name)), {"type": name})
         assert (tmp_path / name / artifact.PICKLE).exists() == (name in artifact.PICKLED_TYPES) != kind.linear
 
 

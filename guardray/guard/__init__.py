@@ -7,15 +7,15 @@ sampling: `guard_score = logit(unsafe) - logit(safe)` is the log-odds of unsafe 
 
 A guard judges prompts (judge="prompt") or responses (judge="response": the (prompt, response) pair as
 LlamaGuard moderates an agent turn, the user turn being context). With `guard.categories`, it also reads the
-distribution of the first listed category code (`guardray.guard.categories`).
+distribution of the first listed category code (`guardray.guard.category_scores`).
 
-Modules: `prompt` (moderation prompts and renderers), `labels` (label tokens, output columns), `categories`,
+Modules: `prompt` (moderation prompts and renderers), `labels` (label tokens, output columns), `category_scores`,
 `hf` (transformers backend), `vllm` (vLLM backend, optional extra), `backends` (the registry and preflight).
 Backends share the renderer, the label tokens and the output columns: each has `.renderer` and
 `.score(encoded) -> columns`.
 """
 from guardray.guard.backends import GUARD_BACKENDS, Guard, build_guards, preflight_guard
-from guardray.guard.categories import CategoryContinuations
+from guardray.guard.category_scores import CategoryContinuations
 from guardray.guard.hf import HFGuard
 from guardray.guard.labels import (COLUMN_PREFIXES, GUARD_COLUMNS, category_columns, column_name, guard_columns,
                                    output_columns, renamed, resolve_label_tokens)

@@ -6,7 +6,7 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 
 from guardray.errors import InputError
-from guardray.guard.categories import CategoryContinuations
+from guardray.guard.category_scores import CategoryContinuations
 from guardray.guard.labels import resolve_label_tokens
 from guardray.guard.prompt import JUDGES, Judge, guard_renderer
 from guardray.models import LoadedModel, load_model, load_tokenizer

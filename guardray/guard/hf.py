@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from guardray.encoding import pad
-from guardray.guard.categories import CategoryContinuations
+from guardray.guard.category_scores import CategoryContinuations
 from guardray.guard.labels import guard_columns, resolve_label_tokens
 from guardray.guard.prompt import Judge, guard_renderer
 from guardray.label_head import LabelHead, VocabHead

@@ -19,8 +19,7 @@ import os
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -33,7 +32,7 @@ from guardray.columns import ColumnData, feature_dims, feature_schema, label_cou
 from guardray.shards import PARTS_DIR, footer
 from guardray.errors import InputError, StageError, one_line, ray_get
 from guardray.evaluate import recall_at_fpr
-from guardray.metrics import peak_rss_mb
+from guardray.telemetry import peak_rss_mb
 from guardray.probes import artifact
 from guardray.probes.registry import ProbeId, build_probe, grid_points, probe_scores
 from guardray.spec import RESPONSE_POOLINGS, JobSpec, ProbesSpec
@@ -290,7 +289,7 @@ def refit_and_save(spec: JobSpec, features: Location, out: Location, probe: Prob
     data = read_column(features, probe.feature, target, "train")
     pipeline = build_probe(probe.type, probe.preprocessing, probe.params, spec.probes.cv.seed).fit(data.x, data.y)
     meta = {**probe_meta(spec, probe, numerics), "cv": cv}
-    store_artifact(out, probe.name, lambda directory: artifact.save(pipeline, meta, directory))
+    artifact.save(pipeline, out.join("artifacts", probe.name), meta)
     return {"name": probe.name, "id": probe.to_dict(), "train_rows": len(data.y), "peak_rss_mb": peak_rss_mb()}
 
 
@@ -310,18 +309,9 @@ def _torch_probe(spec: JobSpec, features: Location, dims: dict[str, int], best_f
     params = config.model_dump(include={"workers", "epochs", "lr", "weight_decay", "batch_size"})
     probe = ProbeId(feature, TORCH_PROBE_TYPE, "standardize", params, target.name)
     meta = {**probe_meta(spec, probe, numerics), "history": fitted["history"], "use_gpu": fitted["use_gpu"]}
-    store_artifact(out, probe.name, lambda directory: artifact.save_linear(
-        directory, meta, fitted["weight"], fitted["bias"], fitted["mean"], fitted["scale"]))
+    artifact.save_linear(out.join("artifacts", probe.name), meta, fitted["weight"], fitted["bias"], fitted["mean"],
+                         fitted["scale"])
     return {"name": probe.name, "id": probe.to_dict(), "final_loss": fitted["history"][-1]["loss"]}
-
-
-def store_artifact(out: Location, name: str, write: Callable[[Path], None]) -> None:
-    """`write` saves into a local directory (safetensors needs local files); the files are then copied to
-    `<stage>/artifacts/<name>/`, local or gs://."""
-    with tempfile.TemporaryDirectory() as tmp:
-        write(Path(tmp))
-        for file in Path(tmp).iterdir():
-            out.join("artifacts", name, file.name).write_bytes(file.read_bytes())
 
 
 def features_numerics(features: Location) -> dict[str, str] | None:

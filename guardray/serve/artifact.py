@@ -12,9 +12,7 @@ before `probe.pkl` is opened or downloaded.
 """
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from guardray.errors import InputError, one_line
@@ -101,22 +99,12 @@ def _probe_name(stage: Location, name: str | None) -> str:
 
 
 def _load(directory: Location, allow_pickle: bool, unpickle: bool) -> tuple[dict[str, Any], Any]:
-    """`probe.json` is checked first (format, pickle allowed); safetensors reads local files: a gs:// artifact
-    is copied to a temporary directory after that check."""
-    try:
-        raw = directory.join(META).read_json()
-    except ValueError as e:
-        raise InputError(f"{directory.uri}/{META}: {one_line(e)}") from None
-    meta = artifact.read_meta(raw, directory.uri, allow_pickle)
+    """`probe.json` is checked first (format, pickle allowed); with `unpickle=False` a pickled probe's metadata
+    is all that is read."""
+    meta = artifact.read_meta(directory, allow_pickle)
     if meta["format"] == "pickle" and not unpickle:
         return meta, None
-    if directory.is_local:
-        probe = artifact.load(directory.local_path(), allow_pickle)
-        return probe.meta, probe
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in directory.list():
-            (Path(tmp) / name).write_bytes(directory.join(name).read_bytes())
-        probe = artifact.load(tmp, allow_pickle)
+    probe = artifact.load(directory, allow_pickle)
     return probe.meta, probe
 
 

@@ -1,4 +1,5 @@
-"""Custom metrics exported through Ray's metrics agent (dashboard, Prometheus/Grafana).
+"""Telemetry: custom metrics exported through Ray's metrics agent (dashboard, Prometheus/Grafana), and the
+peak RSS a task reports. Not the evaluation metrics of a score (ROC AUC and the like: `guardray.evaluate`).
 
 Names are prefixed `guardray_`; tags say which model and which actor, so per-replica throughput is visible.
 """

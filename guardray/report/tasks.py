@@ -1,0 +1,185 @@
+"""The report's Ray work, each function run as one task where the data is: score every row with one scorer
+(a refit probe applied to its feature column, or a guard column), write every row's labels, merge those files
+into `scores.parquet`, and compute one scorer's metrics for one target from three columns of it.
+
+The driver holds metrics only: no task returns rows, each writes its own files whole (safe to retry).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from guardray.columns import batch_matrix, scan_batches
+from guardray.errors import StageError
+from guardray.evaluate import (at_threshold, by_source, fpr_at_recall, score_metrics, threshold_for_recall,
+                               threshold_sweep)
+from guardray.probes import artifact
+from guardray.probes.registry import PROBE_TYPES
+from guardray.spec import JobSpec
+from guardray.storage import Location
+from guardray.targets import Target
+from guardray.telemetry import peak_rss_mb
+
+SCORES_FILE, SCORES_DIR, LABELS_FILE = "scores.parquet", "scores", "labels.parquet"
+META = ["id", "split", "source"]
+MERGE_BATCH_ROWS = 65536
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """One score to evaluate: a refit probe applied to its feature column, or a column that is a score already."""
+
+    name: str  # a probe's `<target>/<feature>-<type>`, or the guard column's own name
+    column: str  # the feature column a probe reads, or the score column itself
+    threshold: float
+    artifact: Location | None = None  # None: `column` holds the score
+    id: dict[str, Any] | None = None  # the probe's structured identity (with its target)
+    allow_pickle: bool = False  # only a non-linear type that this job's own grid asked for
+
+
+def scorers(spec: JobSpec, probes: Location, guards: Sequence[str]) -> list[Scorer]:
+    """Every refit probe of the probes stage, then each guard column some target is compared with (once)."""
+    summary = probes.join("summary.json").read_json()
+    # Choosing a non-linear type in the spec's grid is the opt-in to its pickled artifact; a pickle that turns
+    # up for any other type (a planted or swapped artifact) is refused by `artifact.load`.
+    pickled = {g.type for g in spec.probes.grid if g.type in PROBE_TYPES and not PROBE_TYPES[g.type].linear}
+    found = [Scorer(p["name"], p["id"]["feature"], spec.evaluate.probe_threshold,
+                    probes.join("artifacts", p["name"]), p["id"], p["id"].get("type") in pickled)
+             for p in summary["probes"]]
+    return found + [Scorer(g, g, spec.evaluate.guard_threshold) for g in dict.fromkeys(guards)]
+
+
+# -------------------------------------------------------------------------------------------- scores
+def score_one(features: Location, out: Location, scorer: Scorer, index: int) -> None:
+    """Runs on a worker: score every row of the parts, batch by batch, streaming (id, score) to scores/<index>;
+    the features of a batch are dropped once scored."""
+    schema = pa.schema([("id", pa.string()), ("score", pa.float64())])
+    probe = artifact.load(scorer.artifact, allow_pickle=scorer.allow_pickle) if scorer.artifact else None
+
+    def write(f: Any) -> None:
+        with pq.ParquetWriter(f, schema) as writer:
+            for batch in scan_batches(features, {"id": pc.field("id"), scorer.column: pc.field(scorer.column)}):
+                column = batch.column(scorer.column)
+                score = (pa.array(probe.score(batch_matrix(batch, scorer.column)), pa.float64()) if probe
+                         else column.cast(pa.float64()))
+                writer.write_table(pa.table({"id": batch.column("id").cast(pa.string()), "score": score},
+                                            schema=schema))
+
+    out.join(SCORES_DIR, f"{index:05d}.parquet").write_with(write)
+
+
+def write_labels(features: Location, out: Location, resolved: Sequence[Target]) -> None:
+    """Runs on a worker: every row's id, split, source and each target's label (null where unknown), computed in
+    the scan by the same expressions the probes trained on, streamed to scores/labels.parquet."""
+    projection = {**{c: pc.field(c) for c in META}, **{t.name: t.expression for t in resolved}}
+    schema = pa.schema([*(pa.field(c, pa.string()) for c in META), *(pa.field(t.name, pa.bool_()) for t in resolved)])
+
+    def write(f: Any) -> None:
+        with pq.ParquetWriter(f, schema) as writer:
+            for batch in scan_batches(features, projection):
+                writer.write_table(pa.Table.from_batches([batch]).cast(schema))
+
+    out.join(SCORES_DIR, LABELS_FILE).write_with(write)
+
+
+def merge_scores(out: Location, names: list[str], label_columns: list[str]) -> None:
+    """scores/labels.parquet + scores/<i>.parquet → one scores.parquet (id, split, source, a label column per
+    target, a score column per scorer), a batch at a time; the files are row-aligned (same parts, same order),
+    which is checked on the ids."""
+    out.join(SCORES_DIR).refresh()  # written by other workers: no stale listing cache (gcsfs)
+    files = {LABELS_FILE: out.join(SCORES_DIR, LABELS_FILE),
+             **{n: out.join(SCORES_DIR, f"{i:05d}.parquet") for i, n in enumerate(names)}}
+    with contextlib.ExitStack() as stack:
+        readers = {n: pq.ParquetFile(stack.enter_context(f.fs.open_input_file(f.path))) for n, f in files.items()}
+        counts = {n: r.metadata.num_rows for n, r in readers.items()}
+        if len(set(counts.values())) > 1:
+            raise StageError(f"report: the scorers scored different rows: {counts}")
+        labels = readers[LABELS_FILE].schema_arrow
+        schema = pa.schema([*(labels.field(c) for c in [*META, *label_columns]),
+                            *(pa.field(n, pa.float64()) for n in names)])
+
+        def write(f: Any) -> None:
+            batches = {n: r.iter_batches(batch_size=MERGE_BATCH_ROWS) for n, r in readers.items()}
+            with pq.ParquetWriter(f, schema) as writer:
+                for head in batches[LABELS_FILE]:
+                    columns = {c: head.column(c) for c in [*META, *label_columns]}
+                    for n in names:
+                        batch = next(batches[n])
+                        if not batch.column("id").equals(head.column("id")):
+                            raise StageError(f"report: the scores of {n} are not row-aligned with the labels")
+                        columns[n] = batch.column("score")
+                    writer.write_table(pa.table(columns, schema=schema))
+
+        out.join(SCORES_FILE).write_with(write)
+    out.join(SCORES_DIR).delete()
+
+
+def read_scores(stage: Location, target: str, scorers: Sequence[str], split: str | None = "test",
+                extra: Sequence[str] = ()) -> pd.DataFrame:
+    """`label` (= the target) and the given score columns of the rows where the target and those scores are
+    known (of `split`, when given), read from scores.parquet (nothing else)."""
+    location = stage.join(SCORES_FILE)
+    location.refresh()
+    where = pc.field(target).is_valid()
+    for s in scorers:
+        where &= pc.field(s).is_valid()
+    if split is not None:
+        where &= pc.field("split") == split
+    dataset = pads.dataset(location.path, filesystem=location.fs, format="parquet")
+    columns = {"label": pc.field(target), **{c: pc.field(c) for c in [*scorers, *extra]}}
+    return dataset.to_table(columns=columns, filter=where).to_pandas()
+
+
+# ------------------------------------------------------------------------------------------- metrics
+def evaluate_scorer(spec: JobSpec, out: Location, target: str, scorer: str, threshold: float) -> dict[str, Any]:
+    """Runs on a worker: one scorer's metrics for one target, on the rows where that target is known."""
+    rows = read_scores(out, target, [scorer], split=None, extra=["split", "source"])
+    return {**scorer_metrics(spec, f"{target}:{scorer}", threshold, rows["label"].to_numpy(bool),
+                             rows[scorer].to_numpy(np.float64), rows["split"].to_numpy(object),
+                             rows["source"].to_numpy(object)),
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def scorer_metrics(spec: JobSpec, name: str, t: float, y: np.ndarray, scores: np.ndarray, split: np.ndarray,
+                   sources: np.ndarray) -> dict[str, Any]:
+    """test / train metrics, per source and the threshold sweep of one scorer."""
+    ev = spec.evaluate
+    test, train = split == "test", split == "train"
+    if not test.any():
+        return {"test": None, "train": None, "by_source": {}, "sweep": []}
+    return {
+        "test": score_metrics(y[test], scores[test], t, ev, name=f"{name} test"),
+        "train": (score_metrics(y[train], scores[train], t, ev.model_copy(update={"bootstrap": 0}),
+                                name=f"{name} train") if train.any() else None),
+        "by_source": by_source(y[test], scores[test], sources[test], t, ev),
+        "sweep": threshold_sweep(y[test], scores[test], ev.sweep),
+    }
+
+
+def compare(stage: Location, target: str, probe: str, guard: str, probe_threshold: float,
+            guard_threshold: float) -> dict[str, Any]:
+    """Probe vs guard at default thresholds and with the guard matched to the probe's recall (test split)."""
+    test = read_scores(stage, target, [probe, guard])
+    y, probe_scores, guard_scores = test["label"].to_numpy(bool), test[probe].to_numpy(), test[guard].to_numpy()
+    if not len(y):
+        return {"probe": probe, "guard": guard, "matched_guard_threshold": None, "guard_at_matched": None,
+                "fpr_at_99_recall": {"probe": None, "guard": None, "guard_over_probe": None}}
+    probe_at = at_threshold(y, probe_scores, probe_threshold)
+    matched = threshold_for_recall(y, guard_scores, probe_at["recall"])
+    probe_fpr = fpr_at_recall(y, probe_scores, 0.99)
+    guard_fpr = fpr_at_recall(y, guard_scores, 0.99)
+    return {
+        "probe": probe, "guard": guard,
+        "matched_guard_threshold": matched,
+        "guard_at_matched": at_threshold(y, guard_scores, matched) if matched is not None else None,
+        "fpr_at_99_recall": {"probe": probe_fpr, "guard": guard_fpr,
+                             "guard_over_probe": (guard_fpr / probe_fpr) if probe_fpr else None},
+    }
