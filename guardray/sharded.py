@@ -360,20 +360,24 @@ def run_actor_pool(stage: ShardedStage, spec: JobSpec, dataset: Location, out: L
             **actor_resources(pool, accelerator),
         )
     log.info("%s: %d-%d actors, each %s", stage.name, smallest, largest, actor_resources(pool, accelerator))
-    return drain(stage.name, ds.iter_rows(), budget, done + len(todo), done)
+    return drain(stage.name, ds.iter_rows(), budget, todo, done)
 
 
-def drain(stage: str, summaries: Any, budget: ErrorBudget, total: int, done: int) -> RunTally:
-    """Tally per-shard summaries as shards finish; stop as soon as the error budget is spent."""
+def drain(stage: str, summaries: Any, budget: ErrorBudget, todo: list[Shard], done: int) -> RunTally:
+    """Tally per-shard summaries as shards finish (`todo`: the shards this run computes, after `done` finished
+    ones); show the stage's progress line and gauges; stop as soon as the error budget is spent."""
+    from guardray.progress import ProgressLine
     from guardray.telemetry import StageProgress
 
-    progress = StageProgress(stage, total=total, done=done)
+    gauges = StageProgress(stage, total=done + len(todo), done=done)
+    line = ProgressLine(stage, total=budget.total, done=budget.total - sum(s.rows for s in todo))
     tally = RunTally()
     try:
         for summary in summaries:  # one row per finished shard, as they finish
             tally.add(summary)
             budget.add(int(summary["errors"]), [summary["first_error"]])
-            progress.advance()
+            gauges.advance()
+            line.advance(int(summary["rows"]) + int(summary["errors"]), int(summary["errors"]), int(summary["tokens"]))
             if budget.exceeded:  # stop spending GPU time on a job that cannot commit
                 raise StageError(budget.message())
     except StageError:
@@ -386,6 +390,7 @@ def drain(stage: str, summaries: Any, budget: ErrorBudget, total: int, done: int
             raise StageError(f"{stage}: {device_error.group(1).strip()}") from None
         raise
     finally:
+        line.close()
         getattr(summaries, "close", lambda: None)()  # shut the executor (and its GPU actors) down now, not at GC
     return tally
 

@@ -241,4 +241,4 @@ def run_vllm_shards(stage: ShardedStage, spec: JobSpec, dataset: Location, out: 
                                             "device": "cuda" if accelerator == "gpu" else "cpu"},
         batch_size=spec.generate.batch_size, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.1)
     log.info("%s: vLLM through ray.data.llm on %s, %d shards", stage.name, accelerator, len(todo))
-    return drain(stage.name, ds.iter_rows(), budget, done + len(todo), done)
+    return drain(stage.name, ds.iter_rows(), budget, todo, done)
