@@ -15,7 +15,7 @@ from importlib import import_module
 from typing import Any
 
 #: public name → the module that defines it
-_API = {"run": "guardray.runner", "open_run": "guardray.results", "Run": "guardray.results",
+_API = {"run": "guardray.api", "open_run": "guardray.api", "Run": "guardray.api",
         "load_spec": "guardray.spec", "JobSpec": "guardray.spec"}
 
 __all__ = sorted(_API)

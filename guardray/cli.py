@@ -33,7 +33,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from guardray.runner import run
+    from guardray.api import run
 
     spec = _load(args)
     stages = [s for s in (args.stages or "").split(",") if s] or None

@@ -7,10 +7,9 @@ inputs' directories), runs the missing ones, in a Ray task when they are offload
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from guardray.cache import LATEST_FILE, StageDir
 from guardray.errors import InputError, ray_get
@@ -50,24 +49,6 @@ def _closure(spec: JobSpec, selected: list[str]) -> list[str]:
     for name in selected:
         visit(name)
     return [name for name in STAGES if name in needed]
-
-
-def run(spec: JobSpec | Mapping[str, Any] | str | os.PathLike, stages: Sequence[str] | None = None,
-        overrides: Sequence[str] = (), force: Sequence[str] = (), output: str | None = None) -> dict[str, Any]:
-    """`guardray.run`: run a job from Python as `guardray run` does, and return the same summary
-    ({stage: {status, dir, rows, wall_s, ...}}).
-
-    `spec` is a spec file, the spec as a mapping (what the YAML would hold), or a validated `JobSpec`;
-    `overrides` are `--set` items (`"probes.cv.folds=3"`), `output` replaces `output`. Bad input raises
-    `SpecError`/`InputError` (one line per problem), a failed stage `StageError`."""
-    from guardray.spec import load_spec
-
-    if isinstance(spec, JobSpec):
-        if overrides or output:
-            spec = load_spec(spec.model_dump(mode="json"), overrides, output)
-    else:
-        spec = load_spec(spec, overrides, output)
-    return run_job(spec, list(stages) if stages else None, tuple(force))
 
 
 def run_job(spec: JobSpec, stages: list[str] | None = None, force: tuple[str, ...] = ()) -> dict[str, Any]:

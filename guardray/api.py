@@ -1,6 +1,6 @@
-"""A finished run from Python: `guardray.open_run(output)` → `Run`, the one call a notebook needs.
+"""The Python API, what `import guardray` hands on: `run` a job as the CLI does, and `open_run` a finished one.
 
-A `Run` is a job's output directory (local or gs://). Each reader finds its stage the way `guardray report` and
+`guardray run` is a thin layer over `run`. A `Run` is a job's output directory (local or gs://). Each reader finds its stage the way `guardray report` and
 `guardray serve` do (`cache.latest_stage`: the directory `latest.json` names when finished, else the newest
 finished one) and reads only what it is asked for: `features(column)` projects that one column (and the label
 and id) out of the parts, so a notebook can look at one layer of a run whose feature matrix would not fit in
@@ -14,15 +14,18 @@ memory.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from guardray import runner
 from guardray.cache import latest_stage
 from guardray.errors import InputError
+from guardray.spec import JobSpec, load_spec
 from guardray.storage import Location, resolve
 
 DATASET_FILE, SCORES_FILE, REPORT_FILE = "dataset.parquet", "scores.parquet", "report.json"
@@ -105,6 +108,22 @@ class Run:
             if (found := latest_stage(self.location, name)) is not None:
                 return found
         return self.stage(names[-1])
+
+
+def run(spec: JobSpec | Mapping[str, Any] | str | os.PathLike, stages: Sequence[str] | None = None,
+        overrides: Sequence[str] = (), force: Sequence[str] = (), output: str | None = None) -> dict[str, Any]:
+    """`guardray.run`: run a job from Python as `guardray run` does, and return the same summary
+    ({stage: {status, dir, rows, wall_s, ...}}).
+
+    `spec` is a spec file, the spec as a mapping (what the YAML would hold), or a validated `JobSpec`;
+    `overrides` are `--set` items (`"probes.cv.folds=3"`), `output` replaces `output`. Bad input raises
+    `SpecError`/`InputError` (one line per problem), a failed stage `StageError`."""
+    if isinstance(spec, JobSpec):
+        if overrides or output:
+            spec = load_spec(spec.model_dump(mode="json"), overrides, output)
+    else:
+        spec = load_spec(spec, overrides, output)
+    return runner.run_job(spec, list(stages) if stages else None, tuple(force))
 
 
 def open_run(output: str) -> Run:

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
@@ -27,7 +28,7 @@ def test_features_read_one_column_of_one_split_with_labels_and_ids(run: guardray
     X, y, ids = run.features("act_last_L4", split="train")
     parts = pads.dataset(run.stage("features").join("parts").path).to_table(
         columns=["id", "harmful", "split", "act_last_L4"])
-    train = parts.filter((parts["split"] == "train") & parts["harmful"].is_valid())
+    train = parts.filter((pc.field("split") == "train") & pc.field("harmful").is_valid())
     assert X.dtype == np.float32 and X.shape == (train.num_rows, 576) and y.dtype == bool  # SmolLM2: d = 576
     assert list(ids) == train.column("id").to_pylist()
     np.testing.assert_array_equal(y, np.asarray(train.column("harmful").to_pylist(), dtype=bool))
