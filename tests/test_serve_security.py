@@ -30,7 +30,8 @@ def _meta(model: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
 
 
 def _linear(directory: Path, model: dict[str, Any] | None = None) -> Path:
-    artifact.save_linear(resolve(str(directory)), _meta(model, type="logistic_regression"), weight=np.ones(4), bias=[0.5])
+    artifact.save_linear(resolve(str(directory)), _meta(model, type="logistic_regression"), weight=np.ones(4),
+                         bias=[0.5])
     return directory
 
 

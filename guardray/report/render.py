@@ -142,7 +142,8 @@ def _sweeps(section: Section) -> list[str]:
     parts = []
     for name, entry in [(section.best_probe, section.best), *section.guard_items()]:
         parts += ["", f"### Threshold sweep: {name}", "",
-                  "| threshold | precision | recall | accuracy | tn | fp | fn | tp |", "|---|---|---|---|---|---|---|---|"]
+                  "| threshold | precision | recall | accuracy | tn | fp | fn | tp |",
+                  "|---|---|---|---|---|---|---|---|"]
         for s in entry["sweep"]:
             c = s["confusion"]
             parts.append(f"| {s['threshold']:g} | {fmt(s['precision'])} | {fmt(s['recall'])} | {fmt(s['accuracy'])} | "
