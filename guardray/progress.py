@@ -12,6 +12,7 @@ guardray's own INFO lines stay. `--verbose` leaves the console as Ray makes it.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from typing import TextIO
 
 #: loggers whose INFO records are Ray's own chatter (start-up, progress blocks, Tune's tables and hints)
 CHATTY_LOGGERS = ("ray", "ray.data", "ray.tune", "ray.train", "ray.serve", "ray.air", "filelock", "urllib3")
+#: loggers whose every record is a start-up notice (Ray's token-authentication notice, printed on each local run)
+NOTICE_LOGGERS = ("ray._private.authentication.authentication_token_setup",)
 #: redraws of an in-place line per second, at most
 _TTY_REDRAW_S = 0.5
 
@@ -94,7 +97,7 @@ class ProgressLine:
 class _NotChatter(logging.Filter):
     """Drops, from the console only, the notices every local run repeats (they stay in the log file)."""
 
-    NOTICES = ("Token authentication is enabled for this Ray cluster",)
+    NOTICES = ("Token authentication is enabled for this Ray cluster", "Progress bars disabled. To enable")
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith(self.NOTICES)
@@ -117,6 +120,9 @@ def quiet_ray_loggers() -> None:
     what this turns down); a no-op with `--verbose`."""
     if verbose():
         return
+    # Tune's and Train's console reporter prints its experiment table and a TensorBoard hint even at verbose=0;
+    # the classic reporter prints nothing at verbose=0 (results and errors still reach the stage as values)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     import ray.data  # noqa: F401 - its import configures the ray.data logger; quiet it after that
 
     to_file = next((h for h in logging.getLogger().handlers if h.get_name() == "guardray-log-file"), None)
@@ -134,6 +140,11 @@ def quiet_ray_loggers() -> None:
         if to_file is not None and to_file not in chatty.handlers:
             chatty.addHandler(to_file)
         chatty.propagate = False
+    for name in NOTICE_LOGGERS:  # their notices would reach the console by logging's last resort: file only
+        notices = logging.getLogger(name)
+        notices.propagate = False
+        if to_file is not None and to_file not in notices.handlers:
+            notices.addHandler(to_file)
 
 
 _VERBOSE = False
