@@ -107,7 +107,9 @@ def test_a_gpu_that_torch_cannot_see_fails_in_one_line(tmp_path: Path) -> None:
     path = write_spec(tmp_path / "job.yaml", small_spec(
         str(tmp_path / "out"), ray={"address": "local", "num_cpus": 2, "num_gpus": 1},
         model={"id": model, "max_length": 64},
-        extract={"layers": [-1], "poolings": ["last"], "accelerator": "gpu"}, guard={"enabled": False}))
+        # no actor restarts: a restarted actor would meet the same device (the one line is the point here)
+        extract={"layers": [-1], "poolings": ["last"], "accelerator": "gpu", "max_actor_restarts": 0},
+        guard={"enabled": False}))
     env = {k: v for k, v in os.environ.items() if k != "RAY_FAKE_CLUSTER"}
     run = subprocess.run([sys.executable, "-m", "guardray", "run", str(path), "--stages", "features"],
                          env=env, capture_output=True, text=True, timeout=300)

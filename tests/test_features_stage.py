@@ -82,11 +82,11 @@ def test_features_stream_to_gcs(ray_local: None, gcs_bucket: str, tiny_llama: st
 def test_killed_run_resumes_with_another_rows_per_shard(tmp_path: Path) -> None:
     """Kill the whole job mid-stage, resume with a different `rows_per_shard` (outside the stage hash): the
     finished row ranges are kept, only the gaps run, and every id still lands exactly once."""
-    raw = small_spec(str(tmp_path / "out"), model={"id": "smollm2-135m-instruct", "max_length": 128},
+    raw = small_spec(str(tmp_path / "out"), model={"id": "smollm2-135m-instruct", "max_length": 96},
                      extract={"layers": [-1], "poolings": ["last"], "actors": 1, "batch_size": 4, "rows_per_shard": 4},
                      guard={"enabled": False})
-    raw["dataset"]["sources"] = [{"type": "advbench", "limit": 16}, {"type": "normal_instructions"},
-                                 {"type": "sharegpt", "limit": 16}]
+    raw["dataset"]["sources"] = [{"type": "advbench", "limit": 10}, {"type": "normal_instructions"},
+                                 {"type": "sharegpt", "limit": 10}]
     path = write_spec(tmp_path / "job.yaml", raw)
     command = [sys.executable, "-m", "guardray", "run", str(path), "--stages", "features"]
     first = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
