@@ -39,17 +39,18 @@ from guardray.features import length_batches
 from guardray.models import LoadedModel, load_model, numerics
 from guardray.rendering import Encoded, PromptRenderer, chat_renderer
 from guardray.sharded import ShardActor, ShardedStage, raise_device_failure, run_sharded
-from guardray.shards import PARTS_DIR, RangeReader, finished_shards
+from guardray.columns import FINISH_REASON, ID, PARTS_DIR, PROMPT, RESPONSE, RESPONSE_TOKENS
+from guardray.shards import RangeReader, finished_shards
 from guardray.spec import GenerateSpec, JobSpec
 from guardray.storage import DEFAULT_FILE_MODE, Location, resolve
 
 log = logging.getLogger(__name__)
 
-RESPONSE_SCHEMA = pa.schema([("response", pa.string()), ("response_tokens", pa.list_(pa.int32())),
-                             ("finish_reason", pa.string())])
+RESPONSE_SCHEMA = pa.schema([(RESPONSE, pa.string()), (RESPONSE_TOKENS, pa.list_(pa.int32())),
+                             (FINISH_REASON, pa.string())])
 RESPONSE_COLUMNS = tuple(RESPONSE_SCHEMA.names)
 #: A part: the row's id (checked against the dataset) and the response columns.
-PART_SCHEMA = pa.schema([("id", pa.string()), *RESPONSE_SCHEMA])
+PART_SCHEMA = pa.schema([(ID, pa.string()), *RESPONSE_SCHEMA])
 
 
 @dataclass(frozen=True)
@@ -192,10 +193,10 @@ def response_table(ids: Any, generations: Sequence[Generation], tokenizer: Any) 
     """ids plus response, response_tokens (int32) and finish_reason, typed as PART_SCHEMA."""
     texts = tokenizer.batch_decode([g.tokens for g in generations], skip_special_tokens=True) if generations else []
     return pa.table({
-        "id": ids,
-        "response": pa.array(texts, pa.string()),
-        "response_tokens": pa.array([g.tokens for g in generations], pa.list_(pa.int32())),
-        "finish_reason": pa.array([g.finish_reason for g in generations], pa.string()),
+        ID: ids,
+        RESPONSE: pa.array(texts, pa.string()),
+        RESPONSE_TOKENS: pa.array([g.tokens for g in generations], pa.list_(pa.int32())),
+        FINISH_REASON: pa.array([g.finish_reason for g in generations], pa.string()),
     }).cast(PART_SCHEMA)
 
 
@@ -209,10 +210,10 @@ class ResponseActor(ShardActor):
         return self.responder.numerics
 
     def compute(self, rows: pa.Table) -> tuple[pa.Table, dict[int, str], int]:
-        keys = rows.column("id").to_pylist()
-        generations, errors = self.responder.process(rows.column("prompt").to_pylist(), keys)
+        keys = rows.column(ID).to_pylist()
+        generations, errors = self.responder.process(rows.column(PROMPT).to_pylist(), keys)
         ok = sorted(generations)
-        part = self.responder.table(rows.column("id").take(pa.array(ok, pa.int64())), [generations[i] for i in ok])
+        part = self.responder.table(rows.column(ID).take(pa.array(ok, pa.int64())), [generations[i] for i in ok])
         return part, errors, sum(len(g.tokens) for g in generations.values())
 
 
@@ -267,10 +268,10 @@ def write_responses_dataset(dataset_uri: str, out_uri: str, file_mode: int = DEF
     def rows_of(shard: Any) -> pa.Table:
         part = out.join(PARTS_DIR, shard.part_name).read_table()
         rows = reader.read(shard)
-        rows = rows.filter(pc.is_in(rows.column("id"), value_set=part.column("id")))
-        if rows.column("id").to_pylist() != part.column("id").to_pylist():
+        rows = rows.filter(pc.is_in(rows.column(ID), value_set=part.column(ID)))
+        if rows.column(ID).to_pylist() != part.column(ID).to_pylist():
             raise StageError(f"responses: {shard.part_name} does not hold its rows in dataset order")
-        for reason in part.column("finish_reason").to_pylist():
+        for reason in part.column(FINISH_REASON).to_pylist():
             reasons[reason] = reasons.get(reason, 0) + 1
         lengths = pc.list_value_length(part.column("response_tokens"))
         counts["generated_tokens"] += int(pc.sum(lengths).as_py() or 0)

@@ -33,7 +33,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from guardray import targets
-from guardray.columns import batch_matrix, feature_schema, scan_batches
+from guardray.columns import (GUARD_RESPONSE_SCORE, GUARD_SCORE, ID, PROMPT, RESPONSE, SOURCE, SPLIT, Target,
+                              batch_matrix, feature_schema, require, scan_batches)
 from guardray.errors import InputError, StageError, ray_get
 from guardray.evaluate import (at_threshold, by_source, fpr_at_recall, score_metrics, threshold_for_recall,
                                threshold_sweep)
@@ -42,15 +43,14 @@ from guardray.probes import artifact
 from guardray.probes.torch_probe import TORCH_PROBE_TYPE
 from guardray.spec import JobSpec
 from guardray.storage import Location
-from guardray.targets import GUARD_RESPONSE_SCORE, GUARD_SCORE, Target
 
 log = logging.getLogger(__name__)
 SCORES_FILE, SCORES_DIR, LABELS_FILE = "scores.parquet", "scores", "labels.parquet"
 MINED_FILE, SUMMARY_PLOT = "mined_prompts.parquet", "auc_by_target.png"
-MINED_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("split", pa.string()),
-                          ("guard_score", pa.float64()), ("guard_response_score", pa.float64()),
+MINED_SCHEMA = pa.schema([(ID, pa.string()), (SOURCE, pa.string()), (SPLIT, pa.string()),
+                          (GUARD_SCORE, pa.float64()), (GUARD_RESPONSE_SCORE, pa.float64()),
                           ("slipped_through", pa.bool_())])
-META = ["id", "split", "source"]
+META = [ID, SPLIT, SOURCE]
 MERGE_BATCH_ROWS = 65536
 
 
@@ -117,6 +117,7 @@ def run_report(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dic
     schema = feature_schema(features)
     plans = plan_targets(spec, summary, schema)
     found = scorers(spec, probes, plans)
+    require(schema, [*META, *(s.column for s in found)], stage="report", where=features.uri, written_by="features")
     remote = ray.remote(num_cpus=1, max_retries=1)  # each task rewrites its own files whole: safe to retry
     ray_get([remote(write_labels).remote(features, out, [p.target for p in plans.values()]),
              *(remote(score_one).remote(features, out, s, i) for i, s in enumerate(found))])
@@ -170,18 +171,18 @@ def _guard_items(section: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 def score_one(features: Location, out: Location, scorer: Scorer, index: int) -> None:
     """Runs on a worker: score every row of the parts, batch by batch, streaming (id, score) to scores/<index>;
     the features of a batch are dropped once scored."""
-    schema = pa.schema([("id", pa.string()), ("score", pa.float64())])
+    schema = pa.schema([(ID, pa.string()), ("score", pa.float64())])
     with tempfile.TemporaryDirectory() as tmp:
         probe = (artifact.load(_download(scorer.artifact, Path(tmp)), allow_pickle=scorer.allow_pickle)
                  if scorer.artifact else None)
 
         def write(f: Any) -> None:
             with pq.ParquetWriter(f, schema) as writer:
-                for batch in scan_batches(features, {"id": pc.field("id"), scorer.column: pc.field(scorer.column)}):
+                for batch in scan_batches(features, {ID: pc.field(ID), scorer.column: pc.field(scorer.column)}):
                     column = batch.column(scorer.column)
                     score = (pa.array(probe.score(batch_matrix(batch, scorer.column)), pa.float64()) if probe
                              else column.cast(pa.float64()))
-                    writer.write_table(pa.table({"id": batch.column("id").cast(pa.string()), "score": score},
+                    writer.write_table(pa.table({ID: batch.column(ID).cast(pa.string()), "score": score},
                                                 schema=schema))
 
         out.join(SCORES_DIR, f"{index:05d}.parquet").write_with(write)
@@ -224,7 +225,7 @@ def merge_scores(out: Location, names: list[str], label_columns: list[str]) -> N
                     columns = {c: head.column(c) for c in [*META, *label_columns]}
                     for n in names:
                         batch = next(batches[n])
-                        if not batch.column("id").equals(head.column("id")):
+                        if not batch.column(ID).equals(head.column(ID)):
                             raise StageError(f"report: the scores of {n} are not row-aligned with the labels")
                         columns[n] = batch.column("score")
                     writer.write_table(pa.table(columns, schema=schema))
@@ -243,7 +244,7 @@ def read_scores(stage: Location, target: str, scorers: Sequence[str], split: str
     for s in scorers:
         where &= pc.field(s).is_valid()
     if split is not None:
-        where &= pc.field("split") == split
+        where &= pc.field(SPLIT) == split
     dataset = pads.dataset(location.path, filesystem=location.fs, format="parquet")
     columns = {"label": pc.field(target), **{c: pc.field(c) for c in [*scorers, *extra]}}
     return dataset.to_table(columns=columns, filter=where).to_pandas()
@@ -251,10 +252,10 @@ def read_scores(stage: Location, target: str, scorers: Sequence[str], split: str
 
 def evaluate_scorer(spec: JobSpec, out: Location, target: str, scorer: str, threshold: float) -> dict[str, Any]:
     """Runs on a worker: one scorer's metrics for one target, on the rows where that target is known."""
-    rows = read_scores(out, target, [scorer], split=None, extra=["split", "source"])
+    rows = read_scores(out, target, [scorer], split=None, extra=[SPLIT, SOURCE])
     return {**scorer_metrics(spec, f"{target}:{scorer}", threshold, rows["label"].to_numpy(bool),
-                             rows[scorer].to_numpy(np.float64), rows["split"].to_numpy(object),
-                             rows["source"].to_numpy(object)),
+                             rows[scorer].to_numpy(np.float64), rows[SPLIT].to_numpy(object),
+                             rows[SOURCE].to_numpy(object)),
             "peak_rss_mb": peak_rss_mb()}
 
 
@@ -326,20 +327,20 @@ def mine_prompts(spec: JobSpec, features: Location, responses: Location, out: Lo
     slipped = (targets.resolve("slipped_through", schema, spec.feedback).expression if has_guard
                else pc.scalar(pa.scalar(None, pa.bool_())))
     guard = pc.field(GUARD_SCORE).cast(pa.float64()) if has_guard else pc.scalar(pa.scalar(None, pa.float64()))
-    projection = {"id": pc.field("id"), "source": pc.field("source"), "split": pc.field("split"),
-                  "guard_score": guard, "guard_response_score": pc.field(GUARD_RESPONSE_SCORE).cast(pa.float64()),
+    projection = {ID: pc.field(ID), SOURCE: pc.field(SOURCE), SPLIT: pc.field(SPLIT),
+                  GUARD_SCORE: guard, GUARD_RESPONSE_SCORE: pc.field(GUARD_RESPONSE_SCORE).cast(pa.float64()),
                   "slipped_through": slipped}
     mined = pa.Table.from_batches(list(scan_batches(features, projection, unsafe.expression)),
                                   schema=MINED_SCHEMA)
     mined = mined.append_column("order", pa.array(np.arange(mined.num_rows), pa.int64()))
-    ids = mined.column("id")
-    texts = _by_id(responses.join("dataset.parquet"), ["prompt", "response"], ids)
-    table = mined.join(texts, "id", join_type="left outer")
+    ids = mined.column(ID)
+    texts = _by_id(responses.join("dataset.parquet"), [PROMPT, RESPONSE], ids, written_by="responses")
+    table = mined.join(texts, ID, join_type="left outer")
     if probe is not None:
-        scores = _by_id(out.join(SCORES_FILE), [probe], ids).rename_columns(["id", "probe_score"])
-        table = table.join(scores, "id", join_type="left outer")
+        scores = _by_id(out.join(SCORES_FILE), [probe], ids, written_by="report").rename_columns([ID, "probe_score"])
+        table = table.join(scores, ID, join_type="left outer")
     table = table.sort_by("order").drop_columns(["order"])
-    order = ["id", "source", "split", "prompt", "response", "guard_score", "guard_response_score",
+    order = [ID, SOURCE, SPLIT, PROMPT, RESPONSE, GUARD_SCORE, GUARD_RESPONSE_SCORE,
              "slipped_through", *(["probe_score"] if probe is not None else [])]
     out.join(MINED_FILE).write_table(table.select(order))
     return {"file": MINED_FILE, "rows": table.num_rows,
@@ -348,14 +349,15 @@ def mine_prompts(spec: JobSpec, features: Location, responses: Location, out: Lo
             "input_threshold": spec.feedback.input_threshold}
 
 
-def _by_id(location: Location, columns: list[str], ids: pa.ChunkedArray) -> pa.Table:
+def _by_id(location: Location, columns: list[str], ids: pa.ChunkedArray, written_by: str) -> pa.Table:
     """`id` and `columns` of the rows of a parquet file (or directory) whose id is among `ids` (a pushed-down
     filter: only those rows are decoded into the result)."""
     location.refresh()
     dataset = pads.dataset(location.path, filesystem=location.fs, format="parquet")
-    batches = dataset.to_batches(columns=["id", *columns], filter=pc.field("id").isin(ids.combine_chunks()),
+    require(dataset.schema, [ID, *columns], stage="report", where=location.uri, written_by=written_by)
+    batches = dataset.to_batches(columns=[ID, *columns], filter=pc.field(ID).isin(ids.combine_chunks()),
                                  batch_readahead=2, fragment_readahead=1)
-    return pa.Table.from_batches(list(batches), schema=pa.schema([dataset.schema.field(c) for c in ["id", *columns]]))
+    return pa.Table.from_batches(list(batches), schema=pa.schema([dataset.schema.field(c) for c in [ID, *columns]]))
 
 
 # -------------------------------------------------------------------------------------- report sections

@@ -28,6 +28,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from guardray.activations import Batch, decoder_layers, pool
+from guardray.columns import GUARD_SCORE
 from guardray.errors import InputError
 from guardray.generate import generation_config, left_padded, split_stop, stop_ids
 from guardray.models import LoadedModel
@@ -358,7 +359,7 @@ class GuardedChatModel:
         spent = (time.perf_counter() - started) * 1e3 / len(requests)
         blocked = []
         for row, (request, verdict) in enumerate(zip(requests, verdicts)):
-            score = float(columns["guard_score"][row])
+            score = float(columns[GUARD_SCORE][row])
             verdict.guard_model_score, verdict.guard_model_threshold = score, self.guard_threshold
             verdict.guard_model_ms = spent
             over = _over(score, self.guard_threshold)
