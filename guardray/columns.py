@@ -18,8 +18,8 @@ that table whole: each worker reads ONE feature column (column projection), of o
 filter), straight into a preallocated float32 matrix, so a process holds one column's matrix whatever the
 number of columns or the size of the stage.
 
-This module imports nothing of guardray above `errors` and `storage` (the spec imports its pooling names), and
-no torch, so probe trials and report tasks never load the GPU stack.
+This module imports nothing of guardray but `errors` (the spec imports its pooling names: a leaf, with no way
+back to the spec, targets or probes), and no torch, so probe trials and report tasks never load the GPU stack.
 """
 from __future__ import annotations
 
@@ -32,10 +32,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from guardray.errors import InputError
-from guardray.storage import Location
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: the spec imports this module, so it stays light
     import pyarrow.dataset as pads
+
+    from guardray.storage import Location
 
 # ------------------------------------------------------------------------------------------ column names
 #: The dataset stage's columns, carried by every stage after it (the features parts drop the prompt).
