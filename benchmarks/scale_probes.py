@@ -65,6 +65,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from guardray.columns import FEATURE_PREFIX, feature_column, feature_field
+
 RESULT = "SCALE_PROBES_RESULT "
 GIB = 1024 ** 3
 MB = 1024 ** 2
@@ -79,16 +81,23 @@ def column_names(widths: list[int], per_width: int) -> list[tuple[str, int, bool
     for width in widths:
         for k in range(per_width):
             signal = k < (per_width + 1) // 2
-            columns.append((f"act_{'signal' if signal else 'noise'}{width}_L{index}", width, signal))
+            columns.append((feature_column(_pooling(width, signal), index), width, signal))
             index += 1
     return columns
+
+
+def _pooling(width: int, signal: bool) -> str:
+    """The synthetic column's pooling name: which width, and whether it carries the signal."""
+    return f"{'signal' if signal else 'noise'}{width}"
 
 
 def part_schema(columns: list[tuple[str, int, bool]]) -> pa.Schema:
     fields = [pa.field("id", pa.string()), pa.field("harmful", pa.bool_()), pa.field("source", pa.string()),
               pa.field("split", pa.string()), pa.field("n_tokens", pa.int32()), pa.field("truncated", pa.bool_()),
               pa.field("guard_score", pa.float32())]
-    fields += [pa.field(name, pa.list_(pa.float16(), width)) for name, width, _ in columns]
+    # layer and pooling in the field metadata, as the features stage writes them (the layer is the running index)
+    fields += [feature_field(_pooling(width, signal), index, width, pa.float16())
+               for index, (_, width, signal) in enumerate(columns)]
     return pa.schema(fields)
 
 
@@ -385,7 +394,7 @@ def legacy_probes(spec: Any, features: Path, out: Path) -> dict[str, Any]:
     probes = spec.probes
     table = pq.read_table(features / "parts")  # ac0b2f5 read_features: every column of every part
     target = probes.target
-    feature_columns = list(probes.features) or [c for c in table.column_names if c.startswith("act_")]
+    feature_columns = list(probes.features) or [c for c in table.column_names if c.startswith(FEATURE_PREFIX)]
     train = legacy_labelled(table.filter(pc.equal(table.column("split"), "train")), target)
     y = np.asarray(train.column(target).to_pylist(), dtype=bool)
     x = {c: legacy_matrix(train, c) for c in feature_columns}
@@ -656,7 +665,7 @@ def main() -> None:
                 f"{s}: {v['processes']} processes, largest {v['max_rss_mb']:,.0f} MB"
                 for s, v in figures["workers_by_stage"].items() if s != "start"))
             print(f"  largest Ray system process: {fmt_proc(figures['largest_system'])}")
-            print("  test ROC AUC, signal columns: " + ", ".join(f"{c.removeprefix('act_')} {aucs.get(c) or float('nan'):.3f}"
+            print("  test ROC AUC, signal columns: " + ", ".join(f"{c.removeprefix(FEATURE_PREFIX)} {aucs.get(c) or float('nan'):.3f}"
                                                                for c in meta["signal_columns"]))
             print("  test ROC AUC, noise columns:  " + ", ".join(f"{a or float('nan'):.3f}" for a in noise))
             extra = {k: figures[k] for k in ("probes_summary", "report_summary")}

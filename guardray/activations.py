@@ -10,10 +10,11 @@ no lm_head), which saves most of the compute when probing middle layers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
+from guardray.columns import POOLINGS
 from guardray.encoding import pad
 from guardray.errors import InputError
 from guardray.rendering import Encoded
@@ -71,27 +72,52 @@ class Batch:
         return cls(ids.to(device), mask.to(device), starts.to(device), ends.to(device))
 
 
-def pool(hidden: torch.Tensor, batch: Batch, pooling: str) -> torch.Tensor:
-    """[batch, seq, dim] → [batch, dim] in float32. `last`: last non-pad token; `mean`: over the user's text;
-    `mean_all`: over every non-pad token. On conversations (`ConversationRenderer`, whose user span is the
-    response): `resp_last`: the response's last token; `resp_mean`: over the response's tokens."""
-    hidden = hidden.float()
+def _last(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """The last non-pad position, with right padding (features) or left (serving)."""
     rows = torch.arange(hidden.shape[0], device=hidden.device)
-    if pooling == "last":  # the last non-pad position, with right padding (features) or left (serving)
-        positions = torch.arange(hidden.shape[1], device=hidden.device)[None, :]
-        return hidden[rows, (batch.attention_mask * positions).max(dim=1).values]
-    if pooling == "resp_last":  # an empty response has no token of its own: the one before its place
-        return hidden[rows, (batch.user_end - 1).clamp(min=0)]
     positions = torch.arange(hidden.shape[1], device=hidden.device)[None, :]
-    if pooling in ("mean", "resp_mean"):
-        weights = (positions >= batch.user_start[:, None]) & (positions < batch.user_end[:, None])
-    elif pooling == "mean_all":
-        weights = batch.attention_mask.bool()
-    else:
-        raise InputError(f"extract.poolings: unknown pooling '{pooling}'")
+    return hidden[rows, (batch.attention_mask * positions).max(dim=1).values]
+
+
+def _span_end(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """The user span's last token; an empty span (an empty response) has none of its own: the one before it."""
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return hidden[rows, (batch.user_end - 1).clamp(min=0)]
+
+
+def _mean(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     weights = weights[:, :, None]  # where, not a product: a padded position's NaN (some SDPA kernels) stays out
     total = torch.where(weights, hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device)).sum(dim=1)
     return total / weights.float().sum(dim=1).clamp(min=1.0)
+
+
+def _span(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """The mean over the user span (the user's text; the response on a conversation)."""
+    positions = torch.arange(hidden.shape[1], device=hidden.device)[None, :]
+    return _mean(hidden, (positions >= batch.user_start[:, None]) & (positions < batch.user_end[:, None]))
+
+
+def _all(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """The mean over every non-pad token."""
+    return _mean(hidden, batch.attention_mask.bool())
+
+
+#: The pooling math, by the positions a pooling reads (`columns.Pooling.positions`); which pooling name reads
+#: which positions of which rendering is `columns.POOLINGS`.
+POOL_FUNCTIONS: dict[str, Callable[[torch.Tensor, Batch], torch.Tensor]] = {
+    "last": _last, "span": _span, "span_end": _span_end, "all": _all,
+}
+assert {p.positions for p in POOLINGS.values()} <= set(POOL_FUNCTIONS), "a pooling's positions have no function"
+
+
+def pool(hidden: torch.Tensor, batch: Batch, pooling: str) -> torch.Tensor:
+    """[batch, seq, dim] → [batch, dim] in float32, by `columns.POOLINGS[pooling]`: `last`: last non-pad token;
+    `mean`: over the user's text; `mean_all`: over every non-pad token. On conversations
+    (`ConversationRenderer`, whose user span is the response): `resp_last`: the response's last token;
+    `resp_mean`: over the response's tokens."""
+    if pooling not in POOLINGS:
+        raise InputError(f"extract.poolings: unknown pooling '{pooling}'; known: {', '.join(POOLINGS)}")
+    return POOL_FUNCTIONS[POOLINGS[pooling].positions](hidden.float(), batch)
 
 
 @torch.inference_mode()

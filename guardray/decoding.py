@@ -18,14 +18,15 @@ from typing import Any, Sequence
 
 import pyarrow as pa
 
+from guardray.columns import FINISH_REASON, ID, RESPONSE, RESPONSE_TOKENS
 from guardray.cache import stable_hash
 
 #: The responses stage's columns: the decoded text, the generated ids without the stop token, and why it ended.
-RESPONSE_SCHEMA = pa.schema([("response", pa.string()), ("response_tokens", pa.list_(pa.int32())),
-                             ("finish_reason", pa.string())])
+RESPONSE_SCHEMA = pa.schema([(RESPONSE, pa.string()), (RESPONSE_TOKENS, pa.list_(pa.int32())),
+                             (FINISH_REASON, pa.string())])
 RESPONSE_COLUMNS = tuple(RESPONSE_SCHEMA.names)
 #: A responses part: the row's id (checked against the dataset) and the response columns.
-PART_SCHEMA = pa.schema([("id", pa.string()), *RESPONSE_SCHEMA])
+PART_SCHEMA = pa.schema([(ID, pa.string()), *RESPONSE_SCHEMA])
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,8 @@ def response_table(ids: Any, generations: Sequence[Generation], tokenizer: Any) 
     finish_reason, typed as PART_SCHEMA so that a shard where every row failed keeps the schema."""
     texts = tokenizer.batch_decode([g.tokens for g in generations], skip_special_tokens=True) if generations else []
     return pa.table({
-        "id": ids,
-        "response": pa.array(texts, pa.string()),
-        "response_tokens": pa.array([g.tokens for g in generations], pa.list_(pa.int32())),
-        "finish_reason": pa.array([g.finish_reason for g in generations], pa.string()),
+        ID: ids,
+        RESPONSE: pa.array(texts, pa.string()),
+        RESPONSE_TOKENS: pa.array([g.tokens for g in generations], pa.list_(pa.int32())),
+        FINISH_REASON: pa.array([g.finish_reason for g in generations], pa.string()),
     }).cast(PART_SCHEMA)

@@ -31,7 +31,9 @@ import numpy as np
 import pyarrow as pa
 
 from guardray.activations import Batch, capture, resolve_layers
-from guardray.columns import META_COLUMNS, feature_column
+from guardray.columns import (DATASET_COLUMNS, GUARD_PREFIX, META_COLUMNS, N_TOKENS, PROMPT, RESPONSE,
+                              RESPONSE_POOLINGS, RESPONSE_TOKENS, TRUNCATED, feature_column, require,
+                              with_feature_metadata)
 from guardray.datasets.assemble import DATASET_FILE
 from guardray.encoding import encode_rows, length_batches
 from guardray.errors import StageError
@@ -39,7 +41,8 @@ from guardray.guard import Guard, build_guards, output_columns, preflight_guard,
 from guardray.models import LoadedModel, load_model, numerics
 from guardray.rendering import ConversationRenderer, Encoded, PromptRenderer, chat_conversation_renderer, chat_renderer
 from guardray.sharded import ShardActor, ShardedStage, run_isolating, run_sharded
-from guardray.spec import RESPONSE_POOLINGS, ExtractSpec, JobSpec
+from guardray.shards import footer
+from guardray.spec import ExtractSpec, JobSpec
 from guardray.storage import Location
 
 log = logging.getLogger(__name__)
@@ -56,7 +59,7 @@ class ExtractStats:
 
 
 #: Dataset columns a features part does not carry: the texts (the responses stage keeps them) and token ids.
-NOT_CARRIED = ("prompt", "response", "response_tokens")
+NOT_CARRIED = (PROMPT, RESPONSE, RESPONSE_TOKENS)
 
 
 @dataclass
@@ -94,9 +97,10 @@ class FeatureExtractor:
                    guards.get("response"), conversation, names)
 
     @property
-    def columns(self) -> list[str]:
+    def columns(self) -> dict[str, tuple[str, int]]:
+        """Activation column → (pooling, layer): the parts' field metadata records them (`to_table`)."""
         poolings = (*self.poolings, *(RESPONSE_POOLINGS if self.conversation else ()))
-        return [feature_column(p, layer) for layer in self.layers for p in poolings]
+        return {feature_column(p, layer): (p, layer) for layer in self.layers for p in poolings}
 
     @property
     def numerics(self) -> str:
@@ -125,8 +129,8 @@ class FeatureExtractor:
             self._run({i: inputs[i] for i in live if i in inputs}, step, results, errors)
         ok = [i for i in range(len(prompts)) if i not in errors]
         columns = {
-            "n_tokens": np.array([encoded[i].n_tokens for i in ok], dtype=np.int32),
-            "truncated": np.array([encoded[i].truncated for i in ok], dtype=bool),
+            N_TOKENS: np.array([encoded[i].n_tokens for i in ok], dtype=np.int32),
+            TRUNCATED: np.array([encoded[i].truncated for i in ok], dtype=bool),
         }
         hidden = int(self.chat.model.config.hidden_size)
         for name in self.columns:  # a shard where every prompt failed keeps the [0, hidden] shape
@@ -179,21 +183,22 @@ def guard_judges(spec: JobSpec) -> tuple[str, ...]:
     return (("prompt",) if spec.guard.enabled else ()) + (("response",) if spec.judges_responses else ())
 
 
-def to_table(meta: pa.Table, columns: dict[str, Any], store_dtype: str) -> pa.Table:
+def to_table(meta: pa.Table, columns: dict[str, Any], store_dtype: str,
+             features: dict[str, tuple[str, int]]) -> pa.Table:
     """The public column layout: meta columns (as the dataset types them, extra labels nullable), n_tokens,
-    truncated, act_* as fixed-size lists, guard_*. Explicit types, so a shard where every prompt failed still
-    matches the other parts' schema."""
+    truncated, act_* as fixed-size lists with their (pooling, layer) from `features` as field metadata, guard_*.
+    Explicit types, so a shard where every prompt failed still matches the other parts' schema."""
     arrays: dict[str, pa.Array] = {name: meta.column(name) for name in meta.column_names}
-    arrays["n_tokens"] = pa.array(columns["n_tokens"], pa.int32())
-    arrays["truncated"] = pa.array(columns["truncated"], pa.bool_())
+    arrays[N_TOKENS] = pa.array(columns[N_TOKENS], pa.int32())
+    arrays[TRUNCATED] = pa.array(columns[TRUNCATED], pa.bool_())
     np_dtype, arrow_dtype = STORE_DTYPES[store_dtype]
     for name, values in columns.items():
-        if name.startswith("act_"):
+        if name in features:
             values = np.asarray(values, dtype=np_dtype)
             arrays[name] = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), arrow_dtype), values.shape[1])
-        elif name.startswith("guard_"):
+        elif name.startswith(GUARD_PREFIX):
             arrays[name] = pa.array(np.asarray(values, dtype=np.float32), pa.float32())
-    return pa.table(arrays)
+    return with_feature_metadata(pa.table(arrays), features)
 
 
 class FeatureActor(ShardActor):
@@ -208,11 +213,12 @@ class FeatureActor(ShardActor):
 
     def compute(self, rows: pa.Table) -> tuple[pa.Table, dict[int, str], int]:
         extra = [name for name in rows.column_names if name not in (*META_COLUMNS, *NOT_CARRIED)]
-        responses = rows.column("response").to_pylist() if "response" in rows.column_names else None
+        responses = rows.column(RESPONSE).to_pylist() if RESPONSE in rows.column_names else None
         before = self.extractor.stats.tokens
-        columns, errors = self.extractor.process(rows.column("prompt").to_pylist(), responses)
+        columns, errors = self.extractor.process(rows.column(PROMPT).to_pylist(), responses)
         ok = pa.array(columns.pop("_index"), pa.int64())
-        part = to_table(rows.select([*META_COLUMNS, *extra]).take(ok), columns, self.store_dtype)
+        part = to_table(rows.select([*META_COLUMNS, *extra]).take(ok), columns, self.store_dtype,
+                        self.extractor.columns)
         return part, errors, self.extractor.stats.tokens - before
 
 
@@ -240,6 +246,10 @@ def run_features(spec: JobSpec, inputs: dict[str, Location], out: Location) -> d
     """
     preflight(spec)
     source = inputs["responses"] if "responses" in inputs else inputs["dataset"]
+    dataset = source.join(DATASET_FILE)
+    needed = [*DATASET_COLUMNS, *([RESPONSE] if "response" in spec.extract.on or spec.judges_responses else [])]
+    require(footer(dataset).schema.to_arrow_schema(), needed, stage="features", where=dataset.uri,
+            written_by="responses" if "responses" in inputs else "dataset")
     return run_sharded(FEATURES, spec, source.join(DATASET_FILE), out)
 
 

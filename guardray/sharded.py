@@ -35,7 +35,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from guardray.errors import StageError, one_line
-from guardray.shards import (ERRORS_DIR, ERRORS_SCHEMA, NUMERICS_KEY, PARTS_DIR, PartCheck, RangeReader, Shard,
+from guardray.columns import ERRORS_SCHEMA, ID, PARTS_DIR, REASON, SOURCE
+from guardray.shards import (ERRORS_DIR, NUMERICS_KEY, PartCheck, RangeReader, Shard,
                              as_descriptors, dataset_rows, finished_shards, overlap_problem, part_schema, plan_shards,
                              tiling_problem, verify_all)
 from guardray.spec import ActorPoolSpec, JobSpec, spec_for_worker
@@ -186,8 +187,8 @@ def error_table(rows: pa.Table, errors: dict[int, str]) -> pa.Table:
     """The errors file of a shard: id, source and reason of every row index in `errors`."""
     failed = sorted(errors)
     take = pa.array(failed, pa.int64())
-    return pa.table({"id": rows.column("id").take(take), "source": rows.column("source").take(take),
-                     "reason": pa.array([errors[i] for i in failed], pa.string())}).cast(ERRORS_SCHEMA)
+    return pa.table({ID: rows.column(ID).take(take), SOURCE: rows.column(SOURCE).take(take),
+                     REASON: pa.array([errors[i] for i in failed], pa.string())}).cast(ERRORS_SCHEMA)
 
 
 def write_shard(out: Location, shard: Shard, part: pa.Table, errors: pa.Table, numerics: str) -> None:

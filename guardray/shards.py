@@ -21,10 +21,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from guardray.columns import ERRORS_SCHEMA, ID, PARTS_DIR, REASON
 from guardray.errors import one_line
 from guardray.storage import Location, resolve
 
-PARTS_DIR, ERRORS_DIR = "parts", "errors"
+ERRORS_DIR = "errors"
 _PART = re.compile(r"^part-(\d{12})-(\d{12})\.parquet$")
 #: Verification tasks each take this many parts (a few MB of ids), so a 10M-row stage is ~100 small tasks.
 PARTS_PER_CHECK = 512
@@ -152,9 +153,6 @@ class PartCheck:
 NUMERICS_KEY = b"guardray.numerics"
 
 
-ERRORS_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("reason", pa.string())])
-
-
 def verify_parts(dataset_uri: str, out_uri: str, shards: Sequence[Shard]) -> tuple[list[PartCheck], pa.Table]:
     """Check each shard's part + errors files against the dataset's ids of that range (runs in a Ray task).
 
@@ -173,17 +171,17 @@ def verify_parts(dataset_uri: str, out_uri: str, shards: Sequence[Shard]) -> tup
 
 def _check_one(reader: RangeReader, out: Location, shard: Shard) -> tuple[PartCheck, pa.Table | None]:
     try:
-        part = out.join(PARTS_DIR, shard.part_name).read_table(columns=["id"])
+        part = out.join(PARTS_DIR, shard.part_name).read_table(columns=[ID])
         errors = out.join(ERRORS_DIR, shard.errors_name).read_table().select(ERRORS_SCHEMA.names).cast(ERRORS_SCHEMA)
     except (FileNotFoundError, pa.ArrowInvalid) as e:  # truncated, half-written by an old run, or no errors file
         return PartCheck(shard, problem=f"unreadable: {type(e).__name__}: {one_line(e, 200)}"), None
     # Any other error (a network error from GCS) fails the task, which Ray retries: never delete a good part.
-    written = np.concatenate([part.column("id").to_numpy(zero_copy_only=False),
-                              errors.column("id").to_numpy(zero_copy_only=False)])
-    expected = reader.read(shard, ["id"]).column("id").to_numpy(zero_copy_only=False)
+    written = np.concatenate([part.column(ID).to_numpy(zero_copy_only=False),
+                              errors.column(ID).to_numpy(zero_copy_only=False)])
+    expected = reader.read(shard, [ID]).column(ID).to_numpy(zero_copy_only=False)
     if len(written) != len(expected) or not np.array_equal(np.sort(written), np.sort(expected)):
         return PartCheck(shard, problem=f"holds {len(written)} ids that are not the range's {len(expected)}"), None
-    reasons = tuple(errors.column("reason").slice(0, 3).to_pylist())
+    reasons = tuple(errors.column(REASON).slice(0, 3).to_pylist())
     numerics = (part.schema.metadata or {}).get(NUMERICS_KEY, b"").decode()
     return PartCheck(shard, rows=part.num_rows, errors=errors.num_rows, first_reasons=reasons,
                      numerics=numerics), errors

@@ -3,7 +3,8 @@
 A target is a nullable boolean *Arrow expression* over the parts' columns, so every reader (a trial's column
 read, a report task, a label count) projects and filters it in the scan itself, with no Python per row:
 
-* a dataset label column (`harmful`, `cat_<name>`, `extra_labels`) is read as is; null = unknown, excluded;
+* a dataset label column (`harmful`, `cat_<name>`, `extra_labels`) is read as is (`columns.Target.column`);
+  null = unknown, excluded;
 * a feedback label (`spec.FEEDBACK_TARGETS`) is derived from the guard's scores with `spec.feedback`'s thresholds
   (`FEEDBACK`, a registry: adding one is one entry). A row missing a score it needs (null or NaN) gets a null
   label, so it is excluded from that target rather than counted as negative.
@@ -14,40 +15,16 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from guardray.columns import (CATEGORY_PREFIX, GUARD_RESPONSE_SCORE, GUARD_SCORE, NOT_LABELS, Target,
+                              category_column, guard_category_column)
 from guardray.errors import InputError
 from guardray.spec import FEEDBACK_TARGETS, FeedbackSpec, JobSpec
-
-GUARD_SCORE = "guard_score"
-GUARD_RESPONSE_SCORE = "guard_response_score"
-CATEGORY_PREFIX, GUARD_CATEGORY_PREFIX = "cat_", "guard_cat_"
-#: Boolean columns of the parts that are flags, not labels.
-NOT_LABELS = frozenset({"truncated"})
-
-
-@dataclass(frozen=True)
-class Target:
-    """A label: its name (the column it is projected as), the parts' columns it reads, and its expression."""
-
-    name: str
-    needs: tuple[str, ...]
-    expression: pc.Expression
-    derived: bool = False
-
-    @classmethod
-    def column(cls, name: str) -> "Target":
-        """A label stored in the parts as a column (null = unknown)."""
-        return cls(name, (name,), pc.field(name))
-
-    def valid(self) -> pc.Expression:
-        """Rows whose label is known."""
-        return self.expression.is_valid()
 
 
 def _score(column: str) -> pc.Expression:
@@ -136,18 +113,14 @@ def category_codes(spec: JobSpec) -> dict[str, str] | None:
     return {**codes, **{category_column(c.name): c.code for c in spec.guard.custom_categories}}
 
 
-def category_column(name: str) -> str:
-    """The label column a custom category's name stands for: 'Political persuasion' → cat_political_persuasion."""
-    return CATEGORY_PREFIX + re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-
-
 def _category_guard(spec: JobSpec, target: str) -> tuple[str, str | None]:
     codes = category_codes(spec)
     if codes is None:
-        return GUARD_SCORE, "no category mapping (guardray.datasets.categories.CATEGORY_CODES): compared with guard_score"
+        return GUARD_SCORE, ("no category mapping (guardray.datasets.categories.CATEGORY_CODES): compared with "
+                             f"{GUARD_SCORE}")
     if target not in codes:
-        return GUARD_SCORE, f"category '{target}' has no guard code: compared with guard_score"
-    return f"{GUARD_CATEGORY_PREFIX}{codes[target]}", None
+        return GUARD_SCORE, f"category '{target}' has no guard code: compared with {GUARD_SCORE}"
+    return guard_category_column(codes[target]), None
 
 
 #: Default guard score per kind of target (evaluate.guard_for overrides it). Feedback labels are compared with
@@ -158,7 +131,7 @@ DEFAULT_GUARD: dict[str, Callable[[JobSpec, str], tuple[str, str | None]]] = {
 }
 
 #: Why the input guard's figures for `slipped_through` are no benchmark (the section says so).
-SLIPPED_NOTE = ("by construction every positive of slipped_through passed the input guard (guard_score <= "
+SLIPPED_NOTE = (f"by construction every positive of slipped_through passed the input guard ({GUARD_SCORE} <= "
                 "feedback.input_threshold), so the input guard ranks them low: its figures here show what it "
                 "missed, not how well it could do")
 
@@ -175,6 +148,6 @@ def guard_column(spec: JobSpec, target: str, schema_names: Sequence[str]) -> tup
     column, note = ((spec.evaluate.guard_for[target], None) if target in spec.evaluate.guard_for
                     else DEFAULT_GUARD[_kind(target)](spec, target))
     if column not in schema_names:
-        note = f"{column} is not in the features: compared with guard_score instead"
+        note = f"{column} is not in the features: compared with {GUARD_SCORE} instead"
         column = GUARD_SCORE
     return column, note

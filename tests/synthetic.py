@@ -7,12 +7,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from guardray.columns import feature_column, with_feature_metadata
 
-def write_feature_parts(stage: Path, columns: dict[str, tuple[int, float]], rows: int = 600, parts: int = 3,
-                        seed: int = 0, guard: bool = True, unlabelled_every: int = 0,
+
+def write_feature_parts(stage: Path, features: dict[tuple[str, int], tuple[int, float]], rows: int = 600,
+                        parts: int = 3, seed: int = 0, guard: bool = True, unlabelled_every: int = 0,
                         feedback: bool = False) -> dict[str, np.ndarray]:
-    """Write `stage/parts/part-*.parquet` with `columns` = {name: (width, signal)}: each column is Gaussian noise
-    plus `signal` × the label along a random direction (0 = noise only), stored as float16 like the stage.
+    """Write `stage/parts/part-*.parquet` with `features` = {(pooling, layer): (width, signal)}: each activation
+    column is Gaussian noise plus `signal` × the label along a random direction (0 = noise only), stored as
+    float16 with its layer and pooling in its field metadata, like the stage.
 
     Every `unlabelled_every`-th row has a null label (a source without that label). Returns the labels (with a
     `labelled` mask), splits and float32 matrices, for checks.
@@ -23,6 +26,8 @@ def write_feature_parts(stage: Path, columns: dict[str, tuple[int, float]], rows
     planted likewise) and a weak `guard_cat_S1`. The input guard knows nothing of either.
     """
     rng = np.random.default_rng(seed)
+    columns = {feature_column(*key): value for key, value in features.items()}
+    identities = {feature_column(*key): key for key in features}
     y = rng.random(rows) < 0.5
     split = np.where(rng.random(rows) < 0.25, "test", "train")
     labelled = np.ones(rows, bool) if not unlabelled_every else np.arange(rows) % unlabelled_every != 0
@@ -51,8 +56,8 @@ def write_feature_parts(stage: Path, columns: dict[str, tuple[int, float]], rows
         for name, (dim, _) in columns.items():
             flat = pa.array(data[name][rows_of_part].astype(np.float16).reshape(-1), pa.float16())
             table[name] = pa.FixedSizeListArray.from_arrays(flat, dim)
-        pq.write_table(pa.table(table), stage / "parts" / f"part-{start:012d}-{end:012d}.parquet",
-                       row_group_size=256)
+        pq.write_table(with_feature_metadata(pa.table(table), identities),
+                       stage / "parts" / f"part-{start:012d}-{end:012d}.parquet", row_group_size=256)
     data["guard_score"] = guard_score
     return data
 

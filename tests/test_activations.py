@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from guardray.activations import Batch, capture, decoder_layers, pool, resolve_layers
+from guardray.activations import POOL_FUNCTIONS, Batch, capture, decoder_layers, pool, resolve_layers
+from guardray.columns import POOLINGS
 from guardray.errors import InputError
 from guardray.encoding import length_batches
 from guardray.guard import HFGuard, guard_columns, resolve_label_tokens
@@ -127,6 +128,28 @@ def test_mean_pools_only_the_user_text(tiny: LoadedModel) -> None:
     e = encoded[0]
     torch.testing.assert_close(got[("mean", 2)][0], hidden["h"][0, e.user_start:e.user_end].mean(0))
     torch.testing.assert_close(got[("mean_all", 2)][0], hidden["h"][0].mean(0))
+
+
+def test_every_pooling_of_the_table_pools_its_positions() -> None:
+    """`columns.POOLINGS` names what each pooling reads; the math here follows it, by hand on a padded batch: row 0
+    right-padded with a user span, row 1 with an empty span (an empty response)."""
+    hidden = torch.arange(2 * 5 * 2, dtype=torch.float32).reshape(2, 5, 2)
+    batch = Batch(input_ids=torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.tensor([[1, 1, 1, 1, 0],
+                                                                                              [1, 1, 1, 1, 1]]),
+                  user_start=torch.tensor([1, 3]), user_end=torch.tensor([3, 3]))
+    expected = {
+        "last": torch.stack([hidden[0, 3], hidden[1, 4]]),
+        "mean": torch.stack([hidden[0, 1:3].mean(0), torch.zeros(2)]),
+        "mean_all": torch.stack([hidden[0, :4].mean(0), hidden[1].mean(0)]),
+        "resp_last": torch.stack([hidden[0, 2], hidden[1, 2]]),
+        "resp_mean": torch.stack([hidden[0, 1:3].mean(0), torch.zeros(2)]),
+    }
+    assert set(expected) == set(POOLINGS)
+    for name in POOLINGS:
+        torch.testing.assert_close(pool(hidden, batch, name), expected[name])
+    assert {p.positions for p in POOLINGS.values()} == set(POOL_FUNCTIONS)
+    with pytest.raises(InputError, match="unknown pooling 'max'; known: last, mean, mean_all, resp_last, resp_mean"):
+        pool(hidden, batch, "max")
 
 
 def test_gpt2_style_models_are_found(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet  # noqa: F401 - pa.parquet
 import pytest
 
+from guardray.columns import FeatureInfo, feature_infos
 from guardray.runner import run_job
 from guardray.spec import validate_spec
 from guardray.storage import resolve
@@ -50,6 +51,8 @@ def test_column_contract_and_exactly_once(ray_local: None, tmp_path: Path, tiny_
                                   "act_last_L1", "act_mean_L1", "act_last_L3", "act_mean_L3",
                                   "guard_logit_safe", "guard_logit_unsafe", "guard_score", "guard_p_unsafe"]
     assert table.schema.field("act_last_L3").type == pa.list_(pa.float16(), 64)
+    # readers take layer and pooling from the field metadata the stage writes, not from the name
+    assert feature_infos(table.schema, "parts")["act_mean_L1"] == FeatureInfo("act_mean_L1", 1, "mean", 64)
     assert table.num_rows == results["dataset"]["rows"] and results["features"]["errors"] == 0
     assert table.column("truncated").to_pylist().count(True) > 0  # ShareGPT has prompts over 128 tokens
     # a second run reuses the stage entirely
@@ -122,15 +125,18 @@ def test_a_shard_where_every_prompt_fails_keeps_the_schema(tmp_path: Path) -> No
         model = build_tiny(tmp_path / f"gpt2-{n_positions}", kind="gpt2", n_positions=n_positions)
         spec = validate_spec(small_spec(str(tmp_path), model={"id": model, "max_length": 64},
                                         extract={"layers": [-1]}, guard={"enabled": False}))
-        columns, errors = FeatureExtractor.from_spec(spec).process(["hi", "hello there"])
+        extractor = FeatureExtractor.from_spec(spec)
+        columns, errors = extractor.process(["hi", "hello there"])
         ok = columns.pop("_index")
         meta = pa.table({"id": [f"id{i}" for i in ok], "harmful": [True for _ in ok],
                          "source": ["s" for _ in ok], "split": ["train" for _ in ok]},
                         schema=pa.schema([("id", pa.string()), ("harmful", pa.bool_()), ("source", pa.string()),
                                           ("split", pa.string())]))
-        return to_table(meta, columns, "float16"), errors
+        return to_table(meta, columns, "float16", extractor.columns), errors
 
     failed, errors = table_for(16)  # the chat template alone is longer than 16 positions
     fine, no_errors = table_for(64)
     assert failed.num_rows == 0 and len(errors) == 2 and not no_errors
     assert failed.schema == fine.schema
+    # layer and pooling in the field metadata, empty shard or not
+    assert feature_infos(failed.schema, "failed") == feature_infos(fine.schema, "fine") != {}

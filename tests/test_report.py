@@ -49,7 +49,7 @@ def test_probes_and_report_stages_on_gcs_where_the_data_is(ray_local: None, gcs_
     import ray.tune  # noqa: F401
     from ray.data.dataset import MaterializedDataset
 
-    columns = {"act_last_L2": (DIM, 3.0), "act_mean_L2": (DIM, 0.0)}
+    columns = {("last", 2): (DIM, 3.0), ("mean", 2): (DIM, 0.0)}
     rows = 2200
     data = write_feature_parts(tmp_path / "features", columns, rows=rows, parts=4, unlabelled_every=10, feedback=True)
     unsafe = np.where(data["judged"], data["guard_response_score"] > 0, None)  # feedback threshold 0

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from guardray import targets
-from guardray.columns import label_counts, read_column
+from guardray.columns import Target, label_counts, read_column
 from guardray.errors import InputError
 from guardray.probes.cv import expand_grid
 from guardray.runner import plan
@@ -69,6 +69,19 @@ def test_readers_use_the_target_and_report_what_they_read(tmp_path: Path) -> Non
     # other thresholds, other labels
     looser = targets.resolve("response_unsafe", schema, FeedbackSpec(response_threshold=-10))
     assert label_counts(stage, looser) == (7, 0)
+
+
+def test_targets_resolve_into_the_column_contracts_target(tmp_path: Path) -> None:
+    """`Target` lives in `guardray.columns` (the readers' contract); `targets` derives the feedback labels."""
+    schema = _parts(tmp_path)
+    plain = targets.resolve("harmful", schema, FEEDBACK)
+    assert type(plain) is Target and not plain.derived
+    column = Target.column("harmful")
+    assert plain.needs == column.needs and plain.expression.equals(column.expression)
+    derived = targets.resolve("slipped_through", schema, FEEDBACK)
+    assert type(derived) is Target and derived.derived
+    assert derived.needs == ("guard_score", "guard_response_score")
+    assert "Target" not in vars(targets) or targets.Target is Target  # one class, not a copy
 
 
 def test_unknown_or_underivable_target_fails_in_one_line(tmp_path: Path) -> None:
@@ -142,7 +155,7 @@ def test_probes_stage_fails_on_an_unknown_target_before_any_trial(tmp_path: Path
     from guardray.probes.cv import run_probes
     from tests.synthetic import write_feature_parts
 
-    write_feature_parts(tmp_path / "features", {"act_last_L1": (8, 1.0)}, rows=40, parts=1)
+    write_feature_parts(tmp_path / "features", {("last", 1): (8, 1.0)}, rows=40, parts=1)
     spec = _spec(probes={"targets": ["harmful", "cat_violance"]})
     with pytest.raises(InputError) as e:  # from the schema alone: no Ray started, nothing read
         run_probes(spec, {"features": resolve(str(tmp_path / "features"))}, resolve(str(tmp_path / "probes")))

@@ -33,6 +33,7 @@ from guardray.datasets import categories, packaged
 from guardray.datasets.normalize import text_keys
 from guardray.datasets.sources import expected_rows, load_source
 from guardray.datasets.tables import SPLITS
+from guardray.columns import HARMFUL, ID, PROMPT, REASON, SOURCE, SPLIT
 from guardray.errors import InputError, one_line
 from guardray.spec import DatasetSpec, JobSpec, SplitSpec, SubsampleSpec
 from guardray.storage import Location
@@ -42,8 +43,7 @@ log = logging.getLogger(__name__)
 DATASET_FILE = "dataset.parquet"
 REJECTS_FILE = "rejects.parquet"
 CONFLICTS_FILE = "conflicts.parquet"
-CORE_COLUMNS = ["id", "prompt", "harmful", "source", "split"]
-CONFLICTS_SCHEMA = pa.schema([("prompt", pa.string()), ("sources", pa.list_(pa.string())),
+CONFLICTS_SCHEMA = pa.schema([(PROMPT, pa.string()), ("sources", pa.list_(pa.string())),
                               ("labels", pa.list_(pa.bool_())), ("kept_label", pa.bool_())])
 #: Small row groups: the features stage reads dataset.parquet by row ranges and decodes only what it needs.
 DATASET_ROW_GROUP_ROWS = 1024
@@ -89,9 +89,9 @@ def build_dataset(spec: DatasetSpec, out: Location) -> dict[str, Any]:
     _write_outputs(out, final, rejects, conflicts, counts)
     return {
         "rows": final.num_rows,
-        "train": int((kept["split"] == "train").sum()),
-        "test": int((kept["split"] == "test").sum()),
-        "harmful": int(pc.sum(final["harmful"]).as_py() or 0),
+        "train": int((kept[SPLIT] == "train").sum()),
+        "test": int((kept[SPLIT] == "test").sum()),
+        "harmful": int(pc.sum(final[HARMFUL]).as_py() or 0),
         "rejected": int((~usable).sum()),
         "dedupe": spec.dedupe,
         "duplicates": int(exact.sum()),
@@ -99,7 +99,7 @@ def build_dataset(spec: DatasetSpec, out: Location) -> dict[str, Any]:
         "split_groups": int(kept["group"].nunique()),
         "groups_straddling_given_split": straddling,
         "conflicts": conflicts.num_rows,
-        "labels": ["harmful", *extra],
+        "labels": [HARMFUL, *extra],
         "counts": counts.to_dict(orient="records"),
         "null_labels": _null_labels(final, missing_labels),
         **({"categories": cats} if (cats := categories.category_counts(final)) else {}),
@@ -125,7 +125,7 @@ def _write_outputs(
 
 # ------------------------------------------------------------------------------------------------ loading
 
-_LOADED_CORE = ["source", "row", "prompt", "harmful", "split_given", "reject"]
+_LOADED_CORE = [SOURCE, "row", PROMPT, HARMFUL, "split_given", "reject"]
 
 
 def _load_all(spec: DatasetSpec) -> tuple[pa.Table, dict[str, int | None], dict[str, list[str]]]:
@@ -165,7 +165,7 @@ def _with_categories(source: Any, table: pa.Table) -> pa.Table:
     return table
 
 
-_SOURCE_COLUMNS = {"prompt", "harmful", "split", "reject", "row"}
+_SOURCE_COLUMNS = {PROMPT, HARMFUL, SPLIT, "reject", "row"}
 
 
 def _conform(table: pa.Table, name: str, extra: list[str]) -> pa.Table:
@@ -176,12 +176,12 @@ def _conform(table: pa.Table, name: str, extra: list[str]) -> pa.Table:
         return table[col].cast(typ) if col in table.column_names else pa.nulls(n, typ)
 
     columns = {
-        "source": pa.repeat(pa.scalar(name, pa.string()), n),
+        SOURCE: pa.repeat(pa.scalar(name, pa.string()), n),
         "row": table["row"],
-        "prompt": column("prompt", pa.string()),
-        "harmful": column("harmful", pa.bool_()),
+        PROMPT: column(PROMPT, pa.string()),
+        HARMFUL: column(HARMFUL, pa.bool_()),
         **{c: column(c, pa.bool_()) for c in extra},
-        "split_given": column("split", pa.string()),
+        "split_given": column(SPLIT, pa.string()),
         "reject": column("reject", pa.string()),
     }
     return pa.table(columns)
@@ -191,8 +191,8 @@ def _meta(loaded: pa.Table, rejected: np.ndarray, exact: np.ndarray, near: np.nd
     """source, label, whether rejected (bad or a copy) and the duplicate kind per loaded row (no text), for
     the counts."""
     return pd.DataFrame({
-        "source": loaded["source"].to_pandas(),
-        "harmful": loaded["harmful"].to_pandas(types_mapper={pa.bool_(): pd.BooleanDtype()}.get),
+        SOURCE: loaded[SOURCE].to_pandas(),
+        HARMFUL: loaded[HARMFUL].to_pandas(types_mapper={pa.bool_(): pd.BooleanDtype()}.get),
         "rejected": rejected,
         "duplicate": exact,
         "near_duplicate": near,
@@ -205,13 +205,13 @@ def _meta(loaded: pa.Table, rejected: np.ndarray, exact: np.ndarray, near: np.nd
 def validate(loaded: pa.Table) -> pa.ChunkedArray:
     """Per row, why it cannot be used (null when it can): the source's reject reason first, then a missing
     or blank prompt, then a missing label. There is no length limit: a long prompt is a valid prompt."""
-    prompt = loaded["prompt"]
+    prompt = loaded[PROMPT]
     blank = pc.or_(pc.equal(pc.binary_length(prompt), 0), pc.utf8_is_space(prompt))
     return pc.coalesce(
         loaded["reject"],
         pc.if_else(pc.is_null(prompt), pa.scalar("missing prompt"), _NO_TEXT),
         pc.if_else(blank, pa.scalar("empty or whitespace-only prompt"), _NO_TEXT),
-        pc.if_else(pc.is_null(loaded["harmful"]), pa.scalar("missing label"), _NO_TEXT),
+        pc.if_else(pc.is_null(loaded[HARMFUL]), pa.scalar("missing label"), _NO_TEXT),
     )
 
 
@@ -241,7 +241,7 @@ def prompt_keys(
     ids = np.zeros(n, dtype=np.uint64)
     exact, normalized, group = (np.zeros(n, dtype="V16") for _ in range(3))
     start = 0
-    for batch in loaded.select(["source", "prompt"]).to_batches(max_chunksize=_HASH_BATCH_ROWS):
+    for batch in loaded.select([SOURCE, PROMPT]).to_batches(max_chunksize=_HASH_BATCH_ROWS):
         local = np.flatnonzero(mask[start:start + batch.num_rows])
         if len(local):
             part = batch if len(local) == batch.num_rows else batch.take(pa.array(local))
@@ -286,19 +286,19 @@ def hex_ids(keys: np.ndarray) -> pa.Array:
 
 def _duplicate_reasons(loaded: pa.Table, keys: np.ndarray, firsts: np.ndarray, kind: str) -> pa.ChunkedArray:
     """'<kind> of <kept row's id> (<its source>)'."""
-    first_sources = loaded["source"].take(pa.array(firsts, pa.int64()))
+    first_sources = loaded[SOURCE].take(pa.array(firsts, pa.int64()))
     return pc.binary_join_element_wise(f"{kind} of ", hex_ids(keys[firsts]), " (", first_sources, ")", "")
 
 
 def _reject_table(loaded: pa.Table, mask: np.ndarray, reasons: pa.Array | pa.ChunkedArray) -> pa.Table:
-    rows = loaded.select(["source", "row", "prompt"]).filter(pa.array(mask))
-    return rows.append_column("reason", reasons.cast(pa.string()) if len(reasons) else pa.array([], pa.string()))
+    rows = loaded.select([SOURCE, "row", PROMPT]).filter(pa.array(mask))
+    return rows.append_column(REASON, reasons.cast(pa.string()) if len(reasons) else pa.array([], pa.string()))
 
 
 def find_conflicts(loaded: pa.Table, usable: np.ndarray, first_of: np.ndarray) -> pa.Table:
     """Prompts given both labels (by one or several sources, counting every copy the dedupe key merges):
     prompt (the kept row's text), sources, labels, kept_label (the kept row's label)."""
-    harmful = pc.fill_null(loaded["harmful"], False).to_numpy()
+    harmful = pc.fill_null(loaded[HARMFUL], False).to_numpy()
     groups = first_of[usable]
     total = np.bincount(groups, minlength=loaded.num_rows)
     true = np.bincount(groups, weights=harmful[usable], minlength=loaded.num_rows)
@@ -306,12 +306,12 @@ def find_conflicts(loaded: pa.Table, usable: np.ndarray, first_of: np.ndarray) -
     in_conflict = usable & mixed[np.maximum(first_of, 0)]
     if not in_conflict.any():
         return CONFLICTS_SCHEMA.empty_table()
-    picked = loaded.select(["source", "harmful"]).filter(pa.array(in_conflict)).to_pandas()
+    picked = loaded.select([SOURCE, HARMFUL]).filter(pa.array(in_conflict)).to_pandas()
     picked["first"] = first_of[in_conflict]
     conflicts = picked.groupby("first").agg(
-        sources=("source", lambda s: sorted(set(s))), labels=("harmful", lambda s: sorted(map(bool, set(s)))))
+        sources=(SOURCE, lambda s: sorted(set(s))), labels=(HARMFUL, lambda s: sorted(map(bool, set(s)))))
     firsts = conflicts.index.to_numpy()
-    conflicts.insert(0, "prompt", loaded["prompt"].take(pa.array(firsts)).to_pylist())
+    conflicts.insert(0, PROMPT, loaded[PROMPT].take(pa.array(firsts)).to_pylist())
     conflicts["kept_label"] = harmful[firsts]
     return pa.Table.from_pandas(conflicts, CONFLICTS_SCHEMA, preserve_index=False)
 
@@ -323,10 +323,10 @@ def _candidates(loaded: pa.Table, is_first: np.ndarray, keys: PromptKeys) -> pd.
     """Metadata of the deduplicated rows (no text; `id` as its uint64 key, `group` as the first 8 bytes of the
     base-text digest), indexed by position in `loaded`."""
     positions = np.flatnonzero(is_first)
-    rows = loaded.select(["source", "harmful", "split_given"]).filter(pa.array(is_first)).to_pandas()
+    rows = loaded.select([SOURCE, HARMFUL, "split_given"]).filter(pa.array(is_first)).to_pandas()
     group = np.ascontiguousarray(keys.group[positions]).view(">u8")[::2].astype(np.uint64)
-    frame = pd.DataFrame({"id": keys.ids[positions], "source": rows["source"],
-                          "harmful": rows["harmful"].astype(bool), "split_given": rows["split_given"], "group": group})
+    frame = pd.DataFrame({ID: keys.ids[positions], SOURCE: rows[SOURCE],
+                          HARMFUL: rows[HARMFUL].astype(bool), "split_given": rows["split_given"], "group": group})
     frame.index = positions
     return frame
 
@@ -337,15 +337,15 @@ def subsample(frame: pd.DataFrame, spec: SubsampleSpec) -> pd.DataFrame:
     Keeps the frame's index and order (the assembly uses the index as the row's position).
     """
     if spec.every:
-        return frame[frame.groupby("source").cumcount() % spec.every == 0]
+        return frame[frame.groupby(SOURCE).cumcount() % spec.every == 0]
     if spec.fraction:
-        parts = [g.sample(frac=spec.fraction, random_state=spec.seed) for _, g in frame.groupby("source", sort=False)]
+        parts = [g.sample(frac=spec.fraction, random_state=spec.seed) for _, g in frame.groupby(SOURCE, sort=False)]
         return pd.concat(parts).sort_index() if parts else frame
     if spec.limit and len(frame) > spec.limit:
         share = spec.limit / len(frame)
         parts = [
             g.sample(n=max(1, round(len(g) * share)), random_state=spec.seed)
-            for _, g in frame.groupby(["source", "harmful"], sort=False)
+            for _, g in frame.groupby([SOURCE, HARMFUL], sort=False)
         ]
         return pd.concat(parts).sort_index()
     return frame
@@ -363,7 +363,7 @@ def assign_split(frame: pd.DataFrame, spec: SplitSpec) -> pd.DataFrame:
     fewer than round(rows * test_fraction) rows. So test_fraction is a share of rows, exact for groups of
     one row (the usual case) and approximate with larger groups; a stratum of one group stays in train.
     """
-    groups = (frame["group"] if "group" in frame.columns else frame["id"]).to_numpy()
+    groups = (frame["group"] if "group" in frame.columns else frame[ID]).to_numpy()
     codes = np.full(len(frame), -1, dtype=np.int8)
     for code, name in enumerate(SPLITS):
         codes[(frame["split_given"] == name).to_numpy(dtype=bool)] = code
@@ -374,19 +374,19 @@ def assign_split(frame: pd.DataFrame, spec: SplitSpec) -> pd.DataFrame:
         codes[pulled] = follow[pulled]
     free = codes < 0
     if free.any():
-        members = pd.DataFrame({"group": groups[free], "source": frame["source"].to_numpy()[free],
-                                "harmful": frame["harmful"].to_numpy()[free]}, index=frame.index[free])
+        members = pd.DataFrame({"group": groups[free], SOURCE: frame[SOURCE].to_numpy()[free],
+                                HARMFUL: frame[HARMFUL].to_numpy()[free]}, index=frame.index[free])
         table = members.sort_index().groupby("group", sort=True).agg(
-            source=("source", "first"), harmful=("harmful", "first"), rows=("source", "size"))
+            **{SOURCE: (SOURCE, "first"), HARMFUL: (HARMFUL, "first")}, rows=(SOURCE, "size"))
         table["key"] = np.random.default_rng(spec.seed).random(len(table))
         table = table.sort_values("key", kind="stable")
-        strata = table.groupby(["source", "harmful"], sort=False)["rows"]
+        strata = table.groupby([SOURCE, HARMFUL], sort=False)["rows"]
         before = (strata.cumsum() - table["rows"]).to_numpy()
         target = np.where(strata.transform("size") > 1, np.round(strata.transform("sum") * spec.test_fraction), 0)
         to_test = pd.Series(before < target, index=table.index)
         wanted = np.round(strata.transform("sum") * spec.test_fraction) > 0
         by_stratum = pd.DataFrame({"tested": to_test, "wanted": wanted.to_numpy()}, index=table.index).groupby(
-            [table["source"], table["harmful"]], sort=False).any()
+            [table[SOURCE], table[HARMFUL]], sort=False).any()
         starved = by_stratum[by_stratum["wanted"] & ~by_stratum["tested"]]
         if len(starved):  # a stratum that is one near-duplicate group: it stays whole in train
             log.warning("split: no test rows for %s (one near-duplicate group each, kept whole in train)",
@@ -399,7 +399,7 @@ def groups_straddling(frame: pd.DataFrame) -> int:
     """How many groups have rows in both splits (only given splits can do that)."""
     if "group" not in frame.columns or frame.empty:
         return 0
-    codes = pd.Series(frame["split"].cat.codes.to_numpy()).groupby(frame["group"].to_numpy())
+    codes = pd.Series(frame[SPLIT].cat.codes.to_numpy()).groupby(frame["group"].to_numpy())
     return int((codes.min() != codes.max()).sum())
 
 
@@ -411,13 +411,13 @@ def _final_table(loaded: pa.Table, kept: pd.DataFrame, extra: list[str]) -> pa.T
         keep = np.zeros(loaded.num_rows, dtype=bool)
         keep[kept.index.to_numpy()] = True
         rows = loaded.filter(pa.array(keep))
-    is_test = pa.array((kept["split"] == "test").to_numpy(dtype=bool))
+    is_test = pa.array((kept[SPLIT] == "test").to_numpy(dtype=bool))
     return pa.table({
-        "id": hex_ids(kept["id"].to_numpy()),
-        "prompt": rows["prompt"],
-        "harmful": rows["harmful"],
-        "source": rows["source"],
-        "split": pc.if_else(is_test, "test", "train"),
+        ID: hex_ids(kept[ID].to_numpy()),
+        PROMPT: rows[PROMPT],
+        HARMFUL: rows[HARMFUL],
+        SOURCE: rows[SOURCE],
+        SPLIT: pc.if_else(is_test, "test", "train"),
         **{c: rows[c] for c in extra},
     })
 
@@ -428,7 +428,7 @@ def _null_labels(final: pa.Table, missing: dict[str, list[str]]) -> dict[str, di
     result: dict[str, dict[str, int]] = {}
     for column, sources in missing.items():
         for source in sources:
-            rows = int(pc.sum(pc.equal(final["source"], source)).as_py() or 0)
+            rows = int(pc.sum(pc.equal(final[SOURCE], source)).as_py() or 0)
             if rows:
                 result.setdefault(column, {})[source] = rows
     cat_columns = set(categories.category_columns(result))
@@ -448,7 +448,7 @@ def _null_labels(final: pa.Table, missing: dict[str, list[str]]) -> dict[str, di
 # ------------------------------------------------------------------------------------------------- counts
 
 
-COUNT_COLUMNS = ["source", "harmful", "expected", "loaded", "rejected", "duplicates", "near_duplicates", "kept",
+COUNT_COLUMNS = [SOURCE, HARMFUL, "expected", "loaded", "rejected", "duplicates", "near_duplicates", "kept",
                  "train", "test"]
 
 
@@ -461,12 +461,12 @@ def count_table(loaded: pd.DataFrame, final: pd.DataFrame, expected: dict[str, i
     near_duplicate / source, harmful, split); no text. A row without a label is counted under '?' (it is
     always rejected: 'missing label').
     """
-    label = _label_text(loaded["harmful"])
-    strata = [loaded["source"], label]
+    label = _label_text(loaded[HARMFUL])
+    strata = [loaded[SOURCE], label]
     loaded_counts = loaded.groupby(strata, sort=False, observed=True).size()
     sums = {c: loaded[c].groupby(strata, observed=True).sum() for c in ("rejected", "duplicate", "near_duplicate")}
-    labels_per_source = label.groupby(loaded["source"], observed=True).nunique()
-    kept = final.groupby([final["source"], _label_text(final["harmful"]), final["split"]], observed=True).size()
+    labels_per_source = label.groupby(loaded[SOURCE], observed=True).nunique()
+    kept = final.groupby([final[SOURCE], _label_text(final[HARMFUL]), final[SPLIT]], observed=True).size()
     by_source: dict[str, list[tuple[str, int]]] = {}
     for (source, text), n in loaded_counts.items():
         by_source.setdefault(source, []).append((text, int(n)))
@@ -476,8 +476,8 @@ def count_table(loaded: pd.DataFrame, final: pd.DataFrame, expected: dict[str, i
         for text, n in by_source.get(source, [("-", 0)]):
             train, test = (int(kept.get((source, text, s), 0)) for s in ("train", "test"))
             records.append({
-                "source": source,
-                "harmful": text,
+                SOURCE: source,
+                HARMFUL: text,
                 "expected": expected.get(source) if single else None,
                 "loaded": n,
                 **{column: int(sums[key].get((source, text), 0)) for column, key in
@@ -492,9 +492,9 @@ def count_table(loaded: pd.DataFrame, final: pd.DataFrame, expected: dict[str, i
 def empty_dataset_problem(counts: pd.DataFrame, rejects: pa.Table, rejects_uri: str) -> str:
     """One line for a dataset with no row left: per source its rows, rejects (with the first reason) and
     what subsampling dropped."""
-    first = (rejects.select(["source", "reason"]).to_pandas().drop_duplicates("source")
-             .set_index("source")["reason"].to_dict())
-    per_source = counts.groupby("source", sort=False)[["loaded", "rejected"]].sum()
+    first = (rejects.select([SOURCE, REASON]).to_pandas().drop_duplicates(SOURCE)
+             .set_index(SOURCE)[REASON].to_dict())
+    per_source = counts.groupby(SOURCE, sort=False)[["loaded", "rejected"]].sum()
     parts = []
     for source, row in per_source.iterrows():
         text = f"{source}: {row['loaded']} rows, {row['rejected']} rejected"
@@ -510,7 +510,7 @@ def _label_text(labels: pd.Series) -> pd.Series:
     """'True' / 'False', or '?' for a missing label (as the counts table shows it), as a categorical."""
     values = labels.astype("boolean")
     codes = np.where(values.isna().to_numpy(), 2, values.fillna(False).to_numpy(dtype=bool)).astype(np.int8)
-    return pd.Series(pd.Categorical.from_codes(codes, ["False", "True", "?"]), index=labels.index, name="harmful")
+    return pd.Series(pd.Categorical.from_codes(codes, ["False", "True", "?"]), index=labels.index, name=HARMFUL)
 
 
 def format_counts(counts: pd.DataFrame) -> str:

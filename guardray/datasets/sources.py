@@ -18,6 +18,7 @@ from typing import Any, Callable
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from guardray.columns import PROMPT
 from guardray.datasets import huggingface, packaged
 from guardray.datasets.tables import FORMATS, read_table, source_table, text_table, wanted_columns
 from guardray.errors import InputError
@@ -26,7 +27,7 @@ from guardray.storage import Location, resolve
 
 def load_packaged(spec: PackagedSource) -> pa.Table:
     corpus = packaged.CORPORA[spec.type]
-    return text_table([row["prompt"] for row in corpus.rows()], corpus.harmful)
+    return text_table([row[PROMPT] for row in corpus.rows()], corpus.harmful)
 
 
 def load_file(spec: FileSource) -> pa.Table:

@@ -21,6 +21,7 @@ import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from guardray.columns import HARMFUL, PROMPT, SPLIT
 from guardray.errors import InputError, one_line
 from guardray.spec import LabelledColumns
 from guardray.storage import Location
@@ -287,16 +288,16 @@ def source_table(raw: RawTable, spec: LabelledColumns, origin: str) -> pa.Table:
     table, problems = raw.table, [raw.problems]
     prompt, text_problems = _text_column(table, spec, raw.kinds or {})
     problems += text_problems
-    columns: dict[str, AnyArray] = {"prompt": prompt}
+    columns: dict[str, AnyArray] = {PROMPT: prompt}
     if spec.label_column:
-        columns["harmful"] = _label_column(table, spec.label_column, spec.label_map, problems)
+        columns[HARMFUL] = _label_column(table, spec.label_column, spec.label_map, problems)
     else:
-        columns["harmful"] = _constant_label(spec.harmful, table.num_rows)
+        columns[HARMFUL] = _constant_label(spec.harmful, table.num_rows)
     for name in spec.extra_labels:
         columns[name] = _label_column(table, name, spec.label_map, problems)
     if spec.split_column:
         values, problem = decode_text(table[spec.split_column], spec.split_column)
-        columns["split"], split_problem = parse_splits(values)
+        columns[SPLIT], split_problem = parse_splits(values)
         problems += [problem, _prefixed(spec.split_column, split_problem)]
     columns["reject"] = join_problems(problems, table.num_rows)
     return pa.table(columns)
@@ -357,7 +358,7 @@ def text_table(prompts: list[Any], harmful: bool) -> pa.Table:
     except (pa.ArrowException, UnicodeEncodeError):
         texts, reasons = zip(*(_python_text(p) for p in prompts)) if prompts else ((), ())
         prompt, reject = pa.array(texts, pa.string()), pa.array(reasons, pa.string())
-    return pa.table({"prompt": prompt, "harmful": _constant_label(harmful, len(prompts)), "reject": reject})
+    return pa.table({PROMPT: prompt, HARMFUL: _constant_label(harmful, len(prompts)), "reject": reject})
 
 
 def _python_text(value: Any) -> tuple[str | None, str | None]:

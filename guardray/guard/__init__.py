@@ -17,12 +17,11 @@ Backends share the renderer, the label tokens and the output columns: each has `
 from guardray.guard.backends import GUARD_BACKENDS, Guard, build_guards, preflight_guard
 from guardray.guard.category_scores import CategoryContinuations
 from guardray.guard.hf import HFGuard
-from guardray.guard.labels import (COLUMN_PREFIXES, GUARD_COLUMNS, category_columns, column_name, guard_columns,
-                                   output_columns, renamed, resolve_label_tokens)
+from guardray.guard.labels import category_columns, guard_columns, output_columns, renamed, resolve_label_tokens
 from guardray.guard.prompt import (AGENT_MODERATION_PROMPT, HAZARDS, JUDGES, MODERATION_PROMPT, Judge, guard_renderer,
                                    hazards, is_llamaguard)
 
-__all__ = ["AGENT_MODERATION_PROMPT", "COLUMN_PREFIXES", "GUARD_BACKENDS", "GUARD_COLUMNS",
+__all__ = ["AGENT_MODERATION_PROMPT", "GUARD_BACKENDS",
            "HAZARDS", "JUDGES", "build_guards", "MODERATION_PROMPT", "CategoryContinuations", "Guard", "HFGuard", "Judge",
-           "category_columns", "column_name", "guard_columns", "guard_renderer", "hazards", "is_llamaguard",
+           "category_columns", "guard_columns", "guard_renderer", "hazards", "is_llamaguard",
            "output_columns", "preflight_guard", "renamed", "resolve_label_tokens"]

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from guardray.columns import guard_category_column
 from guardray.errors import InputError
 from guardray.rendering import common_prefix
 
@@ -68,7 +69,7 @@ class CategoryContinuations:
         per_code = np.stack([_logsumexp(logprobs[:, [s for s, c in enumerate(self.code_of) if c == i]])
                              for i in range(len(self.codes))], axis=1)
         conditional = np.exp(per_code - _logsumexp(per_code)[:, None])
-        return {f"guard_cat_{code}": (conditional[:, i] * p_unsafe).astype(np.float32)
+        return {guard_category_column(code): (conditional[:, i] * p_unsafe).astype(np.float32)
                 for i, code in enumerate(self.codes)}
 
 

@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from guardray.columns import GUARD_P_UNSAFE
 from guardray.encoding import pad
 from guardray.guard.category_scores import CategoryContinuations
 from guardray.guard.labels import guard_columns, resolve_label_tokens
@@ -87,7 +88,7 @@ class HFGuard:
         columns, cache = self._verdict(encoded, keep_cache=self.categories is not None)
         if self.categories is not None:
             logprobs = self.category_logprobs(encoded, cache=cache)
-            columns.update(self.categories.columns(logprobs, columns["guard_p_unsafe"].astype(np.float64)))
+            columns.update(self.categories.columns(logprobs, columns[GUARD_P_UNSAFE].astype(np.float64)))
         return columns
 
     def _verdict(self, encoded: Sequence[Encoded], keep_cache: bool = False) -> tuple[dict[str, np.ndarray], Any]:

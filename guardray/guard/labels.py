@@ -5,13 +5,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from guardray.columns import (GUARD_COLUMNS, GUARD_LOGIT_SAFE, GUARD_LOGIT_UNSAFE, GUARD_P_UNSAFE, GUARD_SCORE,
+                              guard_category_column, judged_column)
 from guardray.errors import InputError
 from guardray.spec import GuardSpec
-
-GUARD_COLUMNS = ("guard_logit_safe", "guard_logit_unsafe", "guard_score", "guard_p_unsafe")
-
-#: Column prefixes: what the guard judged → the prefix its columns carry (`guard_score`, `guard_response_score`).
-COLUMN_PREFIXES = {"prompt": "guard_", "response": "guard_response_"}
 
 
 def resolve_label_tokens(tokenizer: Any, spec: GuardSpec) -> tuple[int, int]:
@@ -43,30 +40,25 @@ def guard_columns(logit_safe: np.ndarray, logit_unsafe: np.ndarray) -> dict[str,
     """The four guard outputs from the two label logits (or logprobs: the difference is the same)."""
     score = logit_unsafe - logit_safe
     return {
-        "guard_logit_safe": logit_safe.astype(np.float32),
-        "guard_logit_unsafe": logit_unsafe.astype(np.float32),
-        "guard_score": score.astype(np.float32),
-        "guard_p_unsafe": (1.0 / (1.0 + np.exp(-score))).astype(np.float32),  # softmax over the two labels
+        GUARD_LOGIT_SAFE: logit_safe.astype(np.float32),
+        GUARD_LOGIT_UNSAFE: logit_unsafe.astype(np.float32),
+        GUARD_SCORE: score.astype(np.float32),
+        GUARD_P_UNSAFE: (1.0 / (1.0 + np.exp(-score))).astype(np.float32),  # softmax over the two labels
     }
 
 
 def category_columns(codes: Sequence[str]) -> tuple[str, ...]:
     """`guard_cat_<code>` for each policy code (`GuardSpec.category_codes`)."""
-    return tuple(f"guard_cat_{code}" for code in codes)
+    return tuple(guard_category_column(code) for code in codes)
 
 
 def output_columns(spec: GuardSpec, judge: str = "prompt") -> tuple[str, ...]:
     """Every column a guard judging `judge` writes: the four verdict columns, then the category columns when
     `guard.categories` is on; judge="response" gives the `guard_response_*` names."""
     names = GUARD_COLUMNS + (category_columns(spec.category_codes) if spec.categories else ())
-    return tuple(column_name(name, judge) for name in names)
-
-
-def column_name(name: str, judge: str) -> str:
-    """A `guard_*` column's name for what the guard judged: `guard_score` → `guard_response_score`."""
-    return COLUMN_PREFIXES[judge] + name.removeprefix("guard_")
+    return tuple(judged_column(name, judge) for name in names)
 
 
 def renamed(columns: dict[str, np.ndarray], judge: str) -> dict[str, np.ndarray]:
     """`score()`'s columns under the names for `judge` (the response guard's are `guard_response_*`)."""
-    return {column_name(name, judge): values for name, values in columns.items()}
+    return {judged_column(name, judge): values for name, values in columns.items()}

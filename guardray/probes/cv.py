@@ -28,16 +28,16 @@ from sklearn import metrics
 from sklearn.model_selection import StratifiedKFold
 
 from guardray import targets
-from guardray.columns import ColumnData, feature_dims, feature_schema, label_counts, read_column
-from guardray.shards import PARTS_DIR, footer
+from guardray.columns import (FEATURE_PREFIX, PARTS_DIR, RESPONSE_POOLINGS, SPLIT, ColumnData, FeatureInfo, Target,
+                              feature_infos, feature_schema, label_counts, read_column, require)
+from guardray.shards import footer
 from guardray.errors import InputError, StageError, one_line, ray_get
 from guardray.evaluate import recall_at_fpr
 from guardray.telemetry import peak_rss_mb
 from guardray.probes import artifact
 from guardray.probes.registry import ProbeId, build_probe, grid_points, probe_scores
-from guardray.spec import RESPONSE_POOLINGS, JobSpec, ProbesSpec
+from guardray.spec import JobSpec, ProbesSpec
 from guardray.storage import Location, apply_file_mode, resolve
-from guardray.targets import Target
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +143,13 @@ def run_grid(spec: ProbesSpec, features: Location, configs: list[dict[str, Any]]
     return pd.DataFrame(rows).sort_values("trial_id").reset_index(drop=True)
 
 
-def feature_columns(spec: JobSpec, features: Location) -> dict[str, int]:
-    """{feature column: width} to probe, from the parts' schema (no rows read); bad names fail with one line."""
-    dims = feature_dims(feature_schema(features))
+def feature_columns(spec: JobSpec, features: Location) -> dict[str, FeatureInfo]:
+    """{feature column: its layer, pooling and width} to probe, from the parts' schema and its field metadata (no
+    rows read); a missing column or a bad name fails with one line."""
+    schema = feature_schema(features)
+    dims = feature_infos(schema, features.uri)
+    require(schema, [SPLIT] if dims else [SPLIT, f"{FEATURE_PREFIX}*"], stage="probes", where=features.uri,
+            written_by="features")
     if spec.probes.features:
         unknown = sorted(set(spec.probes.features) - set(dims))
         if unknown:
@@ -214,7 +218,7 @@ def run_probes(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dic
     write_cv_results(results, out)
     selection = f"{spec.probes.cv.metric}_mean"
     chosen = best_configurations(results, selection)
-    best = [ProbeId(r.feature, r.type, r.preprocessing, r.params, r.target) for r in chosen.itertuples()]
+    best = [ProbeId(dims[r.feature], r.type, r.preprocessing, r.params, r.target) for r in chosen.itertuples()]
     cv_score = {p.name: {selection: float(score)} for p, score in zip(best, chosen[selection])}
     numerics = features_numerics(features)  # read once: every artifact records it
     saved = refit_all(spec, features, out, best, cv_score, resolved, numerics)
@@ -286,14 +290,14 @@ def refit_all(spec: JobSpec, features: Location, out: Location, best: list[Probe
 def refit_and_save(spec: JobSpec, features: Location, out: Location, probe: ProbeId,
                    cv: dict[str, float], target: Target, numerics: dict[str, str] | None) -> dict[str, Any]:
     """Runs on a worker: fit `probe` on the whole train split of its column and store the artifact."""
-    data = read_column(features, probe.feature, target, "train")
+    data = read_column(features, probe.feature.column, target, "train")
     pipeline = build_probe(probe.type, probe.preprocessing, probe.params, spec.probes.cv.seed).fit(data.x, data.y)
     meta = {**probe_meta(spec, probe, numerics), "cv": cv}
     artifact.save(pipeline, out.join("artifacts", probe.name), meta)
     return {"name": probe.name, "id": probe.to_dict(), "train_rows": len(data.y), "peak_rss_mb": peak_rss_mb()}
 
 
-def _torch_probe(spec: JobSpec, features: Location, dims: dict[str, int], best_feature: str,
+def _torch_probe(spec: JobSpec, features: Location, dims: dict[str, FeatureInfo], best_feature: str,
                  out: Location, target: Target, numerics: dict[str, str] | None) -> dict[str, Any]:
     """Train the torch probe with Ray Train on the configured feature (default: the best CV feature), for the
     first target only: one Ray Train run per target would multiply the stage's longest step."""
@@ -307,7 +311,7 @@ def _torch_probe(spec: JobSpec, features: Location, dims: dict[str, int], best_f
                                seed=spec.probes.cv.seed)
     apply_file_mode(out.join("torch_train"))  # Ray Train wrote its checkpoints with the umask's modes
     params = config.model_dump(include={"workers", "epochs", "lr", "weight_decay", "batch_size"})
-    probe = ProbeId(feature, TORCH_PROBE_TYPE, "standardize", params, target.name)
+    probe = ProbeId(dims[feature], TORCH_PROBE_TYPE, "standardize", params, target.name)
     meta = {**probe_meta(spec, probe, numerics), "history": fitted["history"], "use_gpu": fitted["use_gpu"]}
     artifact.save_linear(out.join("artifacts", probe.name), meta, fitted["weight"], fitted["bias"], fitted["mean"],
                          fitted["scale"])

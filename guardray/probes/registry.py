@@ -15,6 +15,7 @@ from sklearn import ensemble, linear_model, naive_bayes, svm
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, Normalizer, StandardScaler
 
+from guardray.columns import FeatureInfo
 from guardray.errors import InputError
 
 
@@ -46,11 +47,11 @@ PREPROCESSING: dict[str, Callable[[], Any]] = {
 
 @dataclass(frozen=True)
 class ProbeId:
-    """What a probe is: the target it predicts, its feature column, type, preprocessing and hyper-parameters.
-    Results, artifacts and the report carry this structure (`to_dict`), so no code parses a probe's name back
-    into its parts."""
+    """What a probe is: the target it predicts, its feature column (with the layer and pooling its field
+    metadata records), type, preprocessing and hyper-parameters. Results, artifacts and the report carry this
+    structure (`to_dict`), so no code parses a probe's name or its column's name back into their parts."""
 
-    feature: str
+    feature: FeatureInfo
     type: str
     preprocessing: str
     params: dict[str, Any]
@@ -60,14 +61,11 @@ class ProbeId:
     def name(self) -> str:
         """`<target>/<feature>-<type>`: the artifact directory under `artifacts/` and the scorer's name, one best
         probe of each type per (target, feature column)."""
-        return f"{self.target}/{self.feature}-{self.type}"
+        return f"{self.target}/{self.feature.column}-{self.type}"
 
     def to_dict(self) -> dict[str, Any]:
-        from guardray.columns import FeatureName
-
-        column = FeatureName.parse(self.feature)
-        return {"name": self.name, "target": self.target, "feature": self.feature, "layer": column.layer,
-                "pooling": column.pooling, "type": self.type, "preprocessing": self.preprocessing,
+        return {"name": self.name, "target": self.target, "feature": self.feature.column, "layer": self.feature.layer,
+                "pooling": self.feature.pooling, "type": self.type, "preprocessing": self.preprocessing,
                 "params": dict(self.params)}
 
 

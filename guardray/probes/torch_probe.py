@@ -19,8 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from guardray.columns import TargetLike, as_target, feature_dims, feature_schema, matrix, parts_dataset, split_filter
-from guardray.shards import PARTS_DIR
+from guardray.columns import (PARTS_DIR, SPLIT, TargetLike, as_target, feature_infos, feature_schema, matrix,
+                              parts_dataset, split_filter)
 from guardray.accelerators import gpu_capacity
 from guardray.spec import TorchProbeSpec
 from guardray.storage import Location
@@ -48,7 +48,7 @@ def train_dataset(features: Location, column: str, target: TargetLike) -> Any:
 
     target = as_target(target)
     parts = features.join(PARTS_DIR)
-    needed = list(dict.fromkeys([column, *target.needs, "split"]))
+    needed = list(dict.fromkeys([column, *target.needs, SPLIT]))
     dataset = ray.data.read_parquet(parts.path, filesystem=parts.fs).select_columns(needed)
     return dataset.map_batches(train_rows, batch_format="pyarrow", fn_kwargs={"column": column, "target": target})
 
@@ -177,7 +177,7 @@ def train_torch_probe(spec: TorchProbeSpec, features: Location, column: str, tar
     # auto: GPUs when the cluster has, or its autoscaler declares, one per training worker
     use_gpu = spec.use_gpu if spec.use_gpu != "auto" else gpu_capacity() >= spec.workers
     log.info("torch probe: use_gpu=%s (%s)", bool(use_gpu), spec.use_gpu)
-    dim = feature_dims(feature_schema(features))[column]
+    dim = feature_infos(feature_schema(features), features.uri)[column].width
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"dim": dim, "batch_size": spec.batch_size, "lr": spec.lr,

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from guardray.columns import GUARD_SCORE
 from guardray.probes.torch_probe import TORCH_PROBE_TYPE
 from guardray.report.sections import Section, auc_and_ci, ordered
-from guardray.targets import GUARD_SCORE
 
 
 def fmt(value: Any, digits: int = 3) -> str:

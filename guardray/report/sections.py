@@ -14,8 +14,8 @@ import pandas as pd
 import pyarrow as pa
 
 from guardray import targets
+from guardray.columns import Target
 from guardray.spec import JobSpec
-from guardray.targets import Target
 
 
 @dataclass(frozen=True)

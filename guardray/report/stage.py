@@ -12,16 +12,15 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from guardray.columns import feature_schema
+from guardray.columns import GUARD_RESPONSE_SCORE, feature_schema, require
 from guardray.errors import InputError, ray_get
 from guardray.report.mining import mine_prompts
 from guardray.report.plots import SUMMARY_PLOT, make_plots, summary_plot
 from guardray.report.render import answer, comparison_markdown, markdown
 from guardray.report.sections import Section, assemble, build_section, ordered, plan_targets
-from guardray.report.tasks import compare, evaluate_scorer, merge_scores, read_scores, score_one, scorers, write_labels
+from guardray.report.tasks import META, compare, evaluate_scorer, merge_scores, read_scores, score_one, scorers, write_labels
 from guardray.spec import JobSpec
 from guardray.storage import Location
-from guardray.targets import GUARD_RESPONSE_SCORE
 
 
 def run_report(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dict[str, Any]:
@@ -33,6 +32,7 @@ def run_report(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dic
     schema = feature_schema(features)
     plans = plan_targets(spec, probes.join("summary.json").read_json(), schema)
     found = scorers(spec, probes, [p.guard for p in plans.values() if p.guard])
+    require(schema, [*META, *(s.column for s in found)], stage="report", where=features.uri, written_by="features")
     remote = ray.remote(num_cpus=1, max_retries=1)  # each task rewrites its own files whole: safe to retry
     ray_get([remote(write_labels).remote(features, out, [p.target for p in plans.values()]),
              *(remote(score_one).remote(features, out, s, i) for i, s in enumerate(found))])

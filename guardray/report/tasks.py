@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from guardray.columns import batch_matrix, scan_batches
+from guardray.columns import ID, SOURCE, SPLIT, Target, batch_matrix, scan_batches
 from guardray.errors import StageError
 from guardray.evaluate import (at_threshold, by_source, fpr_at_recall, score_metrics, threshold_for_recall,
                                threshold_sweep)
@@ -25,11 +25,10 @@ from guardray.probes import artifact
 from guardray.probes.registry import PROBE_TYPES
 from guardray.spec import JobSpec
 from guardray.storage import Location
-from guardray.targets import Target
 from guardray.telemetry import peak_rss_mb
 
 SCORES_FILE, SCORES_DIR, LABELS_FILE = "scores.parquet", "scores", "labels.parquet"
-META = ["id", "split", "source"]
+META = [ID, SPLIT, SOURCE]
 MERGE_BATCH_ROWS = 65536
 
 

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import pyarrow as pa
 
+from guardray.columns import ID, PROMPT
 from guardray.decoding import Generation, batch_seed, generation_config, response_table, split_stop, stop_ids
 from guardray.encoding import encode_rows, length_batches, pad
 from guardray.models import LoadedModel, load_model, numerics
@@ -97,9 +98,9 @@ class ResponseActor(ShardActor):
         return self.responder.numerics
 
     def compute(self, rows: pa.Table) -> tuple[pa.Table, dict[int, str], int]:
-        keys = rows.column("id").to_pylist()
-        generations, errors = self.responder.process(rows.column("prompt").to_pylist(), keys)
+        keys = rows.column(ID).to_pylist()
+        generations, errors = self.responder.process(rows.column(PROMPT).to_pylist(), keys)
         ok = sorted(generations)
-        part = response_table(rows.column("id").take(pa.array(ok, pa.int64())), [generations[i] for i in ok],
+        part = response_table(rows.column(ID).take(pa.array(ok, pa.int64())), [generations[i] for i in ok],
                               self.responder.tokenizer)
         return part, errors, sum(len(g.tokens) for g in generations.values())

@@ -24,13 +24,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from guardray.columns import FINISH_REASON, ID, PARTS_DIR, RESPONSE_TOKENS
 from guardray.datasets.assemble import DATASET_FILE, DATASET_ROW_GROUP_ROWS
 from guardray.decoding import RESPONSE_COLUMNS, RESPONSE_SCHEMA
 from guardray.errors import StageError, ray_get
 from guardray.rendering import chat_renderer
 from guardray.responses.hf import ResponseActor
 from guardray.sharded import ShardedStage, run_sharded
-from guardray.shards import PARTS_DIR, RangeReader, finished_shards
+from guardray.shards import RangeReader, finished_shards
 from guardray.spec import JobSpec
 from guardray.storage import DEFAULT_FILE_MODE, Location, resolve
 
@@ -86,12 +87,12 @@ def write_responses_dataset(dataset_uri: str, out_uri: str, file_mode: int = DEF
     def rows_of(shard: Any) -> pa.Table:
         part = out.join(PARTS_DIR, shard.part_name).read_table()
         rows = reader.read(shard)
-        rows = rows.filter(pc.is_in(rows.column("id"), value_set=part.column("id")))
-        if rows.column("id").to_pylist() != part.column("id").to_pylist():
+        rows = rows.filter(pc.is_in(rows.column(ID), value_set=part.column(ID)))
+        if rows.column(ID).to_pylist() != part.column(ID).to_pylist():
             raise StageError(f"responses: {shard.part_name} does not hold its rows in dataset order")
-        for reason in part.column("finish_reason").to_pylist():
+        for reason in part.column(FINISH_REASON).to_pylist():
             reasons[reason] = reasons.get(reason, 0) + 1
-        lengths = pc.list_value_length(part.column("response_tokens"))
+        lengths = pc.list_value_length(part.column(RESPONSE_TOKENS))
         counts["generated_tokens"] += int(pc.sum(lengths).as_py() or 0)
         for name in RESPONSE_COLUMNS:
             rows = rows.append_column(part.schema.field(name), part.column(name))

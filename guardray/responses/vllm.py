@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from guardray.columns import ID, PROMPT, SOURCE
 from guardray.errors import InputError, one_line
 from guardray.decoding import Generation, batch_seed, response_table, split_stop, stop_ids
 from guardray.guard.vllm import CPU_ENGINE_DEFAULTS  # eager on CPU, as the guard engine
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 #: CPU builds: a KV cache of this many GiB (vLLM's default is sized for servers) and one OpenMP thread per core
 #: (the default binds one); see DATA-NOTES.
 CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 1) - 1}"}
-ROW_COLUMNS = ("_start", "_end", "_row", "id", "source", "_error")
+ROW_COLUMNS = ("_start", "_end", "_row", ID, SOURCE, "_error")
 
 
 def _llm() -> Any:
@@ -105,10 +106,10 @@ class RenderShards:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {name: [] for name in (*ROW_COLUMNS, "tokenized_prompt")}
         for start, end in zip(batch["start"], batch["end"]):
-            rows = self.reader.read(Shard(int(start), int(end)), ["id", "source", "prompt"])
-            encoded = self.renderer.encode_many(rows.column("prompt").to_pylist())
-            for offset, (key, source, e) in enumerate(zip(rows.column("id").to_pylist(),
-                                                          rows.column("source").to_pylist(), encoded)):
+            rows = self.reader.read(Shard(int(start), int(end)), [ID, SOURCE, PROMPT])
+            encoded = self.renderer.encode_many(rows.column(PROMPT).to_pylist())
+            for offset, (key, source, e) in enumerate(zip(rows.column(ID).to_pylist(),
+                                                          rows.column(SOURCE).to_pylist(), encoded)):
                 failed = isinstance(e, Exception)
                 values = (int(start), int(end), int(start) + offset, key, source,
                           f"render: {type(e).__name__}: {e}" if failed else "", [] if failed else e.ids)
@@ -138,7 +139,7 @@ class Request:
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         params = dict(self.params)
         if self.seed is not None:
-            params["seed"] = batch_seed(self.seed, [str(row["id"])]) % (2**31)
+            params["seed"] = batch_seed(self.seed, [str(row[ID])]) % (2**31)
         ids = [int(t) for t in row["tokenized_prompt"]]
         if row["_error"]:
             ids, params["max_tokens"] = [self.pad_id], 1
@@ -180,7 +181,7 @@ class ShardWriter:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         ready = []
-        for i in range(len(batch["id"])):
+        for i in range(len(batch[ID])):
             row = {name: batch[name][i] for name in batch}
             key = (int(row["_start"]), int(row["_end"]))
             self.started.setdefault(key, time.perf_counter())
@@ -201,8 +202,8 @@ class ShardWriter:
             else:
                 generations[i] = split_stop(list(row["generated_tokens"]), self.stops, self.max_new)
         ok = sorted(generations)
-        meta = pa.table({"id": [str(r["id"]) for r in rows], "source": [str(r["source"]) for r in rows]})
-        part = response_table(meta.column("id").take(pa.array(ok, pa.int64())), [generations[i] for i in ok],
+        meta = pa.table({ID: [str(r[ID]) for r in rows], SOURCE: [str(r[SOURCE]) for r in rows]})
+        part = response_table(meta.column(ID).take(pa.array(ok, pa.int64())), [generations[i] for i in ok],
                               self.tokenizer)
         write_shard(self.out, shard, part, error_table(meta, errors), self.numerics)
         return {"start": shard.start, "end": shard.end, "rows": part.num_rows, "errors": len(errors),

@@ -15,13 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from guardray.columns import PROMPT_POOLINGS
 from guardray.errors import InputError, one_line
 from guardray.probes import artifact
 from guardray.probes.artifact import META
-from guardray.spec import RESPONSE_POOLINGS, ModelSpec
+from guardray.spec import ModelSpec
 from guardray.storage import Location, resolve
-
-PROMPT_POOLINGS = ("last", "mean", "mean_all")
 
 
 @dataclass(frozen=True)
@@ -114,6 +113,6 @@ def _check(served: ServedProbe) -> None:
     if missing:
         raise InputError(f"{served.uri}: the artifact does not record {', '.join(missing)}; refit it with this "
                          f"version of guardray")
-    if meta["pooling"] in RESPONSE_POOLINGS or meta["pooling"] not in PROMPT_POOLINGS:
+    if meta["pooling"] not in PROMPT_POOLINGS:
         raise InputError(f"{served.uri}: pooling {meta['pooling']!r} reads a response; a server scores prompts "
                          f"(poolings {', '.join(PROMPT_POOLINGS)})")

@@ -28,6 +28,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from guardray.activations import Batch, decoder_layers, pool
+from guardray.columns import GUARD_SCORE
 from guardray.decoding import generation_config, split_stop, stop_ids
 from guardray.errors import InputError
 from guardray.models import LoadedModel
@@ -354,7 +355,7 @@ class GuardedChatModel:
         spent = (time.perf_counter() - started) * 1e3 / len(requests)
         blocked = []
         for row, (request, verdict) in enumerate(zip(requests, verdicts)):
-            score = float(columns["guard_score"][row])
+            score = float(columns[GUARD_SCORE][row])
             verdict.guard_model_score, verdict.guard_model_threshold = score, self.guard_threshold
             verdict.guard_model_ms = spent
             over = _over(score, self.guard_threshold)

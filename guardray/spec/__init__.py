@@ -15,7 +15,7 @@ from guardray.spec.links import link_datasets
 from guardray.spec.loading import (MAX_DEPTH, MAX_EXPANDED, MAX_SPEC_BYTES, DuplicateKeyError,  # noqa: F401
                                    SpecLimitError, StrictSafeLoader, apply_override, load_spec, spec_for_worker,
                                    validate_spec)
-from guardray.spec.schema import (BUILTIN_CATEGORY_CODES, RESPONSE_POOLINGS, SPEED_ONLY_ENGINE_ARGS,  # noqa: F401
+from guardray.spec.schema import (BUILTIN_CATEGORY_CODES, SPEED_ONLY_ENGINE_ARGS,  # noqa: F401
                                   ActorPoolSpec, CustomCategory, ExtractSpec, GenerateSpec, GuardSpec, ModelSpec,
                                   RaySpec, Section, device_class)
 from guardray.spec.validate import validate_job  # noqa: F401

@@ -18,6 +18,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator, model_validator
 
+from guardray.columns import PROMPT_POOLINGS
 from guardray.spec.checks import DeviceName, EngineArgs, check_model_id
 
 
@@ -134,15 +135,11 @@ class ActorPoolSpec(Section):
     )
 
 
-#: Feature columns taken over the response (`extract.on: [response]`): its last token and the mean over its tokens.
-RESPONSE_POOLINGS = ("resp_last", "resp_mean")
-
-
 class ExtractSpec(ActorPoolSpec):
     """Activation capture and how the feature stage runs."""
 
     layers: tuple[int, ...] = Field((-1,), min_length=1, description="Decoder blocks (0-based, negative from end).")
-    poolings: tuple[Literal["last", "mean", "mean_all"], ...] = Field(("last", "mean"), min_length=1)
+    poolings: tuple[Literal[PROMPT_POOLINGS], ...] = Field(("last", "mean"), min_length=1)
     on: tuple[Literal["prompt", "response"], ...] = Field(
         ("prompt",), min_length=1, description="What activations are read on: 'prompt' (the chat rendered up to "
         "the generation prompt, `poolings`), 'response' (the prompt and its generated response as one chat: "

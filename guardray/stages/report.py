@@ -13,7 +13,8 @@ def report_key(spec: JobSpec) -> dict[str, Any]:
     # Scores come from the inputs; the report adds thresholds/metrics (evaluate), the labels and the title; the
     # feedback thresholds define the feedback labels and the mined prompts (whenever responses are judged).
     # The category mapping picks the guard column a cat_<name> target is compared with.
-    from guardray.targets import CATEGORY_PREFIX, category_codes, uses_feedback
+    from guardray.columns import CATEGORY_PREFIX
+    from guardray.targets import category_codes, uses_feedback
 
     names = spec.probes.all_targets
     reads_feedback = uses_feedback(names) or spec.judges_responses
