@@ -25,7 +25,7 @@ from guardray.datasets.assemble import subsample
 from guardray.features import FeatureExtractor
 from guardray.models import LoadedModel, load_model, load_tokenizer
 from guardray.rendering import chat_renderer
-from guardray.spec import ExtractSpec, ModelSpec, SubsampleSpec
+from guardray.jobspec import ExtractSpec, ModelSpec, SubsampleSpec
 
 
 def realistic_prompts(n: int) -> list[str]:
@@ -100,7 +100,7 @@ def _sync(loaded: LoadedModel) -> None:
 def guard_throughput(backend: str, loaded: LoadedModel, model_name: str, prompts: list[str]) -> None:
     """Guard scoring alone (the built-in moderation prompt, one forward per prompt, two label logits)."""
     from guardray.guard import HFGuard
-    from guardray.spec import GuardSpec
+    from guardray.jobspec import GuardSpec
 
     spec = GuardSpec(max_length=1024)
     if backend == "hf":

@@ -28,7 +28,7 @@ from benchmarks.extract_throughput import realistic_prompts
 from guardray.encoding import length_batches
 from guardray.guard import HFGuard
 from guardray.models import load_model
-from guardray.spec import CustomCategory, GuardSpec, ModelSpec
+from guardray.jobspec import CustomCategory, GuardSpec, ModelSpec
 
 POLITICS = CustomCategory(code="S15", name="Political persuasion",
                           description="Messages that argue for or against a party, candidate, referendum or policy.")

@@ -16,7 +16,7 @@ from benchmarks.extract_throughput import realistic_prompts
 from guardray.encoding import length_batches
 from guardray.guard import HFGuard
 from guardray.models import load_model
-from guardray.spec import GuardSpec, ModelSpec
+from guardray.jobspec import GuardSpec, ModelSpec
 
 
 def timed_scores(guard: HFGuard, encoded: list, batch_size: int) -> tuple[float, np.ndarray]:

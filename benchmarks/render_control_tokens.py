@@ -21,7 +21,7 @@ from transformers import AutoTokenizer
 
 from guardray.models import resolve_model_path
 from guardray.rendering import chat_renderer
-from guardray.spec import ModelSpec
+from guardray.jobspec import ModelSpec
 from guardray.tokenizing import OffsetTokenizer
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from sklearn import metrics
 
 from guardray.evaluate import bootstrap_ci, by_source, score_metrics
-from guardray.spec import EvaluateSpec
+from guardray.jobspec import EvaluateSpec
 
 
 # ------------------------------------------------------------- baseline: guardray/evaluate.py at ac0b2f5

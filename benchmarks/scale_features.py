@@ -79,7 +79,7 @@ def measure(spec_path: str) -> None:
     import logging
 
     from guardray.runner import run_job
-    from guardray.spec import load_spec
+    from guardray.jobspec import load_spec
 
     logging.basicConfig(level=logging.WARNING)
     started = time.perf_counter()

@@ -470,7 +470,7 @@ def legacy_report(spec: Any, features: Path, probes_dir: Path, out: Path, bootst
 
 # ------------------------------------------------------------------------------------- one path, one driver
 def job_spec(args: argparse.Namespace, workdir: Path, path: str, columns: list[str]) -> Any:
-    from guardray.spec import validate_spec
+    from guardray.jobspec import validate_spec
 
     params = {"C": args.c} if args.probe == "logistic_regression" else {"alpha": args.alpha}
     return validate_spec({
@@ -513,7 +513,7 @@ def measure(path: str, workdir: Path, args: argparse.Namespace) -> None:
     sampler = Sampler(args.interval)
     sampler.start()
     from guardray.cluster import init_ray
-    from guardray.spec import RaySpec
+    from guardray.jobspec import RaySpec
 
     init_ray(RaySpec(address="local", num_cpus=args.cpus))
     import ray

@@ -16,7 +16,7 @@ from typing import Any
 
 #: public name → the module that defines it
 _API = {"run": "guardray.api", "open_run": "guardray.api", "Run": "guardray.api",
-        "load_spec": "guardray.spec", "JobSpec": "guardray.spec"}
+        "load_spec": "guardray.jobspec", "JobSpec": "guardray.jobspec"}
 
 __all__ = sorted(_API)
 

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from guardray import runner
 from guardray.cache import latest_stage
 from guardray.errors import InputError
-from guardray.spec import JobSpec, load_spec
+from guardray.jobspec import JobSpec, load_spec
 from guardray.storage import Location, resolve
 
 DATASET_FILE, SCORES_FILE, REPORT_FILE = "dataset.parquet", "scores.parquet", "report.json"

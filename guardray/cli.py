@@ -21,7 +21,7 @@ EXIT_OK, EXIT_FAILED, EXIT_INVALID = 0, 1, 2
 
 
 def _load(args: argparse.Namespace):
-    from guardray.spec import load_spec
+    from guardray.jobspec import load_spec
 
     return load_spec(args.spec, getattr(args, "set", None) or [], getattr(args, "output", None))
 
@@ -89,7 +89,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     target = args.target
     if target.endswith((".yaml", ".yml")):
         from guardray.runner import plan
-        from guardray.spec import load_spec
+        from guardray.jobspec import load_spec
 
         stage = plan(load_spec(target, args.set or []))["report"].location
     else:

@@ -7,7 +7,7 @@ import sys
 
 from guardray import progress
 
-from guardray.spec import RaySpec
+from guardray.jobspec import RaySpec
 from guardray.storage import storage_env
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics
 
-from guardray.spec import EvaluateSpec
+from guardray.jobspec import EvaluateSpec
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ from guardray.models import LoadedModel, load_model, numerics
 from guardray.rendering import ConversationRenderer, Encoded, PromptRenderer, chat_conversation_renderer, chat_renderer
 from guardray.sharded import ShardActor, ShardedStage, run_isolating, run_sharded
 from guardray.shards import footer
-from guardray.spec import ExtractSpec, JobSpec
+from guardray.jobspec import ExtractSpec, JobSpec
 from guardray.storage import Location
 
 log = logging.getLogger(__name__)

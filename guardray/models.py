@@ -24,7 +24,7 @@ import torch
 
 from guardray.cache import stable_hash
 from guardray.errors import InputError
-from guardray.spec import ModelSpec
+from guardray.jobspec import ModelSpec
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 
 from guardray.errors import InputError
 from guardray.tokenizing import OffsetTokenizer, Tokens
-from guardray.spec import ModelSpec
+from guardray.jobspec import ModelSpec
 
 _SENTINEL = "\ue000GUARDRAY_USER_TEXT\ue000"
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from guardray.cache import LATEST_FILE, StageDir
 from guardray.errors import InputError, ray_get
-from guardray.spec import JobSpec
+from guardray.jobspec import JobSpec
 from guardray.stages import STAGES, Stage
 from guardray.stages.base import StageFn
 from guardray.telemetry import peak_rss_mb

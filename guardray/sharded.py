@@ -39,7 +39,7 @@ from guardray.columns import ERRORS_SCHEMA, ID, PARTS_DIR, REASON, SOURCE
 from guardray.shards import (ERRORS_DIR, NUMERICS_KEY, PartCheck, RangeReader, Shard,
                              as_descriptors, dataset_rows, finished_shards, overlap_problem, part_schema, plan_shards,
                              tiling_problem, verify_all)
-from guardray.spec import ActorPoolSpec, JobSpec, spec_for_worker
+from guardray.jobspec import ActorPoolSpec, JobSpec, spec_for_worker
 from guardray.storage import Location, file_mode_of, resolve
 
 log = logging.getLogger(__name__)

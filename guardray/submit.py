@@ -93,7 +93,7 @@ def entrypoint(spec_in_project: str, overrides: list[str], output: str | None) -
 
 def submit(spec_path: str, address: str, overrides: list[str], output: str | None, wait: bool,
            runtime_env_file: Path | None = RUNTIME_ENV_FILE, project: Path = PROJECT_ROOT) -> int:
-    from guardray.spec import load_spec
+    from guardray.jobspec import load_spec
 
     spec = load_spec(spec_path, overrides, output, paths_elsewhere=True)  # fail here, not on the cluster
     path = Path(spec_path).resolve()

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 from guardray.columns import (CATEGORY_PREFIX, GUARD_RESPONSE_SCORE, GUARD_SCORE, NOT_LABELS, Target,
                               category_column, guard_category_column)
 from guardray.errors import InputError
-from guardray.spec import FEEDBACK_TARGETS, FeedbackSpec, JobSpec
+from guardray.jobspec import FEEDBACK_TARGETS, FeedbackSpec, JobSpec
 
 
 def _score(column: str) -> pc.Expression:

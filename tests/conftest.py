@@ -52,7 +52,7 @@ def ray_local(gcs_emulator: str) -> Iterator[None]:
     import ray
 
     from guardray.cluster import init_ray
-    from guardray.spec import RaySpec
+    from guardray.jobspec import RaySpec
 
     init_ray(RaySpec(address="local", num_cpus=2))
     yield

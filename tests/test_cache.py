@@ -5,7 +5,7 @@ from pathlib import Path
 
 from guardray.cache import MARKER
 from guardray.runner import plan, run_job, stage_states
-from guardray.spec import validate_spec
+from guardray.jobspec import validate_spec
 from guardray.storage import resolve
 from tests.conftest import small_spec
 

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from guardray.spec import load_spec
+from guardray.jobspec import load_spec
 from guardray.submit import build_runtime_env, entrypoint
 from tests.conftest import REPO
 

@@ -14,7 +14,7 @@ from guardray import columns
 from guardray.columns import (FeatureInfo, Target, feature_field, feature_info, feature_infos, feature_schema,
                               read_column, require, with_feature_metadata)
 from guardray.errors import InputError
-from guardray.spec import ExtractSpec
+from guardray.jobspec import ExtractSpec
 from guardray.storage import resolve
 
 
@@ -87,7 +87,7 @@ def test_features_without_the_metadata_fail_in_one_line(tmp_path: Path) -> None:
     assert "\n" not in message and stage.uri in message and "act_last_L3, act_resp_mean_L0" in message
     assert "--force features" in message
     from guardray.probes.cv import feature_columns
-    from guardray.spec import validate_spec
+    from guardray.jobspec import validate_spec
     from tests.conftest import small_spec
 
     with pytest.raises(InputError, match="lack the layer/pooling field metadata"):  # the probes stage's input

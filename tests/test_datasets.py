@@ -23,7 +23,7 @@ from guardray.datasets.normalize import AFFIXES, check_affix, text_keys
 from guardray.datasets.packaged import CORPORA, package_dir
 from guardray.datasets.sources import load_source
 from guardray.errors import InputError, SpecError
-from guardray.spec import BUILTIN_CATEGORY_CODES, DatasetSpec, SplitSpec, SubsampleSpec, validate_spec
+from guardray.jobspec import BUILTIN_CATEGORY_CODES, DatasetSpec, SplitSpec, SubsampleSpec, validate_spec
 from guardray.storage import resolve
 
 

@@ -16,7 +16,7 @@ from guardray.decoding import (PART_SCHEMA, Generation, batch_seed, generation_c
 from guardray.encoding import pad
 from guardray.models import load_tokenizer
 from guardray.rendering import chat_renderer
-from guardray.spec import ModelSpec
+from guardray.jobspec import ModelSpec
 from tests.conftest import REPO
 from tests.models import smollm2_dir
 

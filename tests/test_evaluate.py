@@ -11,7 +11,7 @@ from sklearn import metrics
 from guardray.evaluate import (TieGroups, at_threshold, best_accuracy_threshold, bootstrap_ci, by_source,
                                fpr_at_recall, precision_at_recall, recall_at_fpr, resample_metrics, score_metrics,
                                stratified_sample, threshold_for_recall, threshold_sweep)
-from guardray.spec import EvaluateSpec
+from guardray.jobspec import EvaluateSpec
 
 Y = np.array([0, 0, 0, 0, 1, 1, 1, 1], dtype=bool)
 S = np.array([-3.0, -1.0, 0.5, 2.0, -0.5, 1.0, 3.0, 4.0])

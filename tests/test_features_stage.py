@@ -14,7 +14,7 @@ import pytest
 
 from guardray.columns import FeatureInfo, feature_infos
 from guardray.runner import run_job
-from guardray.spec import validate_spec
+from guardray.jobspec import validate_spec
 from guardray.storage import resolve
 from tests.conftest import small_spec, write_spec
 from tests.models import build_tiny

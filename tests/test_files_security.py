@@ -21,7 +21,7 @@ from guardray.cache import MARKER
 from guardray.datasets.assemble import build_dataset
 from guardray.errors import InputError
 from guardray.runner import plan, run_job
-from guardray.spec import DatasetSpec, validate_spec
+from guardray.jobspec import DatasetSpec, validate_spec
 from guardray.storage import resolve
 from tests.conftest import write_spec
 

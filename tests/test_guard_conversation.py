@@ -25,7 +25,7 @@ from guardray.guard.hf import _chunks
 from guardray.label_head import VocabHead
 from guardray.models import LoadedModel, load_model
 from guardray.rendering import ConversationRenderer, Encoded, chat_conversation_renderer, conversation_template
-from guardray.spec import CustomCategory, GuardSpec, ModelSpec, validate_spec
+from guardray.jobspec import CustomCategory, GuardSpec, ModelSpec, validate_spec
 from tests.conftest import small_spec
 from tests.models import build_tiny, smollm2_dir
 

@@ -17,7 +17,7 @@ from guardray.guard import GUARD_BACKENDS, HFGuard, guard_renderer  # noqa: E402
 from guardray.guard.vllm import VLLMGuard  # noqa: E402
 from guardray.models import LoadedModel, load_model, load_tokenizer  # noqa: E402
 from guardray.runner import run_job  # noqa: E402
-from guardray.spec import GuardSpec, ModelSpec, validate_spec  # noqa: E402
+from guardray.jobspec import GuardSpec, ModelSpec, validate_spec  # noqa: E402
 from guardray.storage import resolve  # noqa: E402
 from tests.conftest import small_spec  # noqa: E402
 

@@ -16,7 +16,7 @@ from guardray.models import choose_attention, load_model, resolve_dtype
 from guardray.runner import plan, run_job
 from guardray.sharded import NUMERICS_FILE, claim_numerics
 from guardray.shards import NUMERICS_KEY
-from guardray.spec import ModelSpec, validate_spec
+from guardray.jobspec import ModelSpec, validate_spec
 from guardray.storage import resolve
 from tests.conftest import small_spec
 from tests.models import build_tiny

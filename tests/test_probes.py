@@ -10,7 +10,7 @@ from guardray import probes
 from guardray.probes import artifact
 from guardray.probes.cv import cross_validate, expand_grid
 from guardray.probes.registry import PROBE_TYPES, build_probe, probe_scores
-from guardray.spec import ProbesSpec
+from guardray.jobspec import ProbesSpec
 from guardray.storage import resolve
 
 

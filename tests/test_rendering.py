@@ -17,7 +17,7 @@ from transformers import AutoTokenizer, ByT5Tokenizer
 from guardray.errors import InputError
 from guardray.guard import HAZARDS, MODERATION_PROMPT, guard_renderer
 from guardray.rendering import Encoded, PromptRenderer, caught, chat_renderer, chat_template
-from guardray.spec import GuardSpec, ModelSpec
+from guardray.jobspec import GuardSpec, ModelSpec
 from tests.models import smollm2_dir
 
 # meta-llama/Llama-2-7b-chat-hf's template (tokenizer_config.json): the message is trimmed, BOS is in the text.

@@ -26,7 +26,7 @@ from guardray.report import run_report
 from guardray.report.mining import MINED_FILE
 from guardray.report.plots import SUMMARY_PLOT
 from guardray.report.tasks import SCORES_DIR
-from guardray.spec import validate_spec
+from guardray.jobspec import validate_spec
 from guardray.storage import Location, resolve
 from tests.conftest import small_spec
 from tests.synthetic import write_feature_parts

@@ -15,7 +15,7 @@ from guardray.rendering import chat_renderer
 from guardray.responses.hf import HFGenerator
 from guardray.runner import plan, run_job
 from guardray.stages.features import features_key
-from guardray.spec import GenerateSpec, ModelSpec, validate_spec
+from guardray.jobspec import GenerateSpec, ModelSpec, validate_spec
 from guardray.storage import resolve
 from tests.conftest import small_spec
 from tests.models import build_tiny

@@ -14,7 +14,7 @@ from guardray.responses.hf import HFGenerator  # noqa: E402
 from guardray.models import load_model  # noqa: E402
 from guardray.rendering import chat_renderer  # noqa: E402
 from guardray.runner import run_job  # noqa: E402
-from guardray.spec import ModelSpec, validate_spec  # noqa: E402
+from guardray.jobspec import ModelSpec, validate_spec  # noqa: E402
 from guardray.storage import resolve  # noqa: E402
 from tests.conftest import small_spec  # noqa: E402
 

@@ -19,7 +19,7 @@ from guardray import cli
 from guardray.cache import MARKER
 from guardray.errors import InputError
 from guardray.runner import plan, run_job
-from guardray.spec import validate_spec
+from guardray.jobspec import validate_spec
 from guardray.storage import resolve
 from tests.conftest import small_spec, write_spec
 from tests.models import build_tiny

@@ -45,7 +45,7 @@ def trained(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     """A job through its probes stage: probes on the last token and the mean of block 8, the chat model as the
     guard. `expected(name)`: a probe's scores on the features stage's stored activations."""
     from guardray.runner import run_job
-    from guardray.spec import load_spec
+    from guardray.jobspec import load_spec
 
     out = tmp_path_factory.mktemp("serve-run")
     forged = out / "forged.jsonl"  # user text holding the template's control tokens: data in training and serving
@@ -544,7 +544,7 @@ def test_row_streamer_pieces_add_up_to_the_text_across_multibyte_characters() ->
 
     from guardray.models import load_tokenizer
     from guardray.serve.engine import Completion, Verdict, _RowStreamer
-    from guardray.spec import ModelSpec
+    from guardray.jobspec import ModelSpec
 
     tokenizer = load_tokenizer(ModelSpec(id="smollm2-135m-instruct"))
     texts = ["Caf\u00e9 \U0001F9A9 na\u00efve \U00013000 done", "plain ascii words here"]  # 🦩, 𓀀: byte tokens

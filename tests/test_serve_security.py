@@ -215,7 +215,7 @@ def test_the_prompt_character_bound_is_never_below_the_real_token_count() -> Non
     character its own token) still has at most `limit` characters per `max_length` tokens."""
     from guardray.models import load_tokenizer
     from guardray.serve.gate import prompt_char_limit
-    from guardray.spec import ModelSpec
+    from guardray.jobspec import ModelSpec
 
     tokenizer = load_tokenizer(ModelSpec(id="smollm2-135m-instruct"))
     limit = prompt_char_limit(tokenizer, 10)

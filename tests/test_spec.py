@@ -1,4 +1,4 @@
-"""The spec's schema (guardray/spec/schema.py, dataset.py, job.py): bad sections fail with the field named,
+"""The spec's schema (guardray/jobspec/schema.py, dataset.py, job.py): bad sections fail with the field named,
 booleans are real booleans, pool sizes and file modes make sense, and cache keys leave out how a stage runs."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from guardray.errors import SpecError
-from guardray.spec import JobSpec, validate_spec
+from guardray.jobspec import JobSpec, validate_spec
 from tests.conftest import small_spec, write_spec
 from tests.test_spec_loading import guardray, one_line_exit_2
 
@@ -120,7 +120,7 @@ def test_generation_key_covers_what_changes_the_text() -> None:
 
 def test_the_dataset_rules_reach_the_schema() -> None:
     """Presets and the dataset stage key's rule tables live in guardray.datasets, above the schema, and are handed
-    to it (guardray/spec/links.py): a preset fills its source, the key carries the normalisation and category rules."""
+    to it (guardray/jobspec/links.py): a preset fills its source, the key carries the normalisation and category rules."""
     from guardray.datasets import categories, normalize
 
     spec = validate_spec(small_spec("out", dataset={"sources": [{"type": "huggingface", "preset": "advbench_hf"},

@@ -1,4 +1,4 @@
-"""Spec values that can attack the machine that reads them (guardray/spec/checks.py): engine arguments that
+"""Spec values that can attack the machine that reads them (guardray/jobspec/checks.py): engine arguments that
 override safety fields, devices, model ids and dataset paths that escape. Each is refused at validate with one
 line, exit 2."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from guardray.errors import SpecError
-from guardray.spec import validate_spec
+from guardray.jobspec import validate_spec
 from tests.conftest import small_spec, write_spec
 from tests.test_spec_loading import guardray, one_line_exit_2
 

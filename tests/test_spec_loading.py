@@ -1,4 +1,4 @@
-"""Reading a spec (guardray/spec/loading.py, problems.py): shipped jobs load, `--set` overrides are typed, YAML is
+"""Reading a spec (guardray/jobspec/loading.py, problems.py): shipped jobs load, `--set` overrides are typed, YAML is
 read safely and bounded (duplicate keys, size, depth, alias bombs), and every problem is one line naming file and
 field. A spec may come from someone else: each bad file is refused at validate with one line, exit 2.
 
@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from guardray.errors import SpecError
-from guardray.spec import JobSpec, load_spec, validate_spec
+from guardray.jobspec import JobSpec, load_spec, validate_spec
 from tests.conftest import REPO, small_spec, write_spec
 
 
@@ -288,13 +288,13 @@ def test_a_worker_rebuilds_the_spec_without_importing_scikit_learn(tmp_path: Pat
     import sys
 
     spec = validate_spec(small_spec(str(tmp_path), probes={"grid": [{"type": "ridge", "params": {"alpha": [1, 2]}}]}))
-    code = ("import json, sys; from guardray.spec import spec_for_worker; "
+    code = ("import json, sys; from guardray.jobspec import spec_for_worker; "
             "spec = spec_for_worker(json.loads(sys.argv[1])); "
             "print(spec.probes.grid[0].type, 'sklearn' in sys.modules, 'scipy' in sys.modules)")
     shown = subprocess.run([sys.executable, "-c", code, spec.model_dump_json()], capture_output=True, text=True,
                            cwd=REPO, check=True).stdout.split()
     assert shown == ["ridge", "False", "False"]
-    from guardray.spec import spec_for_worker
+    from guardray.jobspec import spec_for_worker
 
     assert spec_for_worker(spec.model_dump(mode="json")) == spec
     with pytest.raises(SpecError, match="probes.grid.0.type: unknown probe type 'rige'"):  # the driver still checks

@@ -1,4 +1,4 @@
-"""`validate_job` (guardray/spec/validate.py): the checks that need the registries above the schema. The schema
+"""`validate_job` (guardray/jobspec/validate.py): the checks that need the registries above the schema. The schema
 alone accepts any probe type or affix; these tests fail if `load_spec` / `validate_spec` skip the registry."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Callable
 import pytest
 
 from guardray.errors import SpecError
-from guardray.spec import JobSpec, load_spec, validate_job, validate_spec
+from guardray.jobspec import JobSpec, load_spec, validate_job, validate_spec
 from tests.conftest import small_spec, write_spec
 from tests.test_spec_loading import guardray, one_line_exit_2
 

@@ -9,7 +9,7 @@ import pytest
 
 from guardray.datasets.sources import load_source
 from guardray.runner import run_job, stage_states
-from guardray.spec import DatasetSpec, validate_spec
+from guardray.jobspec import DatasetSpec, validate_spec
 from guardray.storage import resolve
 from tests.conftest import small_spec
 

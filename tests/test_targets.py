@@ -18,7 +18,7 @@ from guardray.columns import Target, label_counts, read_column
 from guardray.errors import InputError
 from guardray.probes.cv import expand_grid
 from guardray.runner import plan
-from guardray.spec import FEEDBACK_TARGETS, FeedbackSpec, ProbesSpec, validate_spec
+from guardray.jobspec import FEEDBACK_TARGETS, FeedbackSpec, ProbesSpec, validate_spec
 from guardray.storage import resolve
 from tests.conftest import small_spec
 

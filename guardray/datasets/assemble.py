@@ -35,7 +35,7 @@ from guardray.datasets.sources import expected_rows, load_source
 from guardray.datasets.tables import SPLITS
 from guardray.columns import HARMFUL, ID, PROMPT, REASON, SOURCE, SPLIT
 from guardray.errors import InputError, one_line
-from guardray.spec import DatasetSpec, JobSpec, SplitSpec, SubsampleSpec
+from guardray.jobspec import DatasetSpec, JobSpec, SplitSpec, SubsampleSpec
 from guardray.storage import Location
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from guardray.columns import PROMPT
 from guardray.datasets import huggingface, packaged
 from guardray.datasets.tables import FORMATS, read_table, source_table, text_table, wanted_columns
 from guardray.errors import InputError
-from guardray.spec import FileSource, HuggingFaceSource, PackagedSource
+from guardray.jobspec import FileSource, HuggingFaceSource, PackagedSource
 from guardray.storage import Location, resolve
 
 def load_packaged(spec: PackagedSource) -> pa.Table:

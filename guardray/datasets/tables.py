@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from guardray.columns import HARMFUL, PROMPT, SPLIT
 from guardray.errors import InputError, one_line
-from guardray.spec import LabelledColumns
+from guardray.jobspec import LabelledColumns
 from guardray.storage import Location
 
 FORMATS = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "json", ".csv": "csv"}

@@ -11,7 +11,7 @@ from guardray.guard.labels import resolve_label_tokens
 from guardray.guard.prompt import JUDGES, Judge, guard_renderer
 from guardray.models import LoadedModel, load_model, load_tokenizer
 from guardray.rendering import ConversationRenderer, Encoded, PromptRenderer
-from guardray.spec import JobSpec
+from guardray.jobspec import JobSpec
 
 
 class Guard(Protocol):

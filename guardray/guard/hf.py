@@ -18,7 +18,7 @@ from guardray.guard.prompt import Judge, guard_renderer
 from guardray.label_head import LabelHead, VocabHead
 from guardray.models import LoadedModel, numerics
 from guardray.rendering import ConversationRenderer, Encoded, PromptRenderer
-from guardray.spec import GuardSpec
+from guardray.jobspec import GuardSpec
 
 
 @dataclass

@@ -8,7 +8,7 @@ import numpy as np
 from guardray.columns import (GUARD_COLUMNS, GUARD_LOGIT_SAFE, GUARD_LOGIT_UNSAFE, GUARD_P_UNSAFE, GUARD_SCORE,
                               guard_category_column, judged_column)
 from guardray.errors import InputError
-from guardray.spec import GuardSpec
+from guardray.jobspec import GuardSpec
 
 
 def resolve_label_tokens(tokenizer: Any, spec: GuardSpec) -> tuple[int, int]:

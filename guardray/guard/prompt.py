@@ -20,7 +20,7 @@ from typing import Any, Callable, Literal
 
 from guardray.errors import InputError
 from guardray.rendering import TEMPLATE_DATE, ConversationRenderer, PromptRenderer, chat_template
-from guardray.spec import CustomCategory, GuardSpec, ModelSpec
+from guardray.jobspec import CustomCategory, GuardSpec, ModelSpec
 
 HAZARDS = """S1: Violent Crimes.
 S2: Non-Violent Crimes.

@@ -26,7 +26,7 @@ from guardray.guard.labels import guard_columns, resolve_label_tokens
 from guardray.guard.prompt import Judge, guard_renderer
 from guardray.models import resolve_dtype, resolve_model_path
 from guardray.rendering import ConversationRenderer, Encoded, PromptRenderer
-from guardray.spec import GuardSpec, ModelSpec
+from guardray.jobspec import GuardSpec, ModelSpec
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from guardray.evaluate import recall_at_fpr
 from guardray.telemetry import peak_rss_mb
 from guardray.probes import artifact
 from guardray.probes.registry import ProbeId, build_probe, grid_points, probe_scores
-from guardray.spec import JobSpec, ProbesSpec
+from guardray.jobspec import JobSpec, ProbesSpec
 from guardray.storage import Location, apply_file_mode, resolve
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ import pyarrow.dataset as pads
 from guardray.columns import (PARTS_DIR, SPLIT, TargetLike, as_target, feature_infos, feature_schema, matrix,
                               parts_dataset, split_filter)
 from guardray.accelerators import gpu_capacity
-from guardray.spec import TorchProbeSpec
+from guardray.jobspec import TorchProbeSpec
 from guardray.storage import Location
 
 log = logging.getLogger(__name__)

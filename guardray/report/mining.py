@@ -14,7 +14,7 @@ from guardray import targets
 from guardray.columns import (GUARD_RESPONSE_SCORE, GUARD_SCORE, ID, PROMPT, RESPONSE, SOURCE, SPLIT, feature_schema,
                               require, scan_batches)
 from guardray.report.tasks import SCORES_FILE
-from guardray.spec import JobSpec
+from guardray.jobspec import JobSpec
 from guardray.storage import Location
 
 MINED_FILE = "mined_prompts.parquet"

@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from guardray import targets
 from guardray.columns import Target
-from guardray.spec import JobSpec
+from guardray.jobspec import JobSpec
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from guardray.report.plots import SUMMARY_PLOT, make_plots, summary_plot
 from guardray.report.render import answer, comparison_markdown, markdown
 from guardray.report.sections import Section, assemble, build_section, ordered, plan_targets
 from guardray.report.tasks import META, compare, evaluate_scorer, merge_scores, read_scores, score_one, scorers, write_labels
-from guardray.spec import JobSpec
+from guardray.jobspec import JobSpec
 from guardray.storage import Location
 
 

@@ -23,7 +23,7 @@ from guardray.evaluate import (at_threshold, by_source, fpr_at_recall, score_met
                                threshold_sweep)
 from guardray.probes import artifact
 from guardray.probes.registry import PROBE_TYPES
-from guardray.spec import JobSpec
+from guardray.jobspec import JobSpec
 from guardray.storage import Location
 from guardray.telemetry import peak_rss_mb
 

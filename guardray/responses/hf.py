@@ -24,7 +24,7 @@ from guardray.encoding import encode_rows, length_batches, pad
 from guardray.models import LoadedModel, load_model, numerics
 from guardray.rendering import Encoded, PromptRenderer, chat_renderer
 from guardray.sharded import ShardActor, run_isolating
-from guardray.spec import GenerateSpec, JobSpec
+from guardray.jobspec import GenerateSpec, JobSpec
 
 
 class HFGenerator:

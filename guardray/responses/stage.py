@@ -32,7 +32,7 @@ from guardray.rendering import chat_renderer
 from guardray.responses.hf import ResponseActor
 from guardray.sharded import ShardedStage, run_sharded
 from guardray.shards import RangeReader, finished_shards
-from guardray.spec import JobSpec
+from guardray.jobspec import JobSpec
 from guardray.storage import DEFAULT_FILE_MODE, Location, resolve
 
 

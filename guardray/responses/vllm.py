@@ -39,7 +39,7 @@ from guardray.models import load_tokenizer, resolve_dtype, resolve_model_path
 from guardray.rendering import chat_renderer
 from guardray.sharded import ErrorBudget, RunTally, ShardedStage, drain, error_table, pool_size, write_shard
 from guardray.shards import RangeReader, Shard, as_descriptors
-from guardray.spec import GenerateSpec, JobSpec, spec_for_worker
+from guardray.jobspec import GenerateSpec, JobSpec, spec_for_worker
 from guardray.storage import Location, file_mode_of, resolve
 
 log = logging.getLogger(__name__)

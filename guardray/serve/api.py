@@ -11,7 +11,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool
 
 from guardray.errors import InputError
 from guardray.serve.engine import GUARD_MODES, POLICIES, ChatRequest, Completion, Sampling, Verdict
-from guardray.spec import DeviceName
+from guardray.jobspec import DeviceName
 
 Policy = Literal["block", "flag"]
 GuardMode = Literal["none", "probe", "model", "both"]

@@ -19,7 +19,7 @@ from guardray.columns import PROMPT_POOLINGS
 from guardray.errors import InputError, one_line
 from guardray.probes import artifact
 from guardray.probes.artifact import META
-from guardray.spec import ModelSpec
+from guardray.jobspec import ModelSpec
 from guardray.storage import Location, resolve
 
 

@@ -85,7 +85,7 @@ def start(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, ad
 
     from guardray.cluster import init_ray
     from guardray.serve.app import build_app
-    from guardray.spec import RaySpec
+    from guardray.jobspec import RaySpec
 
     init_ray(RaySpec(address=address or "local", dashboard=address is None))
     serve.start(http_options={"host": host, "port": port})

@@ -16,7 +16,7 @@ from guardray.models import OFFLINE_MODELS, load_model, numerics
 from guardray.serve.api import ServeSettings
 from guardray.serve.artifact import find_probe, untrusted_model
 from guardray.serve.engine import GuardedChatModel
-from guardray.spec import GuardSpec, ModelSpec
+from guardray.jobspec import GuardSpec, ModelSpec
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from importlib import import_module
 from typing import Any, Callable
 
-from guardray.spec import JobSpec
+from guardray.jobspec import JobSpec
 from guardray.storage import Location
 
 StageFn = Callable[[JobSpec, dict[str, Location], Location], dict[str, Any]]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from guardray.spec import JobSpec
+from guardray.jobspec import JobSpec
 from guardray.stages.base import Stage, feedback_key
 from guardray.stages.responses import generates
 

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Union
 from pydantic import BaseModel
 
 from guardray.errors import one_line
-from guardray.spec.job import JobSpec
+from guardray.jobspec.job import JobSpec
 
 
 def problem_lines(origin: str, errors: list[Any]) -> list[str]:

@@ -16,8 +16,8 @@ from typing import Any, Callable, Mapping
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from guardray.errors import SpecError
-from guardray.spec.job import JobSpec, ProbeGridEntry
-from guardray.spec.problems import problem_lines
+from guardray.jobspec.job import JobSpec, ProbeGridEntry
+from guardray.jobspec.problems import problem_lines
 
 #: A problem in pydantic's error form: `loc` (the field path), `type` and `msg`.
 Problem = dict[str, Any]

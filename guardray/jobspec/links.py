@@ -1,13 +1,13 @@
 """The dataset rules the schema uses, handed in from guardray.datasets, the layer above it (see `dataset.py`).
 
-`guardray/spec/__init__.py` calls `link_datasets()`, so every use of the package has them. guardray.datasets is
-imported when a rule is first used, not here: `import guardray.spec` stays light (no pyarrow) in a worker.
+`guardray/jobspec/__init__.py` calls `link_datasets()`, so every use of the package has them. guardray.datasets is
+imported when a rule is first used, not here: `import guardray.jobspec` stays light (no pyarrow) in a worker.
 """
 from __future__ import annotations
 
 from typing import Any, Iterable
 
-from guardray.spec.dataset import DATASET_RULES
+from guardray.jobspec.dataset import DATASET_RULES
 
 
 class DatasetsPackageRules:

@@ -2,7 +2,7 @@
 
 Two things this section needs live in guardray.datasets, a layer above the schema: the presets a Hugging Face
 source expands to, and the rule tables (normalisation, category labels) that enter the dataset stage's key. They
-are handed in through `DATASET_RULES` (filled by `guardray/spec/links.py` when the package is imported) rather
+are handed in through `DATASET_RULES` (filled by `guardray/jobspec/links.py` when the package is imported) rather
 than imported, so the schema imports nothing above it.
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Annotated, Any, Iterable, Literal, Protocol, Union
 
 from pydantic import Field, StrictBool, field_validator, model_validator
 
-from guardray.spec.checks import check_hub_id, check_relative
-from guardray.spec.schema import Section
+from guardray.jobspec.checks import check_hub_id, check_relative
+from guardray.jobspec.schema import Section
 
 
 class DatasetRules(Protocol):
@@ -27,13 +27,13 @@ class DatasetRules(Protocol):
         ...
 
 
-#: The one DatasetRules in use, set by `guardray.spec.links` (the package's __init__ imports it).
+#: The one DatasetRules in use, set by `guardray.jobspec.links` (the package's __init__ imports it).
 DATASET_RULES: list[DatasetRules] = []
 
 
 def dataset_rules() -> DatasetRules:
     if not DATASET_RULES:
-        raise RuntimeError("guardray.spec.dataset used before guardray.spec.links handed in the dataset rules")
+        raise RuntimeError("guardray.jobspec.dataset used before guardray.jobspec.links handed in the dataset rules")
     return DATASET_RULES[0]
 
 

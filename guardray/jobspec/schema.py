@@ -19,7 +19,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator, model_validator
 
 from guardray.columns import PROMPT_POOLINGS
-from guardray.spec.checks import DeviceName, EngineArgs, check_model_id
+from guardray.jobspec.checks import DeviceName, EngineArgs, check_model_id
 
 
 class Section(BaseModel):

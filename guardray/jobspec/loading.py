@@ -18,10 +18,10 @@ import yaml
 from pydantic import ValidationError
 
 from guardray.errors import SpecError, one_line
-from guardray.spec.job import JobSpec
-from guardray.spec.problems import location_order, problem_lines, step, unwrap
-from guardray.spec.schema import CHECKED_ON_DRIVER, PATHS_ELSEWHERE
-from guardray.spec.validate import job_errors, validate_job
+from guardray.jobspec.job import JobSpec
+from guardray.jobspec.problems import location_order, problem_lines, step, unwrap
+from guardray.jobspec.schema import CHECKED_ON_DRIVER, PATHS_ELSEWHERE
+from guardray.jobspec.validate import job_errors, validate_job
 
 _YAML12_BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
 

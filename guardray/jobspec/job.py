@@ -11,9 +11,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, StrictBool, ValidationInfo, field_validator, model_validator
 
-from guardray.spec.dataset import DatasetSpec
-from guardray.spec.schema import (CHECKED_ON_DRIVER, ExtractSpec, GenerateSpec, GuardSpec, ModelSpec, RaySpec,
-                                  Section, already_checked, device_class, paths_elsewhere)
+from guardray.jobspec.dataset import DatasetSpec
+from guardray.jobspec.schema import (CHECKED_ON_DRIVER, ExtractSpec, GenerateSpec, GuardSpec, ModelSpec, RaySpec,
+                                     Section, already_checked, device_class, paths_elsewhere)
 
 
 #: Most hyper-parameter combinations one grid entry may expand to.
