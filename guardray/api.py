@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 
 from guardray import runner
 from guardray.cache import latest_stage
+from guardray.columns import ID, SPLIT
 from guardray.errors import InputError
 from guardray.jobspec import JobSpec, load_spec
 from guardray.storage import Location, resolve
@@ -59,9 +60,10 @@ class Run:
 
     def feature_columns(self) -> dict[str, int]:
         """{activation column: width} of the features stage, from a parquet footer (no rows read)."""
-        from guardray.columns import feature_dims, feature_schema
+        from guardray.columns import feature_infos, feature_schema
 
-        return feature_dims(feature_schema(self.stage("features")))
+        stage = self.stage("features")
+        return {name: info.width for name, info in feature_infos(feature_schema(stage), stage.uri).items()}
 
     def features(self, column: str, split: str | None = None, target: str = "harmful"
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -70,7 +72,7 @@ class Run:
         that column, the label's columns and the ids are read."""
         from guardray.columns import read_column
 
-        data = read_column(self.stage("features"), column, target, split, extra=("id",))
+        data = read_column(self.stage("features"), column, target, split, extra=(ID,), reader="Run.features")
         return data.x, data.y, _ids(data.extra["id"])
 
     def scores(self, split: str | None = "test", pandas: bool = False) -> Any:
@@ -78,7 +80,7 @@ class Run:
         report stage's `scores.parquet`."""
         table = self.stage("report").join(SCORES_FILE).read_table()
         if split is not None:
-            table = table.filter(pc.field("split") == split)
+            table = table.filter(pc.field(SPLIT) == split)
         return table.to_pandas() if pandas else table
 
     def probe(self, name: str | None = None, allow_pickle: bool = False) -> Any:

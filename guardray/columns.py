@@ -278,9 +278,9 @@ class _Scan:
 
 
 def _scan(stage: Location, dataset: pads.Dataset, column: str | None, target: Target, split: str | None,
-          extra: Sequence[str]) -> _Scan:
+          extra: Sequence[str], reader: str) -> _Scan:
     filtered_on = (*target.needs, *(() if split is None else (SPLIT,)))
-    require(dataset.schema, [c for c in (column, *extra, *filtered_on) if c is not None], stage="probes",
+    require(dataset.schema, [c for c in (column, *extra, *filtered_on) if c is not None], stage=reader,
             where=stage.uri, written_by="features")
     projection = {c: pc.field(c) for c in (column, *extra) if c is not None}
     projection = {**({column: projection.pop(column)} if column else {}), target.name: target.expression,
@@ -290,11 +290,11 @@ def _scan(stage: Location, dataset: pads.Dataset, column: str | None, target: Ta
 
 
 def column_batches(stage: Location, column: str | None, target: TargetLike, split: str | None = "train",
-                   extra: Sequence[str] = ()) -> Iterator[ColumnData]:
+                   extra: Sequence[str] = (), reader: str = "probes") -> Iterator[ColumnData]:
     """Stream one column's labelled rows (of `split`, when given) as record batches of `READ_BATCH_ROWS`:
     a scorer keeps its scores and drops the features batch by batch. `x` keeps the stored dtype (float16)."""
     dataset, target = parts_dataset(stage), as_target(target)
-    scan = _scan(stage, dataset, column, target, split, extra)
+    scan = _scan(stage, dataset, column, target, split, extra, reader)
     # little read-ahead: the default (16 batches x 4 files) decodes far more than one batch at a time
     for batch in dataset.to_batches(columns=scan.projection, filter=scan.where, batch_size=READ_BATCH_ROWS,
                                     batch_readahead=2, fragment_readahead=1):
@@ -315,21 +315,21 @@ def _as_data(batch: pa.RecordBatch, column: str | None, target: Target, dim: int
 
 
 def read_column(stage: Location, column: str | None, target: TargetLike, split: str | None = "train",
-                extra: Sequence[str] = ()) -> ColumnData:
+                extra: Sequence[str] = (), reader: str = "probes") -> ColumnData:
     """One column's labelled rows (of `split`, when given) in a preallocated float32 matrix.
 
     Memory: the matrix plus one record batch. `column=None` reads labels and `extra` only (the guard score).
     `columns_read` lists every column the scan touched (projection and filter), for tests and logs.
     """
     dataset, target = parts_dataset(stage), as_target(target)
-    scan = _scan(stage, dataset, column, target, split, extra)
+    scan = _scan(stage, dataset, column, target, split, extra, reader)
     touched: tuple[str, ...] = ()
     rows = dataset.count_rows(filter=scan.where)
     x = np.empty((rows, scan.dim), dtype=np.float32)
     y = np.empty(rows, dtype=bool)
     extras: dict[str, list[pa.Array]] = {c: [] for c in extra}
     at = 0
-    for part in column_batches(stage, column, target, split, extra):
+    for part in column_batches(stage, column, target, split, extra, reader):
         n, touched = len(part.y), part.columns_read
         x[at:at + n], y[at:at + n] = part.x, part.y
         for c in extra:

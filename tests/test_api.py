@@ -36,7 +36,8 @@ def test_features_read_one_column_of_one_split_with_labels_and_ids(run: guardray
     np.testing.assert_array_equal(X, stored)
     everything = run.features("act_last_L4")[0]
     assert len(everything) > len(X) > 0
-    with pytest.raises(InputError, match="feature column 'act_nope' not in the features stage"):
+    with pytest.raises(InputError, match=r"Run.features: \S+/features-\w+ lacks column act_nope \(written by the "
+                                         r"features stage\)"):
         run.features("act_nope")
 
 

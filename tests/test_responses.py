@@ -14,6 +14,7 @@ from guardray.models import LoadedModel, load_model
 from guardray.rendering import chat_renderer
 from guardray.responses.hf import HFGenerator
 from guardray.runner import plan, run_job
+from guardray.stages import STAGES
 from guardray.stages.features import features_key
 from guardray.jobspec import GenerateSpec, ModelSpec, validate_spec
 from guardray.storage import resolve
@@ -128,7 +129,7 @@ def test_stage_hashes(tmp_path: Path) -> None:
     dirs = plan(base)
     assert list(dirs) == ["dataset", "features", "probes", "report"]
     before = StageDir.for_stage(resolve(str(tmp_path)), "features", features_key(base), {"dataset": dirs["dataset"].name},
-                               format=3)
+                               format=STAGES["features"].format)
     assert dirs["features"].name == before.name  # the key the runner computed before the responses stage existed
     assert plan(validate_spec(small_spec(str(tmp_path), generate={"max_new_tokens": 9}))) == dirs  # off: no effect
 

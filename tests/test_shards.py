@@ -1,5 +1,5 @@
-"""Row-range shards: planning around finished parts, the tiling check, ranged reads across row groups, the error
-budget and which errors count as a broken device."""
+"""Row-range shards: planning around finished parts, the tiling check, ranged reads across row groups (the error
+budget and device failures: tests/test_sharded.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,9 +7,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
-from guardray.sharded import DeviceFailure, ErrorBudget, raise_device_failure
 from guardray.shards import RangeReader, Shard, gaps, overlap_problem, plan_shards, tiling_problem
 from guardray.storage import resolve
 
@@ -40,27 +38,3 @@ def test_range_reads_span_row_groups(tmp_path: Path) -> None:
         table = reader.read(Shard(start, end), ["id"])
         assert table.column_names == ["id"]
         assert table.column("id").to_pylist() == [f"r{i}" for i in range(start, end)]
-
-
-def test_error_budget_counts_and_names_the_first_reasons() -> None:
-    budget = ErrorBudget(total=1000, fraction=0.01)
-    budget.add(10, ["render: ValueError: bad", ""])
-    assert budget.allowed == 10 and not budget.exceeded
-    budget.add(1, ["activations: IndexError: index out of range", "x", "y"])
-    assert budget.exceeded
-    message = budget.message()
-    assert "11 of 1000 prompts failed" in message and "budget of 10" in message
-    assert "render: ValueError: bad; activations: IndexError" in message
-
-
-def test_device_failures_are_not_bad_prompts() -> None:
-    raise_device_failure(IndexError("index out of range in self"))  # a bad prompt: passes through
-    raise_device_failure(ValueError("too long"))
-    for message in ("CUDA error: device-side assert triggered", "CUDA error: an illegal memory access was encountered",
-                    "CUBLAS_STATUS_EXECUTION_FAILED when calling cublasGemmEx"):
-        with pytest.raises(DeviceFailure, match="RuntimeError"):
-            raise_device_failure(RuntimeError(message))
-    accelerator_error = getattr(torch, "AcceleratorError", None)
-    if accelerator_error is not None:
-        with pytest.raises(DeviceFailure):
-            raise_device_failure(accelerator_error("an accelerator failed"))

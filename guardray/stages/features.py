@@ -18,6 +18,7 @@ def prompts_from(spec: JobSpec) -> tuple[str, ...]:
     return ("responses",) if spec.generate.enabled else ("dataset",)
 
 
-# 2: parts named by row range; 3: special tokens in user text are read as plain text
-STAGE = Stage("features", inputs=prompts_from, key=features_key, run="guardray.features:run_features", format=3,
+# 2: parts named by row range; 3: special tokens in user text are read as plain text; 4: each activation column
+# carries its layer and pooling as field metadata (columns.feature_info), which the readers need
+STAGE = Stage("features", inputs=prompts_from, key=features_key, run="guardray.features:run_features", format=4,
               needs_ray=True, resumable=True)
