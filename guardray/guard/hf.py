@@ -1,5 +1,5 @@
 """The transformers guard backend: one forward pass, label logits at each row's last token; optionally the
-category continuations after it (`guardray.guard.categories`)."""
+category continuations after it (`guardray.guard.category_scores`)."""
 from __future__ import annotations
 
 import copy

@@ -141,7 +141,7 @@ class JobSpec(Section):
     feedback: FeedbackSpec = FeedbackSpec()
     probes: ProbesSpec = ProbesSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
-    # How the job runs, not what it computes; the stage keys are built from the sections (runner.STAGES), and
+    # How the job runs, not what it computes; the stage keys are built from the sections (guardray.stages), and
     # these top-level fields enter none of them.
     runtime_fields: ClassVar[frozenset[str]] = frozenset({"output", "ray", "file_mode"})
 
