@@ -13,7 +13,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from guardray.errors import SpecError
 from guardray.jobspec import JobSpec, validate_spec
 from tests.conftest import small_spec, write_spec
-from tests.test_spec_loading import guardray, one_line_exit_2
+from tests.test_jobspec_loading import guardray, one_line_exit_2
 
 
 def _errors(raw: dict[str, Any]) -> list[str]:

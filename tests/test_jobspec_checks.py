@@ -12,7 +12,7 @@ import pytest
 from guardray.errors import SpecError
 from guardray.jobspec import validate_spec
 from tests.conftest import small_spec, write_spec
-from tests.test_spec_loading import guardray, one_line_exit_2
+from tests.test_jobspec_loading import guardray, one_line_exit_2
 
 
 def _errors(raw: dict[str, Any]) -> list[str]:

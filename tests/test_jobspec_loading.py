@@ -200,7 +200,7 @@ def test_directory_instead_of_spec_is_one_line(tmp_path: Path) -> None:
 
 def test_on_is_a_key_not_a_boolean(tmp_path: Path) -> None:
     """YAML 1.1 reads `on:` as True; specs are read with 1.2 booleans, so `extract.on` is a key (and `yes` is
-    the string 'yes', which a boolean field refuses: tests/test_spec_security.py)."""
+    the string 'yes', which a boolean field refuses: tests/test_jobspec.py)."""
     path = tmp_path / "job.yaml"
     path.write_text("name: x\noutput: runs/x\ndataset: {sources: [{type: advbench}]}\n"
                     "generate: {enabled: true}\nextract:\n  on: [prompt, response]\n")

@@ -10,7 +10,7 @@ import pytest
 from guardray.errors import SpecError
 from guardray.jobspec import JobSpec, load_spec, validate_job, validate_spec
 from tests.conftest import small_spec, write_spec
-from tests.test_spec_loading import guardray, one_line_exit_2
+from tests.test_jobspec_loading import guardray, one_line_exit_2
 
 BAD_GRID = {"grid": [{"type": "rige"}, {"type": "linear_svc", "params": {"CC": 1}},
                      {"type": "logistic_regression", "params": {"C": [0.1, -1.0]}}]}
