@@ -5,9 +5,10 @@ works the same on a cluster): prompts done of the total, errors, prompts/s and t
 On a terminal the line is redrawn in place; elsewhere (`ray job logs`, a CI log, a file) a plain line is
 printed at most every `every_s` seconds, and always when the stage ends.
 
-`quiet_ray_loggers` sends Ray's, Ray Data's and Tune's own log records (progress bars, start-up notices, tables) to
-the run's log file instead of the console; warnings and errors of every logger still reach the console, and
-guardray's own INFO lines stay. `--verbose` leaves the console as Ray makes it.
+`quiet_ray_loggers` (the CLI without `--verbose`) sends Ray's, Ray Data's and Tune's own log records (progress
+bars, start-up notices, tables) to the run's log file instead of the console; warnings and errors of every logger
+still reach the console, and guardray's own INFO lines stay. `--verbose`, and any use from Python, leave the
+console as Ray makes it.
 """
 from __future__ import annotations
 
@@ -147,11 +148,13 @@ def quiet_ray_loggers() -> None:
             notices.addHandler(to_file)
 
 
-_VERBOSE = False
+#: The CLI turns Ray's console down unless `--verbose`; a library user (`guardray.run` in a notebook) keeps
+#: logging as it is: quieting is the command line's choice, not a side effect of importing guardray.
+_VERBOSE = True
 
 
 def verbose() -> bool:
-    """Whether this process shows Ray's own output on the console (`guardray --verbose`)."""
+    """Whether this process shows Ray's own output on the console (library default; `guardray --verbose`)."""
     return _VERBOSE
 
 

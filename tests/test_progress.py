@@ -70,6 +70,7 @@ import logging, sys
 from pathlib import Path
 from guardray import progress
 logging.basicConfig(level=logging.INFO)
+progress.set_verbose(False)  # as `guardray run` without --verbose
 progress.log_to_file(Path(sys.argv[1]))
 progress.quiet_ray_loggers()
 for name in ("ray", "ray.data", "ray.tune"):
