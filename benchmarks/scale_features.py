@@ -69,7 +69,7 @@ def job(source: Path, model: str, output: Path) -> dict:
 def peak_rss_mb() -> int:
     """This process's peak RSS (VmHWM). Not `ru_maxrss`: Linux carries that across fork + exec, so a child
     would report at least its parent's RSS at the time it was started."""
-    from guardray.runner import peak_rss_mb as peak
+    from guardray.telemetry import peak_rss_mb as peak
 
     return peak()
 

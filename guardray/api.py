@@ -15,6 +15,7 @@ memory.
 from __future__ import annotations
 
 import os
+import posixpath
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -23,13 +24,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from guardray import runner
-from guardray.cache import latest_stage
+from guardray.cache import MARKER, SPEC_FILE, latest_stage
 from guardray.columns import ID, SPLIT
 from guardray.errors import InputError
-from guardray.jobspec import JobSpec, load_spec
+from guardray.jobspec import JobSpec, load_spec, validate_job
 from guardray.storage import Location, resolve
 
 DATASET_FILE, SCORES_FILE, REPORT_FILE = "dataset.parquet", "scores.parquet", "report.json"
+#: the stages of a run, in pipeline order
+PIPELINE = ("dataset", "responses", "features", "probes", "report")
 
 
 @dataclass(frozen=True)
@@ -43,13 +46,28 @@ class Run:
         return self.location.uri
 
     def stage(self, name: str) -> Location:
-        """The finished `name` stage (dataset, responses, features, probes, report); one line naming the fix when
-        there is none."""
-        found = latest_stage(self.location, name)
-        if found is None:
-            raise InputError(f"{self.uri}: no finished {name} stage ({name}-<hash> with _SUCCESS); run the job "
-                             f"with `guardray run` (or guardray.run)")
-        return found
+        """The finished `name` stage (dataset, responses, features, probes, report) of one consistent run: the
+        newest finished last stage and the directories it was computed from (its `spec.json` inputs), so the
+        features, probe and scores a notebook reads belong together even after a partial rerun. One line naming
+        the fix when there is none."""
+        for last in PIPELINE[::-1]:
+            found = latest_stage(self.location, last)
+            if found is not None and name in (chain := self._chain(last, found)):
+                return chain[name]
+        raise InputError(f"{self.uri}: no finished {name} stage ({name}-<hash> with _SUCCESS); run the job "
+                         f"with `guardray run` (or guardray.run)")
+
+    def _chain(self, name: str, top: Location) -> dict[str, Location]:
+        """{stage: directory} of `top` and every finished stage it read, through the `inputs` of `spec.json`."""
+        chain, todo = {name: top}, [top]
+        while todo:
+            inputs = todo.pop().join(SPEC_FILE).read_json().get("inputs") or {}
+            for stage, directory in inputs.items():
+                found = self.location.join(posixpath.basename(str(directory)))
+                if stage not in chain and found.join(MARKER).exists():
+                    chain[stage] = found
+                    todo.append(found)
+        return chain
 
     def dataset(self, pandas: bool = False) -> Any:
         """The prompt set (the responses stage's, with the answers, when the job generated them): a pyarrow
@@ -72,6 +90,9 @@ class Run:
         that column, the label's columns and the ids are read."""
         from guardray.columns import read_column
 
+        if column not in (known := self.feature_columns()):
+            raise InputError(f"Run.features: {column!r} is not an activation column of {self.stage('features').uri} "
+                             f"(columns: {', '.join(known)})")
         data = read_column(self.stage("features"), column, target, split, extra=(ID,), reader="Run.features")
         return data.x, data.y, _ids(data.extra["id"])
 
@@ -106,9 +127,11 @@ class Run:
         return self.stage("report").join(REPORT_FILE).read_json()
 
     def _first_of(self, *names: str) -> Location:
-        for name in names:
-            if (found := latest_stage(self.location, name)) is not None:
-                return found
+        for name in names[:-1]:
+            try:
+                return self.stage(name)
+            except InputError:
+                continue
         return self.stage(names[-1])
 
 
@@ -123,6 +146,8 @@ def run(spec: JobSpec | Mapping[str, Any] | str | os.PathLike, stages: Sequence[
     if isinstance(spec, JobSpec):
         if overrides or output:
             spec = load_spec(spec.model_dump(mode="json"), overrides, output)
+        else:  # built by hand: the registry checks a loaded spec gets, before any stage runs
+            validate_job(spec)
     else:
         spec = load_spec(spec, overrides, output)
     return runner.run_job(spec, list(stages) if stages else None, tuple(force))

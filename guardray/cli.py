@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import stat
 import sys
 import tempfile
 import time
@@ -156,11 +157,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def default_log_file(command: str) -> Path:
-    """A new private file for this invocation's full log: `$TMPDIR/guardray-logs/<command>-<time>-<pid>.log`."""
-    directory = Path(tempfile.gettempdir()) / "guardray-logs"
+    """A new private file for this invocation's full log, in a directory of this user's own:
+    `$TMPDIR/guardray-logs-<uid>/<command>-<time>-<pid>.log`. A directory of that name that is not this user's,
+    or that others can read or write, is refused (a shared /tmp must not let another user place the log)."""
+    directory = Path(tempfile.gettempdir()) / f"guardray-logs-{os.getuid()}"
     directory.mkdir(mode=0o700, exist_ok=True)
+    found = os.lstat(directory)
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid() or found.st_mode & 0o077:
+        raise InputError(f"{directory}: not a private directory of this user; pass --log-file PATH")
     path = directory / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))  # private before anything is written to it
+    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o600))
     return path
 
 
@@ -246,11 +252,12 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    progress.set_verbose(args.verbose or args.debug)
-    if args.command == "run":
-        args.log_file = args.log_file or default_log_file(args.command)
-        progress.log_to_file(args.log_file)
+    log_file = None
     try:
+        progress.set_verbose(args.verbose or args.debug)
+        if args.command == "run":
+            args.log_file = args.log_file or default_log_file(args.command)
+            log_file = progress.log_to_file(args.log_file)
         return COMMANDS[args.command](args)
     except SpecError as e:
         for line in e.problems:
@@ -266,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {type(e).__name__}: {one_line(e, 500)}", file=sys.stderr)
         return EXIT_FAILED
+    finally:  # a second call in the same process (tests, a notebook) starts from the library's defaults
+        progress.set_verbose(True)
+        if log_file is not None:
+            progress.stop_logging_to(log_file)
 
 
 if __name__ == "__main__":

@@ -32,9 +32,8 @@ def init_ray(spec: RaySpec) -> None:
             include_dashboard=spec.dashboard,
             dashboard_host="127.0.0.1",
             runtime_env=runtime_env,
-            # quiet: the workers' own output stays in Ray's session logs (a failure still reaches the driver
-            # as the task's or actor's exception, and the stage's one-line error)
-            log_to_driver=progress.verbose(),
+            # the workers' own warnings and errors (a restarted actor, a pickled probe) reach the console
+            log_to_driver=True,
             configure_logging=False,
         )
         if spec.dashboard:

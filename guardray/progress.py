@@ -7,8 +7,8 @@ printed at most every `every_s` seconds, and always when the stage ends.
 
 `quiet_ray_loggers` (the CLI without `--verbose`) sends Ray's, Ray Data's and Tune's own log records (progress
 bars, start-up notices, tables) to the run's log file instead of the console; warnings and errors of every logger
-still reach the console, and guardray's own INFO lines stay. `--verbose`, and any use from Python, leave the
-console as Ray makes it.
+still reach the console, and guardray's own INFO lines stay; workers' output still reaches the driver. `--verbose`,
+and any use from Python, leave the console as Ray makes it.
 """
 from __future__ import annotations
 
@@ -104,14 +104,24 @@ class _NotChatter(logging.Filter):
         return not str(record.msg).startswith(self.NOTICES)
 
 
-def log_to_file(log_file: Path) -> None:
-    """Every record at DEBUG and up also goes to `log_file` (the run's full log, whatever the console shows)."""
+def log_to_file(log_file: Path) -> logging.Handler:
+    """Every record at DEBUG and up also goes to `log_file` (the run's full log, whatever the console shows).
+    The file is private (0600) and never followed through a symlink; the handler is returned for removal."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(log_file)
+    fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+    handler = logging.StreamHandler(os.fdopen(fd, "a", encoding="utf-8"))
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.set_name("guardray-log-file")
     logging.getLogger().addHandler(handler)
+    return handler
+
+
+def stop_logging_to(handler: logging.Handler) -> None:
+    """Detach and close a `log_to_file` handler (from the root and every logger it was added to)."""
+    for logger in [logging.getLogger(), *(logging.getLogger(n) for n in (*CHATTY_LOGGERS, *NOTICE_LOGGERS))]:
+        logger.removeHandler(handler)
+    handler.close()
 
 
 def quiet_ray_loggers() -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from guardray.cache import LATEST_FILE, StageDir
@@ -16,10 +15,11 @@ from guardray.errors import InputError, ray_get
 from guardray.jobspec import JobSpec
 from guardray.stages import STAGES, Stage
 from guardray.stages.base import StageFn
-from guardray.telemetry import peak_rss_mb
 from guardray.storage import Location, output_location
+from guardray.telemetry import peak_rss_mb
 
 log = logging.getLogger(__name__)
+
 
 def plan(spec: JobSpec) -> dict[str, StageDir]:
     """The directory of every stage for this spec (hashes chain through the inputs)."""

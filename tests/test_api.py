@@ -36,9 +36,9 @@ def test_features_read_one_column_of_one_split_with_labels_and_ids(run: guardray
     np.testing.assert_array_equal(X, stored)
     everything = run.features("act_last_L4")[0]
     assert len(everything) > len(X) > 0
-    with pytest.raises(InputError, match=r"Run.features: \S+/features-\w+ lacks column act_nope \(written by the "
-                                         r"features stage\)"):
-        run.features("act_nope")
+    with pytest.raises(InputError, match=r"Run.features: 'guard_score' is not an activation column of \S+ "
+                                         r"\(columns: act_last_L4, "):
+        run.features("guard_score")
 
 
 def test_the_headline_probe_scores_the_test_rows_as_the_report_did(run: guardray.Run) -> None:

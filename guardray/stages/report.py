@@ -27,4 +27,5 @@ def report_inputs(spec: JobSpec) -> tuple[str, ...]:
     return ("features", "probes", *(("responses",) if generates(spec) else ()))
 
 
-STAGE = Stage("report", inputs=report_inputs, key=report_key, run="guardray.report:run_report", format=2)
+STAGE = Stage("report", inputs=report_inputs, key=report_key, run="guardray.report:run_report", format=2,
+              needs_ray=True)
