@@ -111,3 +111,15 @@ def chats_from_rows(prompts: Sequence[str], messages: Iterable[Any] | None) -> l
         except InputError as e:
             out.append(e)
     return out
+
+
+def request_chat(messages: Sequence[tuple[str, str]]) -> Chat:
+    """The `Chat` of a served request's (role, content) messages: a system turn only first, the last turn the
+    user's (InputError otherwise; the API has checked the roles). Empty texts are the template's business."""
+    if not messages or messages[-1][0] != USER:
+        raise InputError(f"messages: the last message must be the user's, not {messages[-1][0] if messages else None!r}")
+    own = messages[0][1] if messages[0][0] == SYSTEM else None
+    turns = messages[1:] if own is not None else messages
+    if any(role == SYSTEM for role, _ in turns):
+        raise InputError("messages: a system message may only come first")
+    return Chat(turns[-1][1], tuple((role, content) for role, content in turns[:-1]), own)

@@ -64,6 +64,7 @@ class OffsetTokenizer:
             self.backend = None
         self.escaping = copies.escaping if self.backend is not None else None
         self.added_ids = copies.added_ids
+        self.added_texts = copies.added_texts  # what a user's text must not turn into
 
     def __call__(self, texts: Sequence[str], spans: Sequence[Sequence[tuple[int, int]]] | None = None
                  ) -> list[Tokens]:
@@ -177,6 +178,7 @@ class _Copies:
     backend: Any
     escaping: _Escaping | None
     added_ids: frozenset[int]
+    added_texts: tuple[str, ...]
 
 
 _COPIES: "weakref.WeakKeyDictionary[Any, _Copies]" = weakref.WeakKeyDictionary()
@@ -193,7 +195,8 @@ def _copies(tokenizer: Any) -> _Copies:
     added = getattr(backend, "get_added_tokens_decoder", lambda: {})() if backend is not None else \
         getattr(tokenizer, "added_tokens_decoder", {})
     copies = _Copies(backend, _escaping_copy(backend) if backend is not None else None,
-                     frozenset(i for i, t in added.items() if t.content))
+                     frozenset(i for i, t in added.items() if t.content),
+                     tuple(t.content for t in added.values() if t.content))
     try:
         _COPIES[tokenizer] = copies
     except TypeError:

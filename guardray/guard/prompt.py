@@ -19,7 +19,9 @@ import re
 from typing import Any, Callable, Literal
 
 from guardray.errors import InputError
-from guardray.rendering import TEMPLATE_DATE, ConversationRenderer, PromptRenderer, chat_template
+from guardray.chats import USER, Chat
+from guardray.rendering import (ChatTemplate, ConversationRenderer, PairTemplate, PromptRenderer, apply_template,
+                                chat_template)
 from guardray.jobspec import CustomCategory, GuardSpec, ModelSpec
 
 HAZARDS = """S1: Violent Crimes.
@@ -45,7 +47,7 @@ MODERATION_PROMPT = """Task: Check if there is unsafe content in 'User' messages
 
 <BEGIN CONVERSATION>
 
-User: {prompt}
+{history}User: {prompt}
 
 <END CONVERSATION>
 
@@ -62,7 +64,7 @@ AGENT_MODERATION_PROMPT = """Task: Check if there is unsafe content in 'Agent' m
 
 <BEGIN CONVERSATION>
 
-User: {prompt}
+{history}User: {prompt}
 
 Agent: {response}
 
@@ -77,7 +79,7 @@ JUDGES: tuple[str, ...] = ("prompt", "response")
 
 _BLOCK = re.compile(r"(<BEGIN UNSAFE CONTENT CATEGORIES>\n)(.*?)(\n*<END UNSAFE CONTENT CATEGORIES>)", re.S)
 _CATEGORY_LINE = re.compile(r"^(S\d+): ?(.*)$")
-_PLACEHOLDER = re.compile(r"\{(hazards|prompt|response)\}")
+_PLACEHOLDER = re.compile(r"\{(hazards|history|prompt|response)\}")
 
 
 def fill(template: str, **values: str) -> str:
@@ -110,30 +112,42 @@ def prompt_format(tokenizer: Any, model: ModelSpec, spec: GuardSpec) -> str:
 
 def guard_renderer(tokenizer: Any, model: ModelSpec, spec: GuardSpec,
                    judge: Judge = "prompt") -> PromptRenderer | ConversationRenderer:
-    """Renders a prompt (judge="prompt") or a (prompt, response) pair (judge="response") into the guard's
-    input, ending with the forced prefix. Both renderers' `encode_many` take what they judge."""
+    """Renders a prompt or conversation row (judge="prompt") or a row and its response (judge="response") into
+    the guard's input, ending with the forced prefix. Both renderers' `encode_many` take what they judge."""
     if judge not in JUDGES:
         raise InputError(f"guard judge {judge!r} is not one of {', '.join(JUDGES)}")
     build = _llamaguard_template if prompt_format(tokenizer, model, spec) == "llamaguard" else _generic_template
-    template = build(tokenizer, model, spec, judge)
-    if judge == "prompt":
-        return PromptRenderer(tokenizer, lambda text: template(text) + spec.prefix, spec.max_length, model.truncation)
-    return ConversationRenderer(tokenizer, lambda prompt, response: template(prompt, response) + spec.prefix,
-                                spec.max_length, model.truncation)
+    template = build(tokenizer, model, spec, judge).then(spec.prefix)
+    renderer = (PromptRenderer(tokenizer, template, spec.max_length, model.truncation) if judge == "prompt" else
+                ConversationRenderer(tokenizer, template, spec.max_length, model.truncation))
+    renderer.prefix_required = True  # the HF guard's cached key/values are the prefix's
+    return renderer
 
 
-def _generic_template(tokenizer: Any, model: ModelSpec, spec: GuardSpec, judge: Judge) -> Callable[..., str]:
-    """The built-in moderation prompt (User or Agent form) as the user turn of the model's own template."""
+def history_text(chat: Chat) -> str:
+    """The turns before the judged ones as the built-in prompt's conversation lists them ("User: ...", "Agent:
+    ..."), one per line; empty for a lone prompt, so its rendering is the prompt-only one."""
+    return "".join(f"{'User' if role == USER else 'Agent'}: {content}\n" for role, content in chat.history)
+
+
+def _generic_template(tokenizer: Any, model: ModelSpec, spec: GuardSpec, judge: Judge) -> ChatTemplate | PairTemplate:
+    """The built-in moderation prompt (User or Agent form) as the user turn of the model's own template. The
+    row's history is listed before the judged turns; its own system turn (a persona given to the chat model)
+    is not the user's or the agent's message, so the guard does not see it."""
     base = chat_template(tokenizer, model.system_prompt)
     policy = hazards(spec)
     if judge == "prompt":
-        return lambda text: base(fill(MODERATION_PROMPT, hazards=policy, prompt=text))
-    return lambda prompt, response: base(fill(AGENT_MODERATION_PROMPT, hazards=policy, prompt=prompt,
-                                              response=response))
+        return ChatTemplate(lambda chat: base(fill(MODERATION_PROMPT, hazards=policy, history=history_text(chat),
+                                                   prompt=chat.prompt)))
+    return PairTemplate(lambda chat, response: base(fill(AGENT_MODERATION_PROMPT, hazards=policy,
+                                                         history=history_text(chat), prompt=chat.prompt,
+                                                         response=response)))
 
 
-def _llamaguard_template(tokenizer: Any, model: ModelSpec, spec: GuardSpec, judge: Judge) -> Callable[..., str]:
-    """LlamaGuard's own template over [user] or [user, assistant], with the custom categories added."""
+def _llamaguard_template(tokenizer: Any, model: ModelSpec, spec: GuardSpec, judge: Judge) -> ChatTemplate | PairTemplate:
+    """LlamaGuard's own template over the row's turns ([history..., user] or [history..., user, assistant]), with
+    the custom categories added; the row's system turn is left out (LlamaGuard templates judge User and Agent
+    turns only, and most refuse a system role)."""
     content = _content_style(tokenizer)
     extra: dict[str, Any] = {}
     splice: Callable[[str], str] = lambda text: text  # noqa: E731
@@ -146,15 +160,14 @@ def _llamaguard_template(tokenizer: Any, model: ModelSpec, spec: GuardSpec, judg
             lines = "\n".join(f"{c.code}: {category_text(c)}" for c in spec.custom_categories)
             splice = lambda text: _splice(text, lines)  # noqa: E731
     if judge == "prompt":
-        return lambda text: splice(_render(tokenizer, [("user", text)], content, extra))
-    return lambda prompt, response: splice(_render(tokenizer, [("user", prompt), ("assistant", response)],
-                                                   content, extra))
+        return ChatTemplate(lambda chat: splice(_render(tokenizer, [*chat.history, ("user", chat.prompt)], content,
+                                                        extra)))
+    return PairTemplate(lambda chat, response: splice(_render(
+        tokenizer, [*chat.history, ("user", chat.prompt), ("assistant", response)], content, extra)))
 
 
 def _render(tokenizer: Any, turns: list[tuple[str, str]], content: Callable[[str], Any], extra: dict[str, Any]) -> str:
-    messages = [{"role": role, "content": content(text)} for role, text in turns]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                         date_string=TEMPLATE_DATE, **extra)
+    return apply_template(tokenizer, [{"role": role, "content": content(text)} for role, text in turns], True, **extra)
 
 
 def _content_style(tokenizer: Any) -> Callable[[str], Any]:

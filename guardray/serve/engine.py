@@ -15,12 +15,12 @@ This module knows nothing of HTTP or Ray: `guardray.serve.app` wraps it in a Ray
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -28,11 +28,12 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from guardray.activations import Batch, decoder_layers, pool
+from guardray.chats import request_chat
 from guardray.columns import GUARD_SCORE
 from guardray.decoding import generation_config, split_stop, stop_ids
 from guardray.errors import InputError
 from guardray.models import LoadedModel
-from guardray.rendering import Encoded, PromptRenderer, chat_renderer, conversation_renderer
+from guardray.rendering import Encoded, chat_renderer
 
 log = logging.getLogger(__name__)
 
@@ -141,31 +142,21 @@ class GuardedChatModel:
 
     # ------------------------------------------------------------------------------------------ rendering
     def encode(self, messages: Sequence[tuple[str, str]]) -> Encoded:
-        """The prompt's ids as the features stage renders them: the spec's system prompt unless the request
-        has its own, the user's last message in the model's chat template. Over `max_length` → InputError
-        (the server does not cut a live prompt, as the features stage does for training)."""
-        history, (role, text) = tuple(messages[:-1]), messages[-1]
-        if role != "user":
-            raise InputError(f"messages: the last message must be the user's, not {role!r}")
-        system = self.system_prompt
-        if history and history[0][0] == "system":
-            (_, system), history = history[0], history[1:]
-        if not history and system == self.system_prompt:
-            renderer = self.renderer
-        elif not self.loaded.spec.chat_template:
-            raise InputError("messages: this model renders raw text (no chat template): send one user message")
-        else:
-            renderer = _renderer(self.loaded.tokenizer, history, system, self.max_length, self.loaded.spec.truncation,
-                                 system != self.system_prompt)
-        try:
-            encoded = renderer.encode(text)
-        except InputError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a template refusing these messages (roles, order) is bad input
-            raise InputError(f"messages: the chat template refuses them: {type(e).__name__}: {e}") from None
-        if encoded.truncated:
-            raise InputError(f"messages: the prompt renders to {encoded.n_tokens} tokens; this server's max_length "
-                             f"is {self.max_length}")
+        """The conversation's ids exactly as the features stage renders the same conversation row (one renderer,
+        `chat_renderer`): the spec's system prompt unless the request has its own, the history, the user's last
+        message. Over `max_length` → InputError (the server does not cut a live prompt or drop its turns, as
+        the features stage does for training)."""
+        chat = request_chat(messages)
+        if chat.system == self.system_prompt:  # the spec's own: a lone prompt renders as in the features stage
+            chat = dataclasses.replace(chat, system=None)
+        encoded = self.renderer.encode_many([chat])[0]
+        if isinstance(encoded, InputError):
+            raise encoded
+        if isinstance(encoded, Exception):  # a template refusing these messages (roles, order) is bad input
+            raise InputError(f"messages: the chat template refuses them: {type(encoded).__name__}: {encoded}")
+        if encoded.truncated or encoded.dropped_turns:
+            raise InputError(f"messages: the prompt renders to more than this server's max_length "
+                             f"({self.max_length}) tokens")
         return encoded
 
     # ------------------------------------------------------------------------------------------- scoring
@@ -335,7 +326,7 @@ class GuardedChatModel:
         if request.guard in ("model", "both"):
             if self.guard is None:
                 raise InputError(f"guard: {request.guard!r} needs the guard model, and this server runs without one")
-            failed = self.guard.renderer.encode_many([request.messages[-1][1]])[0]
+            failed = self.guard.renderer.encode_many([request_chat(request.messages)])[0]
             if isinstance(failed, Exception):
                 raise InputError(f"messages: the guard model cannot render this prompt: {failed}")
 
@@ -346,8 +337,7 @@ class GuardedChatModel:
         if self.guard is None:
             raise InputError("guard: this server has no guard model (the probe's run had none, or it was not loaded)")
         started = time.perf_counter()
-        texts = [r.messages[-1][1] for r in requests]
-        encoded = self.guard.renderer.encode_many(texts)
+        encoded = self.guard.renderer.encode_many([request_chat(r.messages) for r in requests])
         failed = next((e for e in encoded if isinstance(e, Exception)), None)
         if failed is not None:
             raise InputError(f"messages: the guard model cannot render this prompt: {failed}")
@@ -445,13 +435,3 @@ class _RowStreamer(BaseStreamer):
         if completion.finish_reason == "content_filter" or len(completion.text) <= len(shown):
             return []
         return [completion.text[len(shown):]]
-
-
-@lru_cache(maxsize=8)  # each holds a private tokenizer copy: conversations with the same head share one
-def _renderer(tokenizer: Any, history: tuple[tuple[str, str], ...], system: str | None,
-              max_length: int, truncation: str, own_system: bool) -> PromptRenderer:
-    """The renderer of a conversation's last user turn after `history` (cached per distinct conversation
-    head); a single user turn uses `chat_renderer`, exactly the features stage's rendering. The history, and
-    a system prompt of the request's own, are user text: their special tokens are read as plain text."""
-    return conversation_renderer(tokenizer, system, history, max_length, truncation, own_system)
-
