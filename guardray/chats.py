@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
+from guardray.columns import MESSAGES, PROMPT
 from guardray.errors import InputError
 
 SYSTEM, USER, ASSISTANT = "system", "user", "assistant"
@@ -94,6 +95,12 @@ def chat_from_messages(messages: Sequence[Mapping[str, Any]], system: str | None
     own = messages[0]["content"] if messages[0]["role"] == SYSTEM else None
     turns = [(m["role"], m["content"]) for m in messages if m["role"] != SYSTEM]
     return Chat(turns[-1][1], tuple(turns[:-1]), system if system is not None else own)
+
+
+def table_chats(rows: Any) -> list[Chat | InputError]:
+    """`chats_from_rows` over a dataset table's `prompt` and (when it has one) `messages` columns."""
+    messages = rows.column(MESSAGES).to_pylist() if MESSAGES in rows.column_names else None
+    return chats_from_rows(rows.column(PROMPT).to_pylist(), messages)
 
 
 def chats_from_rows(prompts: Sequence[str], messages: Iterable[Any] | None) -> list[Chat | InputError]:

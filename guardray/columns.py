@@ -47,6 +47,9 @@ META_COLUMNS = [ID, HARMFUL, SOURCE, SPLIT]
 RESPONSE, RESPONSE_TOKENS, FINISH_REASON = "response", "response_tokens", "finish_reason"
 #: The features stage's per-row flags: tokens rendered, and whether the prompt was cut at `max_length`.
 N_TOKENS, TRUNCATED = "n_tokens", "truncated"
+#: A conversation row's messages (dataset), and how many of its oldest turns the features stage left out to fit
+#: `max_length` (parts of a dataset with conversations only).
+MESSAGES, DROPPED_TURNS = "messages", "dropped_turns"
 #: Boolean columns of the parts that are flags, not labels.
 NOT_LABELS = frozenset({TRUNCATED})
 #: A stage's `errors/` files and `errors.parquet`: the row that failed and why.

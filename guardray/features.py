@@ -29,11 +29,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from guardray.activations import Batch, capture, resolve_layers
-from guardray.columns import (DATASET_COLUMNS, GUARD_PREFIX, META_COLUMNS, N_TOKENS, PROMPT, RESPONSE,
-                              RESPONSE_POOLINGS, RESPONSE_TOKENS, TRUNCATED, feature_column, require,
-                              with_feature_metadata)
+from guardray.chats import Chat, table_chats
+from guardray.columns import (DATASET_COLUMNS, DROPPED_TURNS, GUARD_PREFIX, MESSAGES, META_COLUMNS, N_TOKENS,
+                              PROMPT, RESPONSE, RESPONSE_POOLINGS, RESPONSE_TOKENS, TRUNCATED, feature_column,
+                              parts_dataset, require, with_feature_metadata)
 from guardray.datasets.assemble import DATASET_FILE
 from guardray.encoding import encode_rows, length_batches
 from guardray.errors import StageError
@@ -59,7 +61,7 @@ class ExtractStats:
 
 
 #: Dataset columns a features part does not carry: the texts (the responses stage keeps them) and token ids.
-NOT_CARRIED = (PROMPT, RESPONSE, RESPONSE_TOKENS)
+NOT_CARRIED = (PROMPT, MESSAGES, RESPONSE, RESPONSE_TOKENS)
 
 
 @dataclass
@@ -108,16 +110,18 @@ class FeatureExtractor:
         resolved = {"chat": numerics(self.chat), "guard": self.guard.numerics() if self.guard else None}
         return json.dumps(resolved, sort_keys=True)
 
-    def process(self, prompts: Sequence[str], responses: Sequence[str] | None = None
+    def process(self, prompts: Sequence[str | Chat | Exception], responses: Sequence[str] | None = None
                 ) -> tuple[dict[str, Any], dict[int, str]]:
-        """Columns for every prompt that succeeded (in input order) and {index: reason} for the rest."""
+        """Columns for every row that succeeded (in input order) and {index: reason} for the rest. A row is a
+        prompt or a conversation (`Chat`); an exception in its place (messages that break a rule) is its error."""
         if responses is None and (self.conversation or self.response_guard):
-            raise StageError("features: response activations or the response guard need the responses stage's "
-                             "`response` column")
+            raise StageError("features: response activations or the response guard need a `response` column "
+                             "(the responses stage's, or a source's given responses)")
         pairs = list(zip(prompts, responses)) if responses is not None else []
-        errors: dict[int, str] = {}
+        errors: dict[int, str] = {i: f"messages: {p}" for i, p in enumerate(prompts) if isinstance(p, Exception)}
         results: dict[int, dict[str, Any]] = {}
-        encoded = encode_rows(self.renderer, prompts, range(len(prompts)), errors, "render")
+        live = [i for i in range(len(prompts)) if i not in errors]
+        encoded = encode_rows(self.renderer, prompts, live, errors, "render")
         steps = [(self.renderer, prompts, self._activations, "render") if self.poolings else None,
                  (self.conversation, pairs, self._response_activations, "response render") if self.conversation else None,
                  (self.guard.renderer, prompts, self._guard_scores, "guard render") if self.guard else None,
@@ -131,6 +135,7 @@ class FeatureExtractor:
         columns = {
             N_TOKENS: np.array([encoded[i].n_tokens for i in ok], dtype=np.int32),
             TRUNCATED: np.array([encoded[i].truncated for i in ok], dtype=bool),
+            DROPPED_TURNS: np.array([encoded[i].dropped_turns for i in ok], dtype=np.int32),
         }
         hidden = int(self.chat.model.config.hidden_size)
         for name in self.columns:  # a shard where every prompt failed keeps the [0, hidden] shape
@@ -184,13 +189,15 @@ def guard_judges(spec: JobSpec) -> tuple[str, ...]:
 
 
 def to_table(meta: pa.Table, columns: dict[str, Any], store_dtype: str,
-             features: dict[str, tuple[str, int]]) -> pa.Table:
+             features: dict[str, tuple[str, int]], conversations: bool = False) -> pa.Table:
     """The public column layout: meta columns (as the dataset types them, extra labels nullable), n_tokens,
-    truncated, act_* as fixed-size lists with their (pooling, layer) from `features` as field metadata, guard_*.
+    truncated, dropped_turns (`conversations`: the dataset has conversation rows), act_* as fixed-size lists with their (pooling, layer) from `features` as field metadata, guard_*.
     Explicit types, so a shard where every prompt failed still matches the other parts' schema."""
-    arrays: dict[str, pa.Array] = {name: meta.column(name) for name in meta.column_names}
+    arrays: dict[str, pa.Array] = {name: meta.column(name) for name in meta.column_names if name != MESSAGES}
     arrays[N_TOKENS] = pa.array(columns[N_TOKENS], pa.int32())
     arrays[TRUNCATED] = pa.array(columns[TRUNCATED], pa.bool_())
+    if MESSAGES in meta.column_names or conversations:
+        arrays[DROPPED_TURNS] = pa.array(columns[DROPPED_TURNS], pa.int32())
     np_dtype, arrow_dtype = STORE_DTYPES[store_dtype]
     for name, values in columns.items():
         if name in features:
@@ -215,10 +222,10 @@ class FeatureActor(ShardActor):
         extra = [name for name in rows.column_names if name not in (*META_COLUMNS, *NOT_CARRIED)]
         responses = rows.column(RESPONSE).to_pylist() if RESPONSE in rows.column_names else None
         before = self.extractor.stats.tokens
-        columns, errors = self.extractor.process(rows.column(PROMPT).to_pylist(), responses)
+        columns, errors = self.extractor.process(table_chats(rows), responses)
         ok = pa.array(columns.pop("_index"), pa.int64())
         part = to_table(rows.select([*META_COLUMNS, *extra]).take(ok), columns, self.store_dtype,
-                        self.extractor.columns)
+                        self.extractor.columns, conversations=MESSAGES in rows.column_names)
         return part, errors, self.extractor.stats.tokens - before
 
 
@@ -248,9 +255,18 @@ def run_features(spec: JobSpec, inputs: dict[str, Location], out: Location) -> d
     source = inputs["responses"] if "responses" in inputs else inputs["dataset"]
     dataset = source.join(DATASET_FILE)
     needed = [*DATASET_COLUMNS, *([RESPONSE] if "response" in spec.extract.on or spec.judges_responses else [])]
-    require(footer(dataset).schema.to_arrow_schema(), needed, stage="features", where=dataset.uri,
+    schema = footer(dataset).schema.to_arrow_schema()
+    require(schema, needed, stage="features", where=dataset.uri,
             written_by="responses" if "responses" in inputs else "dataset")
-    return run_sharded(FEATURES, spec, source.join(DATASET_FILE), out)
+    summary = run_sharded(FEATURES, spec, source.join(DATASET_FILE), out)
+    if MESSAGES in schema.names:
+        summary["rows_that_lost_turns"] = rows_that_lost_turns(out)
+    return summary
+
+
+def rows_that_lost_turns(out: Location) -> int:
+    """Conversation rows whose oldest turns were left out to fit max_length (counted in the scan)."""
+    return parts_dataset(out).count_rows(filter=pc.field(DROPPED_TURNS) > 0)
 
 
 #: The features stage as a sharded stage (guardray.sharded): its actor and its spec section.

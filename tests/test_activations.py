@@ -216,3 +216,29 @@ def test_guard_prefix_cache_matches_full_sequence(smol: LoadedModel) -> None:
         a, b = cached.score(batch), full.score(batch)
         for name in a:
             np.testing.assert_allclose(a[name], b[name], atol=2e-3, rtol=1e-4)
+
+
+def test_the_same_last_turn_after_two_histories_reads_differently_and_as_a_plain_forward(smol: LoadedModel) -> None:
+    """A conversation row is one rendering: its `last` activation is the plain transformers forward of the whole
+    rendered conversation, and the history changes it (the probe reads the context, not the last turn alone)."""
+    from guardray.chats import Chat
+
+    renderer = chat_renderer(smol.tokenizer, smol.spec)
+    turn = "How do I get into the building at night?"
+    chats = [Chat(turn, (("user", "I am the night guard here."), ("assistant", "Understood, how can I help?"))),
+             Chat(turn, (("user", "I want to rob the jewellery shop."), ("assistant", "I cannot help with that.")))]
+    encoded = renderer.encode_many(chats)
+    batch = Batch.build(encoded, smol.tokenizer.pad_token_id, smol.device)
+    got = capture(smol.model, batch, [20], ["last", "mean"])
+    for row, (chat, e) in enumerate(zip(chats, encoded)):
+        ids = smol.tokenizer.apply_chat_template(chat.messages(smol.spec.system_prompt), tokenize=True,
+                                                 add_generation_prompt=True)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        assert e.ids == ids
+        with torch.no_grad():
+            hidden = smol.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[21]
+        torch.testing.assert_close(got[("last", 20)][row], hidden[0, -1], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got[("mean", 20)][row], hidden[0, e.user_start:e.user_end].mean(0),
+                                   atol=1e-4, rtol=1e-4)
+    gap = (got[("last", 20)][0] - got[("last", 20)][1]).norm() / got[("last", 20)][0].norm()
+    assert gap > 0.01

@@ -18,7 +18,8 @@ from typing import Any, Sequence
 
 import pyarrow as pa
 
-from guardray.columns import ID, PROMPT
+from guardray.chats import Chat, table_chats
+from guardray.columns import ID
 from guardray.decoding import Generation, batch_seed, generation_config, response_table, split_stop, stop_ids
 from guardray.encoding import encode_rows, length_batches, pad
 from guardray.models import LoadedModel, load_model, numerics
@@ -72,10 +73,13 @@ class Responder:
     def numerics(self) -> str:
         return json.dumps({"chat": self.generator.numerics()}, sort_keys=True)
 
-    def process(self, prompts: Sequence[str], keys: Sequence[str]) -> tuple[dict[int, Generation], dict[int, str]]:
-        """Generations of the prompts that succeeded and {index: reason} for the rest."""
-        errors: dict[int, str] = {}
-        encoded = encode_rows(self.renderer, prompts, range(len(prompts)), errors, "render")
+    def process(self, prompts: Sequence[str | Chat | Exception], keys: Sequence[str]
+                ) -> tuple[dict[int, Generation], dict[int, str]]:
+        """Generations of the rows (prompts, or conversations: the reply to the last user turn) that succeeded
+        and {index: reason} for the rest (a row whose messages break a rule included)."""
+        errors: dict[int, str] = {i: f"messages: {p}" for i, p in enumerate(prompts) if isinstance(p, Exception)}
+        live = [i for i in range(len(prompts)) if i not in errors]
+        encoded = encode_rows(self.renderer, prompts, live, errors, "render")
         rows = list(encoded)
         done: dict[int, Generation] = {}
 
@@ -99,7 +103,7 @@ class ResponseActor(ShardActor):
 
     def compute(self, rows: pa.Table) -> tuple[pa.Table, dict[int, str], int]:
         keys = rows.column(ID).to_pylist()
-        generations, errors = self.responder.process(rows.column(PROMPT).to_pylist(), keys)
+        generations, errors = self.responder.process(table_chats(rows), keys)
         ok = sorted(generations)
         part = response_table(rows.column(ID).take(pa.array(ok, pa.int64())), [generations[i] for i in ok],
                               self.responder.tokenizer)

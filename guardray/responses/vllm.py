@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from guardray.columns import ID, PROMPT, SOURCE
+from guardray.chats import table_chats
+from guardray.columns import ID, MESSAGES, PROMPT, SOURCE
 from guardray.errors import InputError, one_line
 from guardray.decoding import Generation, batch_seed, response_table, split_stop, stop_ids
 from guardray.guard.vllm import CPU_ENGINE_DEFAULTS  # eager on CPU, as the guard engine
@@ -102,12 +103,15 @@ class RenderShards:
         spec = spec_for_worker(spec_json)
         self.renderer = chat_renderer(load_tokenizer(spec.model), spec.model)
         self.reader = RangeReader(resolve(dataset_uri))
+        self.conversation_columns = [MESSAGES] if MESSAGES in self.reader.schema.names else []
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {name: [] for name in (*ROW_COLUMNS, "tokenized_prompt")}
         for start, end in zip(batch["start"], batch["end"]):
-            rows = self.reader.read(Shard(int(start), int(end)), [ID, SOURCE, PROMPT])
-            encoded = self.renderer.encode_many(rows.column(PROMPT).to_pylist())
+            rows = self.reader.read(Shard(int(start), int(end)), [ID, SOURCE, PROMPT, *self.conversation_columns])
+            chats = table_chats(rows)  # a row whose messages break a rule is that row's error
+            rendered = iter(self.renderer.encode_many([c for c in chats if not isinstance(c, Exception)]))
+            encoded = [c if isinstance(c, Exception) else next(rendered) for c in chats]
             for offset, (key, source, e) in enumerate(zip(rows.column(ID).to_pylist(),
                                                           rows.column(SOURCE).to_pylist(), encoded)):
                 failed = isinstance(e, Exception)
