@@ -154,9 +154,12 @@ class GuardedChatModel:
             raise encoded
         if isinstance(encoded, Exception):  # a template refusing these messages (roles, order) is bad input
             raise InputError(f"messages: the chat template refuses them: {type(encoded).__name__}: {encoded}")
-        if encoded.truncated or encoded.dropped_turns:
-            raise InputError(f"messages: the prompt renders to more than this server's max_length "
-                             f"({self.max_length}) tokens")
+        if encoded.dropped_turns:
+            raise InputError(f"messages: the conversation renders to more than {self.max_length} tokens; this "
+                             f"server's max_length is {self.max_length}")
+        if encoded.truncated:
+            raise InputError(f"messages: the prompt renders to {encoded.n_tokens} tokens; this server's max_length "
+                             f"is {self.max_length}")
         return encoded
 
     # ------------------------------------------------------------------------------------------- scoring
