@@ -20,7 +20,8 @@ import pyarrow.fs as pafs
 
 from guardray.columns import PROMPT
 from guardray.datasets import huggingface, packaged
-from guardray.datasets.tables import FORMATS, read_table, source_table, text_table, wanted_columns
+from guardray.datasets.readers import FORMATS, read_table
+from guardray.datasets.tables import source_table, text_table, wanted_columns
 from guardray.errors import InputError
 from guardray.jobspec import FileSource, HuggingFaceSource, PackagedSource
 from guardray.storage import Location, resolve
