@@ -5,7 +5,8 @@ missing label, duplicate, near-duplicate); rows removed by subsampling are count
 Output columns: `id, prompt, harmful, source, split` plus any extra boolean labels the sources carried (null
 for the rows of a source that lacks that label; the summary's `null_labels` counts them), and the harm
 category columns `cat_<name>` when a source is a categorised corpus (`categories.py`: its True / False / null
-rule; the summary's `categories` counts them).
+rule; the summary's `categories` counts them). A job with a conversation source (`conversations.py`) adds
+`messages`, `response` and `response_harmful` last; a job without one has exactly the columns above.
 
 The stage is columnar so a million-row source fits: the prompt text stays in Arrow columns from reader to
 parquet (validated with Arrow kernels, copied once by the final filter); ids and the dedupe and group digests
@@ -29,11 +30,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from guardray.datasets import categories, packaged
+from guardray.datasets.conversations import CONVERSATION_COLUMNS
 from guardray.datasets.counts import count_table, empty_dataset_problem, format_counts
 from guardray.datasets.keys import PromptKeys, first_occurrence, hex_ids, prompt_keys
 from guardray.datasets.sources import expected_rows, load_source
 from guardray.datasets.splitting import assign_split, groups_straddling, subsample
-from guardray.columns import HARMFUL, ID, PROMPT, REASON, SOURCE, SPLIT
+from guardray.columns import HARMFUL, ID, PROMPT, REASON, RESPONSE_HARMFUL, SOURCE, SPLIT
 from guardray.errors import InputError
 from guardray.jobspec import DatasetSpec, JobSpec
 from guardray.storage import Location
@@ -92,7 +94,7 @@ def build_dataset(spec: DatasetSpec, out: Location) -> dict[str, Any]:
         "split_groups": int(kept["group"].nunique()),
         "groups_straddling_given_split": straddling,
         "conflicts": conflicts.num_rows,
-        "labels": [HARMFUL, *extra],
+        "labels": [HARMFUL, *extra, *_response_label(final)],
         "counts": counts.to_dict(orient="records"),
         "null_labels": _null_labels(final, missing_labels),
         **({"categories": cats} if (cats := categories.category_counts(final)) else {}),
@@ -118,7 +120,7 @@ def _write_outputs(
 
 # ------------------------------------------------------------------------------------------------ loading
 
-_LOADED_CORE = [SOURCE, "row", PROMPT, HARMFUL, "split_given", "reject"]
+_LOADED_CORE = [SOURCE, "row", PROMPT, HARMFUL, "split_given", "reject", *CONVERSATION_COLUMNS]
 
 
 def _load_all(spec: DatasetSpec) -> tuple[pa.Table, dict[str, int | None], dict[str, list[str]]]:
@@ -144,7 +146,8 @@ def _load_all(spec: DatasetSpec) -> tuple[pa.Table, dict[str, int | None], dict[
         tables.append((name, table))
     extra = list(dict.fromkeys(c for _, t in tables for c in t.column_names if c not in _SOURCE_COLUMNS))
     missing = {c: [name for name, t in tables if c not in t.column_names] for c in extra}
-    return pa.concat_tables([_conform(t, name, extra) for name, t in tables]), expected, missing
+    conformed = [_conform(t, name, extra, spec.conversational) for name, t in tables]
+    return pa.concat_tables(conformed), expected, missing
 
 
 def _with_categories(source: Any, table: pa.Table) -> pa.Table:
@@ -158,11 +161,12 @@ def _with_categories(source: Any, table: pa.Table) -> pa.Table:
     return table
 
 
-_SOURCE_COLUMNS = {PROMPT, HARMFUL, SPLIT, "reject", "row"}
+_SOURCE_COLUMNS = {PROMPT, HARMFUL, SPLIT, "reject", "row", *CONVERSATION_COLUMNS}
 
 
-def _conform(table: pa.Table, name: str, extra: list[str]) -> pa.Table:
-    """One source's table in the shared column order and types; absent columns are null (never False)."""
+def _conform(table: pa.Table, name: str, extra: list[str], conversational: bool) -> pa.Table:
+    """One source's table in the shared column order and types; absent columns are null (never False). The
+    conversation columns are there only in a job with a conversation source (`DatasetSpec.conversational`)."""
     n = table.num_rows
 
     def column(col: str, typ: pa.DataType) -> pa.ChunkedArray | pa.Array:
@@ -176,6 +180,7 @@ def _conform(table: pa.Table, name: str, extra: list[str]) -> pa.Table:
         **{c: column(c, pa.bool_()) for c in extra},
         "split_given": column(SPLIT, pa.string()),
         "reject": column("reject", pa.string()),
+        **({c: column(c, typ) for c, typ in CONVERSATION_COLUMNS.items()} if conversational else {}),
     }
     return pa.table(columns)
 
@@ -273,7 +278,14 @@ def _final_table(loaded: pa.Table, kept: pd.DataFrame, extra: list[str]) -> pa.T
         SOURCE: rows[SOURCE],
         SPLIT: pc.if_else(is_test, "test", "train"),
         **{c: rows[c] for c in extra},
+        **{c: rows[c] for c in CONVERSATION_COLUMNS if c in rows.column_names},
     })
+
+
+def _response_label(final: pa.Table) -> list[str]:
+    """`response_harmful` when some kept row has it: a target like the others."""
+    has = RESPONSE_HARMFUL in final.column_names and final[RESPONSE_HARMFUL].null_count < final.num_rows
+    return [RESPONSE_HARMFUL] if has else []
 
 
 def _null_labels(final: pa.Table, missing: dict[str, list[str]]) -> dict[str, dict[str, int]]:

@@ -6,13 +6,15 @@ of the assembly (dedupe, conflicts, subsample, split) never touches the text.
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from guardray.columns import PROMPT, SOURCE
+from guardray.chats import USER
+from guardray.columns import MESSAGES, PROMPT, RESPONSE, SOURCE
 from guardray.datasets.normalize import text_keys
 
 #: Prompts turned into Python bytes at a time while hashing (bounds that transient memory).
@@ -23,6 +25,20 @@ _HASH_BATCH_ROWS = 8192
 def prompt_id(source: str, prompt: str) -> str:
     """Stable id: the same prompt from the same source gets the same id in every run."""
     return hashlib.sha256(f"{source}\0{prompt}".encode()).hexdigest()[:16]
+
+
+def conversation_id(source: str, messages: list[dict[str, str]], response: str | None) -> str:
+    """Stable id of a conversation row: its source, its whole chat and its given reply (`canonical`)."""
+    return hashlib.sha256(f"{source}\0".encode() + canonical(messages, response)).hexdigest()[:16]
+
+
+def canonical(messages: list[dict[str, str]], response: str | None) -> bytes:
+    """A chat and its reply as one canonical JSON text: what a conversation row's id and exact key hash."""
+    turns = [{"role": m["role"], "content": m["content"]} for m in messages]
+    text = json.dumps({"messages": turns, "response": response}, ensure_ascii=False, sort_keys=True,
+                      separators=(",", ":"))
+    return text.encode("utf-8", "surrogatepass")
+
 
 class PromptKeys(NamedTuple):
     """Per loaded row (zeros where not usable): the id key and three prompt digests."""
@@ -66,7 +82,57 @@ def prompt_keys(
             group[start + local] = _digests(base_text.cast(pa.binary()).to_pylist())
         start += batch.num_rows
     chosen = {"exact": exact, "normalized": normalized, "variants": group}[dedupe]
-    return PromptKeys(ids, exact, chosen, group)
+    if MESSAGES in loaded.column_names and dedupe == "variants":
+        chosen = group.copy()  # a reply makes a conversation row's dedupe key differ from its group
+    keys = PromptKeys(ids, exact, chosen, group)
+    if MESSAGES in loaded.column_names:
+        _key_conversations(loaded, _conversation_rows(loaded, mask), dedupe, affixes, keys)
+    return keys
+
+
+def _conversation_rows(loaded: pa.Table, mask: np.ndarray) -> np.ndarray:
+    """Positions of the rows in `mask` that carry a chat or a given reply; the others are prompt-only rows and
+    keep their prompt keys (and ids) exactly."""
+    has = pc.or_(pc.is_valid(loaded[MESSAGES]), pc.is_valid(loaded[RESPONSE])).to_numpy(zero_copy_only=False)
+    return np.flatnonzero(mask & has)
+
+
+def _key_conversations(loaded: pa.Table, rows: np.ndarray, dedupe: str, affixes: tuple[str, ...],
+                       keys: PromptKeys) -> None:
+    """Overwrite `keys` at conversation `rows` (in place): the id and exact key hash the whole chat and the
+    reply (`canonical`); the dedupe keys compare every turn and the reply, normalised like a prompt; the split
+    group is the chat without the reply, so both replies to one request land on one side, and one last turn
+    after two histories is two groups. A reply to a bare prompt keeps the prompt's group."""
+    if not len(rows):
+        return
+    records = loaded.select([SOURCE, PROMPT, MESSAGES, RESPONSE]).take(pa.array(rows)).to_pylist()
+    chats = [r[MESSAGES] or [{"role": USER, "content": r[PROMPT]}] for r in records]
+    texts = [m["content"] for chat in chats for m in chat] + [r[RESPONSE] or "" for r in records]
+    normal, base = (k.to_pylist() for k in text_keys(pa.array(texts, pa.string()), affixes))
+    at, replies = 0, len(texts) - len(records)
+    ids, exact, dedupe_texts, groups = [], [], [], []
+    for i, (record, chat) in enumerate(zip(records, chats)):
+        roles, span = [m["role"] for m in chat], slice(at, at + len(chat))
+        at += len(chat)
+        reply = record[RESPONSE] is not None
+        whole = canonical(chat, record[RESPONSE])
+        ids.append(hashlib.sha256(f"{record[SOURCE]}\0".encode() + whole).digest()[:8])
+        exact.append(whole)
+        group = base[span][0] if len(chat) == 1 else _turns_text(roles, base[span], None)
+        groups.append(group.encode("utf-8", "surrogatepass"))
+        form = {"exact": None, "normalized": normal, "variants": base}[dedupe]
+        if form is not None:
+            text = _turns_text(roles, form[span], form[replies + i] if reply else None)
+            dedupe_texts.append(text.encode("utf-8", "surrogatepass"))
+    keys.ids[rows] = np.frombuffer(b"".join(ids), dtype=">u8")
+    keys.exact[rows] = _digests(exact)
+    keys.group[rows] = _digests(groups)
+    if dedupe != "exact":  # with 'exact' the dedupe key is `exact` itself, already set
+        keys.dedupe[rows] = _digests(dedupe_texts)
+
+
+def _turns_text(roles: list[str], texts: list[str], reply: str | None) -> str:
+    return json.dumps([list(zip(roles, texts)), reply], ensure_ascii=False, separators=(",", ":"))
 
 
 def _digests(texts: list[bytes]) -> np.ndarray:

@@ -33,11 +33,16 @@ def wanted_columns(spec: LabelledColumns) -> dict[str, str]:
     """Spec field → file column, for every column the source reads (so errors can name the field)."""
     text = _INDEXED.match(spec.text_column)
     wanted = {
-        "text_column": text.group("column") if text else spec.text_column,
-        "extra_text_column": spec.extra_text_column,
+        # with a conversation column the prompt is its last user turn: text_column is not read
+        "text_column": None if spec.messages_column else text.group("column") if text else spec.text_column,
+        "messages_column": spec.messages_column,
+        "extra_text_column": None if spec.messages_column else spec.extra_text_column,
         "label_column": spec.label_column,
         "split_column": spec.split_column,
         **{f"extra_labels[{i}]": c for i, c in enumerate(spec.extra_labels)},
+        "system_column": spec.system_column,
+        "response_column": spec.response_column,
+        "response_label_column": spec.response_label_column,
     }
     return {field: column for field, column in wanted.items() if column}
 
@@ -52,8 +57,11 @@ def source_table(raw: RawTable, spec: LabelledColumns, origin: str) -> pa.Table:
     prompt itself (missing, empty) is judged later, by the assembly, for every source alike.
     """
     table, problems = raw.table, [raw.problems]
-    prompt, text_problems = _text_column(table, spec, raw.kinds or {})
-    problems += text_problems
+    if spec.messages_column:  # the prompt is the chat's last user turn: `conversations.with_conversations`
+        prompt: AnyArray = pa.nulls(table.num_rows, pa.string())
+    else:
+        prompt, text_problems = _text_column(table, spec, raw.kinds or {})
+        problems += text_problems
     columns: dict[str, AnyArray] = {PROMPT: prompt}
     if spec.label_column:
         columns[HARMFUL] = _label_column(table, spec.label_column, spec.label_map, problems)
@@ -64,7 +72,7 @@ def source_table(raw: RawTable, spec: LabelledColumns, origin: str) -> pa.Table:
     if spec.split_column:
         values, problem = decode_text(table[spec.split_column], spec.split_column)
         columns[SPLIT], split_problem = parse_splits(values)
-        problems += [problem, _prefixed(spec.split_column, split_problem)]
+        problems += [problem, prefixed(spec.split_column, split_problem)]
     columns["reject"] = join_problems(problems, table.num_rows)
     return pa.table(columns)
 
@@ -88,15 +96,15 @@ def _text_column(table: pa.Table, spec: LabelledColumns,
         except pa.ArrowException:
             return pa.nulls(len(values), pa.string()), [problem]
     text, problem = decode_text(values, spec.text_column)
-    not_text = _not_a_string(kinds.get(column) if not m else None, spec.text_column, "prompt")
+    not_text = not_a_string(kinds.get(column) if not m else None, spec.text_column, "prompt")
     if not spec.extra_text_column:
         return text, [problem, not_text]
     extra, extra_problem = decode_text(table[spec.extra_text_column], spec.extra_text_column)
-    extra_not_text = _not_a_string(kinds.get(spec.extra_text_column), spec.extra_text_column, "extra text")
+    extra_not_text = not_a_string(kinds.get(spec.extra_text_column), spec.extra_text_column, "extra text")
     return join_extra_text(text, extra), [problem, not_text, extra_problem, extra_not_text]
 
 
-def _not_a_string(kinds: pa.Array | None, field: str, what: str) -> pa.Array | None:
+def not_a_string(kinds: pa.Array | None, field: str, what: str) -> pa.Array | None:
     """'<field>: <what> is int64, not a string' where a row's original value had another type, else null."""
     if kinds is None:
         return None
@@ -107,7 +115,7 @@ def _label_column(table: pa.Table, column: str, mapping: dict[str, bool] | None,
     values, problem = decode_text(table[column], column)  # CSV labels arrive as bytes
     problems.append(problem)
     labels, problem = parse_labels(values, mapping)
-    problems.append(_prefixed(column, problem))
+    problems.append(prefixed(column, problem))
     return labels
 
 
@@ -272,7 +280,7 @@ def parse_splits(values: AnyArray) -> tuple[AnyArray, AnyArray]:
     return split, pc.if_else(pc.is_null(split), message, pa.scalar(None, pa.string()))
 
 
-def _prefixed(column: str, problems: AnyArray) -> AnyArray:
+def prefixed(column: str, problems: AnyArray) -> AnyArray:
     return pc.binary_join_element_wise(f"{column}: ", problems, "")
 
 
