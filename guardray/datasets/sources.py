@@ -2,9 +2,10 @@
 
 A loader returns a `pa.Table` with columns `prompt` (string; missing or blank prompts are judged later),
 `harmful` (bool, null when unknown), any extra label columns (bool, nullable), optionally `split` (string)
-and `reject` (string: why the row cannot be used, null when it is fine). Files stay columnar from reader to
-table; only the small packaged corpora are built from Python lists. Adding a source kind is one function
-registered in `LOADERS`.
+and `reject` (string: why the row cannot be used, null when it is fine); a conversation source
+(`SourceBase.conversational`) adds `messages`, `response` and `response_harmful` (`conversations.py`). Files
+stay columnar from reader to table; only the small packaged corpora are built from Python lists. Adding a
+source kind is one function registered in `LOADERS`.
 """
 from __future__ import annotations
 
