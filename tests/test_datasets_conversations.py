@@ -196,6 +196,8 @@ def test_generate_with_given_replies_fails_validate(tmp_path: Path) -> None:
     ({"type": "file", "path": "x.jsonl", "response_label_column": "l", "harmful": True},
      "set `response_column` too"),
     ({"type": "advbench", "turns": "all"}, "only the sharegpt source has turns"),
+    ({"type": "file", "path": "x.jsonl", "messages_column": "m", "extra_text_column": "e", "harmful": True},
+     "extra_text_column: with `messages_column` the prompt is the chat's last user turn"),
 ])
 def test_conversation_field_errors_are_one_line(tmp_path: Path, source: dict, problem: str) -> None:
     with pytest.raises(SpecError) as info:

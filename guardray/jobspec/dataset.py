@@ -136,7 +136,8 @@ class LabelledColumns(SourceBase):
         None, description="Column giving an assistant reply to judge instead of generating one (then the job "
         "needs no `generate:` section).")
     response_label_column: str | None = Field(
-        None, description="Boolean or 0/1 column labelling the given reply: the target `response_harmful`.")
+        None, description="Boolean or 0/1 column (or values in `label_map`) labelling the given reply: the target "
+        "`response_harmful`.")
 
     KEY_WHEN_SET: ClassVar[dict[str, Any]] = {
         **SourceBase.KEY_WHEN_SET, "messages_column": None, "system_column": None, "response_column": None,
@@ -152,6 +153,9 @@ class LabelledColumns(SourceBase):
     def _conversation_fields(self) -> "LabelledColumns":
         if self.system_column is not None and self.system_prompt is not None:
             raise ValueError("give at most one of `system_column` (per row) or `system_prompt` (the whole source)")
+        if self.messages_column is not None and self.extra_text_column is not None:
+            raise ValueError("extra_text_column: with `messages_column` the prompt is the chat's last user turn; "
+                             "put the extra text in the conversation")
         if self.response_label_column is not None and self.response_column is None:
             raise ValueError("response_label_column labels a given reply: set `response_column` too")
         return self
