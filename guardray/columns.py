@@ -43,6 +43,8 @@ if TYPE_CHECKING:  # annotations only: the spec imports this module, so it stays
 ID, PROMPT, HARMFUL, SOURCE, SPLIT = "id", "prompt", "harmful", "source", "split"
 DATASET_COLUMNS = [ID, PROMPT, HARMFUL, SOURCE, SPLIT]
 META_COLUMNS = [ID, HARMFUL, SOURCE, SPLIT]
+#: A conversation source's dataset columns: the whole chat, and the label of a given reply (`RESPONSE`).
+MESSAGES, RESPONSE_HARMFUL = "messages", "response_harmful"
 #: The responses stage's columns (added to the dataset's).
 RESPONSE, RESPONSE_TOKENS, FINISH_REASON = "response", "response_tokens", "finish_reason"
 #: The features stage's per-row flags: tokens rendered, and whether the prompt was cut at `max_length`.

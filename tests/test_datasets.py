@@ -15,10 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from guardray.datasets import categories, tables
-from guardray.datasets.assemble import (
-    DATASET_ROW_GROUP_ROWS, assign_split, build_dataset, groups_straddling, prompt_id, subsample,
-)
+from guardray.datasets import categories, readers, tables
+from guardray.datasets.assemble import DATASET_ROW_GROUP_ROWS, build_dataset
+from guardray.datasets.keys import prompt_id
+from guardray.datasets.splitting import assign_split, groups_straddling, subsample
 from guardray.datasets.normalize import AFFIXES, check_affix, text_keys
 from guardray.datasets.packaged import CORPORA, package_dir
 from guardray.datasets.sources import load_source
@@ -270,7 +270,7 @@ def test_extra_labels_null_is_rejected_and_a_missing_column_stays_null(
 
 @pytest.mark.parametrize("fmt", ["parquet", "jsonl", "csv"])
 def test_a_1mb_prompt_is_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:
-    monkeypatch.setattr(tables, "_BLOCK_BYTES", 256 << 10)  # the long row straddles reader blocks: retried
+    monkeypatch.setattr(readers, "_BLOCK_BYTES", 256 << 10)  # the long row straddles reader blocks: retried
     long = "Please summarise this document.\n" + "lorem ipsum, dolor sit amet " * 40_000  # ~1.1 MB
     frame = pd.DataFrame({"text": ["short one", long, "short two"], "label": [0, 1, 0]})
     path = tmp_path / f"d.{fmt}"

