@@ -49,9 +49,9 @@ MESSAGES, RESPONSE_HARMFUL = "messages", "response_harmful"
 RESPONSE, RESPONSE_TOKENS, FINISH_REASON = "response", "response_tokens", "finish_reason"
 #: The features stage's per-row flags: tokens rendered, and whether the prompt was cut at `max_length`.
 N_TOKENS, TRUNCATED = "n_tokens", "truncated"
-#: A conversation row's messages (dataset), and how many of its oldest turns the features stage left out to fit
-#: `max_length` (parts of a dataset with conversations only).
-MESSAGES, DROPPED_TURNS = "messages", "dropped_turns"
+#: How many of a conversation row's oldest turns the features stage left out to fit `max_length` (parts of a
+#: dataset with conversations only).
+DROPPED_TURNS = "dropped_turns"
 #: Boolean columns of the parts that are flags, not labels.
 NOT_LABELS = frozenset({TRUNCATED})
 #: A stage's `errors/` files and `errors.parquet`: the row that failed and why.
@@ -291,7 +291,10 @@ def _scan(stage: Location, dataset: pads.Dataset, column: str | None, target: Ta
     projection = {**({column: projection.pop(column)} if column else {}), target.name: target.expression,
                   **projection}
     dim = dataset.schema.field(column).type.list_size if column else 0
-    return _Scan(split_filter(target, split), projection, dim, filtered_on)
+    where = split_filter(target, split)
+    if column:  # a response pooling is null on a row with no response (a prompt-only row beside given replies)
+        where = where & pc.field(column).is_valid()
+    return _Scan(where, projection, dim, filtered_on)
 
 
 def column_batches(stage: Location, column: str | None, target: TargetLike, split: str | None = "train",
@@ -346,10 +349,15 @@ def read_column(stage: Location, column: str | None, target: TargetLike, split: 
                       touched)
 
 
-def label_counts(stage: Location, target: TargetLike, split: str | None = "train") -> tuple[int, int]:
-    """(true, false) counts of `target` in `split`, reading only the label and split columns."""
-    data = read_column(stage, None, target, split)
-    return int(data.y.sum()), int((~data.y).sum())
+def label_counts(stage: Location, target: TargetLike, split: str | None = "train",
+                 column: str | None = None) -> tuple[int, int]:
+    """(true, false) counts of `target` in `split` (among the rows where `column` is not null, when given),
+    reading only the label and split columns (and `column`'s validity)."""
+    dataset, target = parts_dataset(stage), as_target(target)
+    where = split_filter(target, split) & (pc.field(column).is_valid() if column else pc.scalar(True))
+    known = dataset.count_rows(filter=where)
+    true = dataset.count_rows(filter=where & target.expression)
+    return true, known - true
 
 
 def scan_batches(stage: Location, projection: dict[str, pc.Expression],

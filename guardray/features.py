@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 from guardray.activations import Batch, capture, resolve_layers
 from guardray.chats import Chat, table_chats
 from guardray.columns import (DATASET_COLUMNS, DROPPED_TURNS, GUARD_PREFIX, MESSAGES, META_COLUMNS, N_TOKENS,
-                              PROMPT, RESPONSE, RESPONSE_POOLINGS, RESPONSE_TOKENS, TRUNCATED, feature_column,
+                              POOLINGS, PROMPT, RESPONSE, RESPONSE_POOLINGS, RESPONSE_TOKENS, TRUNCATED, feature_column,
                               parts_dataset, require, with_feature_metadata)
 from guardray.datasets.assemble import DATASET_FILE
 from guardray.encoding import encode_rows, length_batches
@@ -59,6 +59,9 @@ class ExtractStats:
     padded_tokens: int = 0
     seconds: float = 0.0
 
+
+#: `process`'s per-row flag (not a part column): the row has a reply, so its response columns are not null.
+WITH_RESPONSE = "_with_response"
 
 #: Dataset columns a features part does not carry: the texts (the responses stage keeps them) and token ids.
 NOT_CARRIED = (PROMPT, MESSAGES, RESPONSE, RESPONSE_TOKENS)
@@ -127,8 +130,10 @@ class FeatureExtractor:
                  (self.guard.renderer, prompts, self._guard_scores, "guard render") if self.guard else None,
                  (self.response_guard.renderer, pairs, self._response_guard_scores, "response guard render")
                  if self.response_guard else None]
+        # a row with no reply (beside sources that give one) has no response columns: null, not an error
+        answered = {i for i, r in enumerate(responses or ()) if r is not None}
         for renderer, items, step, what in filter(None, steps):
-            live = [i for i in encoded if i not in errors]
+            live = [i for i in encoded if i not in errors and (items is not pairs or i in answered)]
             inputs = encoded if renderer is self.renderer else encode_rows(renderer, items, live, errors, what)
             self._run({i: inputs[i] for i in live if i in inputs}, step, results, errors)
         ok = [i for i in range(len(prompts)) if i not in errors]
@@ -138,11 +143,13 @@ class FeatureExtractor:
             DROPPED_TURNS: np.array([encoded[i].dropped_turns for i in ok], dtype=np.int32),
         }
         hidden = int(self.chat.model.config.hidden_size)
+        missing = np.full(hidden, np.nan, np.float32)
         for name in self.columns:  # a shard where every prompt failed keeps the [0, hidden] shape
-            columns[name] = np.stack([results[i][name] for i in ok]) if ok else np.zeros((0, hidden))
+            columns[name] = np.stack([results[i].get(name, missing) for i in ok]) if ok else np.zeros((0, hidden))
         for name in self.guard_columns:
-            columns[name] = np.array([results[i][name] for i in ok], dtype=np.float32)
-        return {"_index": ok, **columns}, errors
+            columns[name] = np.array([results[i].get(name, np.nan) for i in ok], dtype=np.float32)
+        with_response = np.array([i in answered for i in ok], dtype=bool)
+        return {"_index": ok, WITH_RESPONSE: with_response, **columns}, errors
 
     def _run(self, encoded: dict[int, Encoded], step: Callable, results: dict, errors: dict[int, str]) -> None:
         """Run `step` over length-sorted batches; a failing batch is retried prompt by prompt."""
@@ -199,10 +206,14 @@ def to_table(meta: pa.Table, columns: dict[str, Any], store_dtype: str,
     if MESSAGES in meta.column_names or conversations:
         arrays[DROPPED_TURNS] = pa.array(columns[DROPPED_TURNS], pa.int32())
     np_dtype, arrow_dtype = STORE_DTYPES[store_dtype]
+    unanswered = ~np.asarray(columns.get(WITH_RESPONSE, []), dtype=bool)
+    no_response = pa.array(unanswered) if unanswered.any() else None  # all answered: no validity bitmap
     for name, values in columns.items():
         if name in features:
             values = np.asarray(values, dtype=np_dtype)
-            arrays[name] = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), arrow_dtype), values.shape[1])
+            on_response = no_response is not None and POOLINGS[features[name][0]].reads == "response"
+            arrays[name] = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), arrow_dtype), values.shape[1],
+                                                             mask=no_response if on_response else None)
         elif name.startswith(GUARD_PREFIX):
             arrays[name] = pa.array(np.asarray(values, dtype=np.float32), pa.float32())
     return with_feature_metadata(pa.table(arrays), features)

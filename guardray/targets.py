@@ -21,8 +21,8 @@ from typing import Callable, Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from guardray.columns import (CATEGORY_PREFIX, GUARD_RESPONSE_SCORE, GUARD_SCORE, NOT_LABELS, Target,
-                              category_column, guard_category_column)
+from guardray.columns import (CATEGORY_PREFIX, GUARD_RESPONSE_SCORE, GUARD_SCORE, NOT_LABELS, RESPONSE_HARMFUL,
+                              Target, category_column, guard_category_column)
 from guardray.errors import InputError
 from guardray.jobspec import FEEDBACK_TARGETS, FeedbackSpec, JobSpec
 
@@ -127,6 +127,7 @@ def _category_guard(spec: JobSpec, target: str) -> tuple[str, str | None]:
 #: the INPUT guard: the question is how well the prompt alone predicts them, before any token is generated.
 DEFAULT_GUARD: dict[str, Callable[[JobSpec, str], tuple[str, str | None]]] = {
     "category": _category_guard,
+    "response": lambda spec, target: (GUARD_RESPONSE_SCORE, None),
     "other": lambda spec, target: (GUARD_SCORE, SLIPPED_NOTE if target == "slipped_through" else None),
 }
 
@@ -136,7 +137,18 @@ SLIPPED_NOTE = (f"by construction every positive of slipped_through passed the i
                 "missed, not how well it could do")
 
 
+#: Labels of the reply itself (a given response's `response_harmful`): compared with the response guard, and
+#: their headline probe reads the response's activations.
+RESPONSE_LABELS = frozenset({RESPONSE_HARMFUL})
+
+
+def labels_the_response(target: str) -> bool:
+    return target in RESPONSE_LABELS
+
+
 def _kind(target: str) -> str:
+    if labels_the_response(target):
+        return "response"
     return "category" if target.startswith(CATEGORY_PREFIX) else "other"
 
 

@@ -148,3 +148,23 @@ def test_stage_hashes(tmp_path: Path) -> None:
     assert names(temperature=0.7, seed=1)["responses"] != names(temperature=0.7, seed=2)["responses"]
     spec = validate_spec(small_spec(str(tmp_path), generate={"enabled": True}))
     assert plan(spec)["report"].key["inputs"].keys() == {"features", "probes", "responses"}
+
+
+def test_a_conversation_row_is_answered_after_its_history_and_a_bad_one_is_its_own_error(smol: LoadedModel) -> None:
+    """The reply continues the whole conversation (the same ids `apply_chat_template` gives it); a row whose
+    messages broke a rule (an InputError in its place) is that row's error, the others are answered."""
+    from guardray.chats import Chat
+    from guardray.errors import InputError
+    from guardray.responses.hf import Responder
+
+    responder = Responder(chat_renderer(smol.tokenizer, SMOL), HFGenerator(smol, GenerateSpec(max_new_tokens=4)),
+                          GenerateSpec(max_new_tokens=4), smol.tokenizer)
+    chat = Chat("And the word after that?", (("user", "Say only the word yes."), ("assistant", "Yes.")))
+    done, errors = responder.process([chat, InputError("messages is an empty conversation"), "hi"], ["a", "b", "c"])
+    assert sorted(done) == [0, 2] and errors == {1: "messages: messages is an empty conversation"}
+    ids = smol.tokenizer.apply_chat_template(chat.messages(SMOL.system_prompt), tokenize=True,
+                                             add_generation_prompt=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    with torch.inference_mode():
+        out = smol.model.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False)
+    assert done[0] == split_stop(out[0, len(ids):].tolist(), (2,), 4)

@@ -183,7 +183,7 @@ class JobSpec(Section):
     def _responses_needed(self) -> "JobSpec":
         """Whatever reads responses needs the responses stage; feedback labels also need the guard to judge them."""
         feedback = [t for t in self.probes.all_targets if t in FEEDBACK_TARGETS]
-        if self.generate.enabled:
+        if self.has_responses:
             if feedback and not self.judges_responses:
                 raise ValueError(f"probes.targets: {', '.join(feedback)} are read from the response guard's "
                                  "scores: set guard.enabled: true and guard.response: auto or true")
@@ -192,7 +192,8 @@ class JobSpec(Section):
         wants += [(f"probes.targets: {t}", True) for t in feedback]
         needing = [field for field, wanted in wants if wanted]
         if needing:
-            raise ValueError(f"{'; '.join(needing)} need generated responses: set generate.enabled: true")
+            raise ValueError(f"{'; '.join(needing)} need responses: set generate.enabled: true, or read given "
+                             "replies (a source's response_column, or a corpus with replies)")
         return self
 
     @model_validator(mode="after")
@@ -205,9 +206,14 @@ class JobSpec(Section):
         return self
 
     @property
+    def has_responses(self) -> bool:
+        """Whether rows have replies: generated (`generate:`) or given by a source."""
+        return self.generate.enabled or self.dataset.gives_responses
+
+    @property
     def judges_responses(self) -> bool:
         """Whether the guard scores the (prompt, response) pairs too."""
-        return self.guard.enabled and self.generate.enabled and self.guard.response is not False
+        return self.guard.enabled and self.has_responses and self.guard.response is not False
 
     @property
     def guard_model(self) -> ModelSpec:

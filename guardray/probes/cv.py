@@ -28,6 +28,7 @@ from sklearn import metrics
 from sklearn.model_selection import StratifiedKFold
 
 from guardray import targets
+from guardray.targets import labels_the_response
 from guardray.columns import (FEATURE_PREFIX, PARTS_DIR, RESPONSE_POOLINGS, SPLIT, ColumnData, FeatureInfo, Target,
                               feature_infos, feature_schema, label_counts, read_column, require)
 from guardray.shards import footer
@@ -44,12 +45,17 @@ log = logging.getLogger(__name__)
 CV_METRICS = ("roc_auc", "average_precision", "recall_at_fpr")
 
 
-def expand_grid(spec: ProbesSpec, feature_columns: list[str], targets: list[str] | None = None) -> list[dict[str, Any]]:
-    """Every (target, feature, probe type, preprocessing, params) combination, grouped by (target, feature) so
-    that the trials reading one column's rows for one target run one after the other."""
+def expand_grid(spec: ProbesSpec, feature_columns: list[str], targets: list[str] | None = None,
+                pairs: list[tuple[str, str]] | None = None) -> list[dict[str, Any]]:
+    """Every (target, feature, probe type, preprocessing, params) combination (of the usable `pairs`, when
+    given), grouped by (target, feature) so that the trials reading one column's rows for one target run one
+    after the other."""
     configs = []
+    usable = set(pairs) if pairs is not None else None
     for target in targets if targets is not None else spec.all_targets:
         for feature in feature_columns:
+            if usable is not None and (target, feature) not in usable:
+                continue
             for entry in spec.grid:
                 for params in grid_points(entry.params):
                     configs.append({"target": target, "feature": feature, "type": entry.type,
@@ -163,16 +169,33 @@ def resolve_targets(spec: JobSpec, features: Location) -> dict[str, Target]:
     return targets.resolve_all(spec.probes.all_targets, feature_schema(features), spec.feedback)
 
 
-def _check_classes(spec: JobSpec, features: Location, resolved: dict[str, Target]) -> None:
-    """Enough rows of each class of every target for the folds; counted in Ray tasks (they read every row's
-    label), one per target."""
+def usable_pairs(spec: JobSpec, features: Location, resolved: dict[str, Target],
+                 dims: dict[str, FeatureInfo]) -> list[tuple[str, str]]:
+    """The (target, feature column) pairs to probe: those whose train rows hold at least `folds` rows of each
+    class. Prompt features are on every row; response features only on rows with a response, so with given
+    replies on some sources only, a target can have both classes on the prompt side and one on the response
+    side (that pair is left out, with a log line). A target with no usable pair fails with one line. The labels
+    are counted in Ray tasks, one per (target, side)."""
     import ray
 
+    response = next((c for c, info in dims.items() if not info.on_prompt), None)
+    sides = {"prompt": None, **({"response": response} if response else {})}
+    keys = [(target, side) for target in resolved for side in sides]
     count = ray.remote(num_cpus=0.5)(label_counts)
-    counts = ray_get([count.remote(features, target) for target in resolved.values()])
-    problem = class_problem(dict(zip(resolved, counts)), spec.probes.cv.folds)
+    counts = dict(zip(keys, ray_get([count.remote(features, resolved[t], "train", sides[side]) for t, side in keys])))
+    folds = spec.probes.cv.folds
+    usable = {key for key, classes in counts.items() if min(classes) >= folds}
+    lacking = {t: counts[(t, "prompt")] for t in resolved if not any((t, side) in usable for side in sides)}
+    problem = class_problem(lacking, folds)
     if problem:
         raise InputError(problem)
+    pairs = [(t, c) for t in resolved for c, info in dims.items()
+             if (t, "prompt" if info.on_prompt else "response") in usable]
+    for (t, side), (true, false) in counts.items():
+        if (t, side) not in usable:
+            log.warning("probes: %s is not probed on %s features: their train rows have %d true, %d false",
+                        t, side, true, false)
+    return pairs
 
 
 def class_problem(counts: dict[str, tuple[int, int]], folds: int) -> str | None:
@@ -194,12 +217,14 @@ def best_configurations(results: pd.DataFrame, selection: str) -> pd.DataFrame:
 def headline_probes(saved: list[dict[str, Any]], selection: str, targets: list[str]) -> dict[str, dict[str, Any]]:
     """Per target, the refit probe with the best CV score: the report's headline probe. It is taken among the
     prompt features when there are any, since the report asks what the prompt alone tells before any token is
-    generated; probes on the response's activations (act_resp_*, an output guard) stay in the tables."""
+    generated; probes on the response's activations (act_resp_*, an output guard) stay in the tables. A label
+    of the reply itself (`response_harmful`) is the exception: its headline reads the response."""
     best = {}
     for target in targets:
         candidates = [p for p in saved if p["id"]["target"] == target]
-        on_prompt = [p for p in candidates if p["id"]["pooling"] not in RESPONSE_POOLINGS] or candidates
-        best[target] = max(on_prompt, key=lambda p: p[selection])  # max keeps the first (grid order) of ties
+        on_response = labels_the_response(target)
+        side = [p for p in candidates if (p["id"]["pooling"] in RESPONSE_POOLINGS) == on_response] or candidates
+        best[target] = max(side, key=lambda p: p[selection])  # max keeps the first (grid order) of ties
     return best
 
 
@@ -210,8 +235,8 @@ def run_probes(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dic
     check_parts(features)
     dims = feature_columns(spec, features)
     resolved = resolve_targets(spec, features)
-    _check_classes(spec, features, resolved)
-    configs = expand_grid(spec.probes, list(dims), list(resolved))
+    pairs = usable_pairs(spec, features, resolved, dims)
+    configs = expand_grid(spec.probes, list(dims), list(resolved), pairs)
     log.info("probes: %d configurations x %d folds over %d feature columns and %d targets", len(configs),
              spec.probes.cv.folds, len(dims), len(resolved))
     results = run_grid(spec.probes, features, configs, resolved)

@@ -66,13 +66,27 @@ def score_one(features: Location, out: Location, scorer: Scorer, index: int) -> 
     def write(f: Any) -> None:
         with pq.ParquetWriter(f, schema) as writer:
             for batch in scan_batches(features, {"id": pc.field("id"), scorer.column: pc.field(scorer.column)}):
-                column = batch.column(scorer.column)
-                score = (pa.array(probe.score(batch_matrix(batch, scorer.column)), pa.float64()) if probe
-                         else column.cast(pa.float64()))
+                score = probe_scores(probe, batch, scorer.column) if probe else known(batch.column(scorer.column))
                 writer.write_table(pa.table({"id": batch.column("id").cast(pa.string()), "score": score},
                                             schema=schema))
 
     out.join(SCORES_DIR, f"{index:05d}.parquet").write_with(write)
+
+
+def probe_scores(probe: Any, batch: pa.RecordBatch, column: str) -> pa.Array:
+    """The probe's score of each row; null where the row has no features (a response pooling on a row without
+    a reply), so the metrics leave it out like an unknown label."""
+    valid = batch.column(column).is_valid()
+    if valid.false_count == 0:
+        return pa.array(probe.score(batch_matrix(batch, column)), pa.float64())
+    scored = iter(probe.score(batch_matrix(batch.filter(valid), column)).tolist()) if valid.true_count else iter(())
+    return pa.array([next(scored) if ok else None for ok in valid.to_pylist()], pa.float64())
+
+
+def known(scores: pa.Array) -> pa.Array:
+    """A guard score column as float64 with NaN (a row the guard did not judge: no reply) turned into null."""
+    values = scores.cast(pa.float64())
+    return pc.if_else(pc.is_nan(values), pa.scalar(None, pa.float64()), values)
 
 
 def write_labels(features: Location, out: Location, resolved: Sequence[Target]) -> None:

@@ -1,0 +1,98 @@
+"""Conversation rows end to end on a real Ray: jobs/local-chat-logs.yaml (multi-turn chat logs with personas, and
+UncensorBench's given replies with `response_harmful`), made small and run on a tiny random model with SmolLM2's
+tokenizer and chat template, through dataset → features → probes → report. Results are read with the Python API.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+import yaml
+from sklearn.metrics import roc_auc_score
+
+from guardray.api import open_run
+from guardray.chats import chats_from_rows
+from guardray.columns import DROPPED_TURNS, MESSAGES, RESPONSE, RESPONSE_HARMFUL, parts_dataset
+from guardray.jobspec import load_spec
+from guardray.rendering import chat_renderer
+from tests.conftest import REPO
+from tests.models import build_tiny
+
+MAX_LENGTH = 200  # the longer chat logs (up to ~450 tokens) lose their oldest turns
+
+
+@pytest.fixture(scope="module")
+def chat_run(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from guardray.runner import run_job
+
+    tmp = tmp_path_factory.mktemp("chat-logs")
+    raw = yaml.safe_load((REPO / "jobs/local-chat-logs.yaml").read_text())
+    raw["output"] = str(tmp / "run")
+    raw["dataset"]["sources"][0]["path"] = str(REPO / "jobs/data/chat_logs.jsonl")
+    raw["dataset"]["sources"][0]["limit"] = 48
+    raw["dataset"]["sources"][1]["limit"] = 60
+    raw["model"] = {"id": build_tiny(tmp / "tiny"), "dtype": "float32", "max_length": MAX_LENGTH}
+    raw["extract"].update({"layers": [1, 3], "actors": 1, "num_cpus_per_actor": 2, "rows_per_shard": 64})
+    raw["guard"]["max_length"] = 1024
+    raw["probes"].update({"cv": {"folds": 2, "seed": 0, "metric": "roc_auc"},
+                          "grid": [{"type": "logistic_regression", "preprocessing": "standardize",
+                                    "params": {"C": 0.1}}]})
+    raw["evaluate"] = {"bootstrap": 20}
+    (tmp / "job.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    spec = load_spec(tmp / "job.yaml")
+    results = run_job(spec)
+    return {"spec": spec, "results": results, "run": open_run(raw["output"])}
+
+
+def test_the_dataset_keeps_whole_conversations_and_given_replies(chat_run: dict[str, Any]) -> None:
+    rows = chat_run["run"].dataset(pandas=True)
+    logs, replies = rows[rows.source == "chat_logs"], rows[rows.source == "uncensorbench"]
+    assert len(logs) == 48 and len(replies) == 60
+    for prompt, messages in zip(logs.prompt, logs[MESSAGES]):
+        assert messages is not None and messages[-1]["role"] == "user" and messages[-1]["content"] == prompt
+    assert logs[MESSAGES].map(len).max() >= 7  # a persona and six turns before the last
+    assert logs[RESPONSE].isna().all() and replies[RESPONSE].notna().all()
+    assert replies[RESPONSE_HARMFUL].notna().all() and logs[RESPONSE_HARMFUL].isna().all()
+    assert set(replies[RESPONSE_HARMFUL]) == {True, False}
+
+
+def test_features_read_the_whole_conversation_and_count_dropped_turns(chat_run: dict[str, Any]) -> None:
+    """Each row's n_tokens is its rendering's after any dropped turns; rows over max_length lost turns, and the
+    summary counts them; the reply's activations are null exactly where there is no reply."""
+    spec, run = chat_run["spec"], chat_run["run"]
+    parts = parts_dataset(run.stage("features")).to_table().to_pandas()
+    rows = run.dataset(pandas=True).set_index("id").loc[parts["id"]]
+    renderer = chat_renderer(__import__("transformers").AutoTokenizer.from_pretrained(spec.model.id), spec.model)
+    encoded = renderer.encode_many(chats_from_rows(rows.prompt.tolist(), rows[MESSAGES].tolist()))
+    assert [e.dropped_turns for e in encoded] == parts[DROPPED_TURNS].tolist()
+    assert [len(e.ids) for e in encoded] == parts["n_tokens"].where(~parts["truncated"], MAX_LENGTH).tolist()
+    lost = int((parts[DROPPED_TURNS] > 0).sum())
+    assert lost > 0 and chat_run["results"]["features"]["rows_that_lost_turns"] == lost
+    has_reply = rows[RESPONSE].notna().to_numpy()
+    for column in ("act_resp_last_L3", "guard_response_score"):
+        assert parts[column].isna().to_numpy().tolist() == (~has_reply).tolist(), column
+
+
+def test_response_harmful_is_probed_on_the_reply_and_compared_with_the_response_guard(chat_run: dict[str, Any]) -> None:
+    """The report's response_harmful AUCs are sklearn's on the stored scores; its headline probe reads the
+    reply's activations; `harmful` is not probed on reply features, whose train rows hold one class."""
+    run = chat_run["run"]
+    report = run.report()
+    section = report["targets"][RESPONSE_HARMFUL]
+    assert section["guard_scorer"] == "guard_response_score"
+    assert "resp_" in section["best_probe"]
+    scores = run.scores(pandas=True)
+    test = scores[scores[RESPONSE_HARMFUL].notna()]
+    y = test[RESPONSE_HARMFUL].astype(bool)
+    assert len(test) == section["test_rows"] > 0
+    for scorer, metrics in [(section["best_probe"], section["probes"][section["best_probe"]]),
+                            ("guard_response_score", section["guard"])]:
+        assert metrics["test"]["roc_auc"] == pytest.approx(roc_auc_score(y, test[scorer]))
+    probes = chat_run["results"]["probes"]["probes"]
+    assert not [p for p in probes if p["id"]["target"] == "harmful" and "resp_" in p["id"]["pooling"]]
+    harmful = report["targets"]["harmful"]
+    assert "resp_" not in harmful["best_probe"]
+    assert np.isfinite(harmful["probes"][harmful["best_probe"]]["test"]["roc_auc"])
