@@ -4,14 +4,12 @@ tokenizer and chat template, through dataset → features → probes → report.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.compute as pc
 import pytest
-import yaml
 from sklearn.metrics import roc_auc_score
+from transformers import AutoTokenizer
 
 from guardray.api import open_run
 from guardray.chats import chats_from_rows
@@ -29,31 +27,26 @@ def chat_run(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> dict[
     from guardray.runner import run_job
 
     tmp = tmp_path_factory.mktemp("chat-logs")
-    raw = yaml.safe_load((REPO / "jobs/local-chat-logs.yaml").read_text())
-    raw["output"] = str(tmp / "run")
-    raw["dataset"]["sources"][0]["path"] = str(REPO / "jobs/data/chat_logs.jsonl")
-    raw["dataset"]["sources"][0]["limit"] = 48
-    raw["dataset"]["sources"][1]["limit"] = 60
-    raw["model"] = {"id": build_tiny(tmp / "tiny"), "dtype": "float32", "max_length": MAX_LENGTH}
-    raw["extract"].update({"layers": [1, 3], "actors": 1, "num_cpus_per_actor": 2, "rows_per_shard": 64})
-    raw["guard"]["max_length"] = 1024
-    raw["probes"].update({"cv": {"folds": 2, "seed": 0, "metric": "roc_auc"},
-                          "grid": [{"type": "logistic_regression", "preprocessing": "standardize",
-                                    "params": {"C": 0.1}}]})
-    raw["evaluate"] = {"bootstrap": 20}
-    (tmp / "job.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    spec = load_spec(tmp / "job.yaml")
+    overrides = [f"dataset.sources.0.path={REPO / 'jobs/data/chat_logs.jsonl'}", "dataset.sources.0.limit=48",
+                 "dataset.sources.1.limit=60", f"model.id={build_tiny(tmp / 'tiny')}",
+                 f"model.max_length={MAX_LENGTH}", "extract.layers=[1, 3]", "extract.actors=1",
+                 "extract.num_cpus_per_actor=2", "extract.rows_per_shard=64", "guard.max_length=1024",
+                 "probes.cv.folds=2", "probes.grid=[{type: logistic_regression, params: {C: 0.1}}]",
+                 "evaluate.bootstrap=20"]
+    spec = load_spec(REPO / "jobs/local-chat-logs.yaml", overrides, output=str(tmp / "run"))
     results = run_job(spec)
-    return {"spec": spec, "results": results, "run": open_run(raw["output"])}
+    return {"spec": spec, "results": results, "run": open_run(str(tmp / "run"))}
 
 
 def test_the_dataset_keeps_whole_conversations_and_given_replies(chat_run: dict[str, Any]) -> None:
     rows = chat_run["run"].dataset(pandas=True)
     logs, replies = rows[rows.source == "chat_logs"], rows[rows.source == "uncensorbench"]
     assert len(logs) == 48 and len(replies) == 60
+    stored = [m for m in logs[MESSAGES] if m is not None]  # null: a lone prompt (no history, no persona)
+    assert 0 < len(stored) < len(logs)
     for prompt, messages in zip(logs.prompt, logs[MESSAGES]):
-        assert messages is not None and messages[-1]["role"] == "user" and messages[-1]["content"] == prompt
-    assert logs[MESSAGES].map(len).max() >= 7  # a persona and six turns before the last
+        assert messages is None or (messages[-1]["role"] == "user" and messages[-1]["content"] == prompt)
+    assert max(len(m) for m in stored) >= 7  # a persona and six turns before the last
     assert logs[RESPONSE].isna().all() and replies[RESPONSE].notna().all()
     assert replies[RESPONSE_HARMFUL].notna().all() and logs[RESPONSE_HARMFUL].isna().all()
     assert set(replies[RESPONSE_HARMFUL]) == {True, False}
@@ -64,14 +57,17 @@ def test_features_read_the_whole_conversation_and_count_dropped_turns(chat_run: 
     summary counts them; the reply's activations are null exactly where there is no reply."""
     spec, run = chat_run["spec"], chat_run["run"]
     parts = parts_dataset(run.stage("features")).to_table().to_pandas()
-    rows = run.dataset(pandas=True).set_index("id").loc[parts["id"]]
-    renderer = chat_renderer(__import__("transformers").AutoTokenizer.from_pretrained(spec.model.id), spec.model)
-    encoded = renderer.encode_many(chats_from_rows(rows.prompt.tolist(), rows[MESSAGES].tolist()))
+    dataset = run.dataset()
+    order = {key: row for row, key in enumerate(dataset.column("id").to_pylist())}
+    rows = dataset.take([order[key] for key in parts["id"]])
+    renderer = chat_renderer(AutoTokenizer.from_pretrained(spec.model.id), spec.model)
+    encoded = renderer.encode_many(chats_from_rows(rows.column("prompt").to_pylist(),
+                                                   rows.column(MESSAGES).to_pylist()))
     assert [e.dropped_turns for e in encoded] == parts[DROPPED_TURNS].tolist()
     assert [len(e.ids) for e in encoded] == parts["n_tokens"].where(~parts["truncated"], MAX_LENGTH).tolist()
     lost = int((parts[DROPPED_TURNS] > 0).sum())
     assert lost > 0 and chat_run["results"]["features"]["rows_that_lost_turns"] == lost
-    has_reply = rows[RESPONSE].notna().to_numpy()
+    has_reply = rows.column(RESPONSE).is_valid().to_numpy(zero_copy_only=False)
     for column in ("act_resp_last_L3", "guard_response_score"):
         assert parts[column].isna().to_numpy().tolist() == (~has_reply).tolist(), column
 
