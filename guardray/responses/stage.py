@@ -28,7 +28,7 @@ from guardray.columns import FINISH_REASON, ID, PARTS_DIR, RESPONSE_TOKENS
 from guardray.datasets.assemble import DATASET_FILE, DATASET_ROW_GROUP_ROWS
 from guardray.decoding import RESPONSE_COLUMNS, RESPONSE_SCHEMA
 from guardray.errors import StageError, ray_get
-from guardray.rendering import chat_renderer
+from guardray.rendering import chat_renderer, check_personas
 from guardray.responses.hf import ResponseActor
 from guardray.sharded import ShardedStage, run_sharded
 from guardray.shards import RangeReader, finished_shards
@@ -53,7 +53,9 @@ def preflight(spec: JobSpec) -> None:
     """Fail on the driver, in one line, for a template longer than max_length (loads only the tokenizer)."""
     from guardray.models import load_tokenizer
 
-    chat_renderer(load_tokenizer(spec.model), spec.model)
+    tokenizer = load_tokenizer(spec.model)
+    chat_renderer(tokenizer, spec.model)
+    check_personas(tokenizer, spec)
 
 
 def run_responses(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dict[str, Any]:
