@@ -17,7 +17,6 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 
-
 @pytest.fixture(scope="session")
 def gcs_emulator() -> Iterator[str]:
     """A real fake-gcs-server on 127.0.0.1 (started before Ray so workers inherit it); STORAGE_EMULATOR_HOST points gcsfs (and Ray workers) at it."""

@@ -146,12 +146,9 @@ def _normal_instructions(root: Path) -> Iterator[str]:
     yield from json.loads((root / "data/payloads/normal_instructions.json").read_text())["payloads"]
 
 
-def _sharegpt_turns(root: Path) -> Iterator[list[dict]]:
-    """The turns of each conversation's first part (`*_0`) that opens with a human turn.
-
-    The JSON in the wheel is truncated (~120 MB): a plain json.load fails, so decode record by record and keep
-    everything that parses.
-    """
+def sharegpt_records(root: Path) -> Iterator[dict]:
+    """Every record of ShareGPT V3 that parses. The JSON in the wheel is truncated (~120 MB): a plain json.load
+    fails, so decode record by record and stop at the cut."""
     text = (root / "data/ShareGPT_V3_unfiltered_cleaned_split.json").read_text()
     decoder = json.JSONDecoder()
     pos = text.index("[") + 1
@@ -164,6 +161,12 @@ def _sharegpt_turns(root: Path) -> Iterator[list[dict]]:
             record, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError:
             return  # the truncated tail
+        yield record
+
+
+def _sharegpt_turns(root: Path) -> Iterator[list[dict]]:
+    """The turns of each conversation's first part (`*_0`) that opens with a human turn."""
+    for record in sharegpt_records(root):
         if not str(record.get("id", "")).endswith("_0"):
             continue
         turns = record.get("conversations") or []

@@ -9,7 +9,7 @@ from guardray.chats import Chat, as_chat
 from guardray.errors import InputError
 from guardray.jobspec import ModelSpec
 from guardray.rendering.context import Placed, place, turns_to_drop
-from guardray.rendering.spans import (PROBES, SENTINEL, Encoded, caught, caught_tokens, check_truncation,
+from guardray.rendering.spans import (PROBES, SENTINEL, Encoded, RendererSettings, caught, caught_tokens,
                                       common_prefix, cut, token_span)
 from guardray.rendering.templates import conversation_template
 from guardray.tokenizing import OffsetTokenizer, Tokens
@@ -25,7 +25,7 @@ def _variants(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys((text, text.strip(), text.rstrip(), text.lstrip())))
 
 
-class ConversationRenderer:
+class ConversationRenderer(RendererSettings):
     """Renders (prompt, response) pairs through a two-slot template; the RESPONSE is the text that matters.
 
     The same guarantees as `PromptRenderer`: the whole chat is rendered once and tokenised once (untruncated ids
@@ -47,21 +47,13 @@ class ConversationRenderer:
 
     def __init__(self, tokenizer: Any, template: Callable[[str, str], str], max_length: int,
                  truncation: str = "middle"):
-        check_truncation(truncation)
+        super().__init__(tokenizer, template, max_length, truncation)
         rendered = template(SENTINEL, _RESPONSE_SENTINEL)
         if rendered.count(SENTINEL) != 1 or rendered.count(_RESPONSE_SENTINEL) != 1 \
                 or rendered.index(SENTINEL) > rendered.index(_RESPONSE_SENTINEL):
             raise InputError("the conversation template must contain the prompt and then the response, once each")
         self._before, rest = rendered.split(SENTINEL)
         self._middle, self._after = rest.split(_RESPONSE_SENTINEL)
-        self.template = template
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-        self.truncation = truncation
-        self.prefix: list[int] = []
-        #: Every row must start with `prefix` (the HF guard computes its key/value cache once for it); else only
-        #: rows without a system turn of their own must (a persona changes the chat model's head).
-        self.prefix_required = False
         # Probes the template cannot place are left out (Llama-2 with a system prompt trims its own text around
         # an empty message): such a pair is its own row's InputError, not the renderer's.
         located = [loc for loc in (caught(self._locate, p, r) for p, r in _PAIRPROBES)

@@ -33,13 +33,13 @@ from guardray.chats import Chat, as_chat
 from guardray.errors import InputError
 from guardray.jobspec import JobSpec, ModelSpec
 from guardray.rendering.context import Placed, place, turns_to_drop
-from guardray.rendering.spans import (PROBES, SENTINEL, Encoded, caught, caught_tokens, check_truncation,
+from guardray.rendering.spans import (PROBES, SENTINEL, Encoded, RendererSettings, caught, caught_tokens,
                                       common_prefix, cut, token_span)
 from guardray.rendering.templates import chat_template, persona_problem
 from guardray.tokenizing import OffsetTokenizer, Tokens
 
 
-class PromptRenderer:
+class PromptRenderer(RendererSettings):
     """Renders prompts with a template around the user's text and truncates only the user's text.
 
     `template(text)` returns the full rendered string for one user text. An identity template means raw text:
@@ -53,19 +53,11 @@ class PromptRenderer:
     """
 
     def __init__(self, tokenizer: Any, template: Callable[[str], str], max_length: int, truncation: str = "middle"):
-        check_truncation(truncation)
+        super().__init__(tokenizer, template, max_length, truncation)
         rendered = template(SENTINEL)
         if rendered.count(SENTINEL) != 1:
             raise InputError("the chat template must contain the user's text exactly once")
         self._before, self._after = rendered.split(SENTINEL)
-        self.template = template
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-        self.truncation = truncation
-        self.prefix: list[int] = []
-        #: Every row must start with `prefix` (the HF guard computes its key/value cache once for it); else only
-        #: rows without a system turn of their own must (a persona changes the chat model's head).
-        self.prefix_required = False
         located = [self._locate(p) for p in PROBES]
         raw = not self._before and not self._after
         self._tokenize = OffsetTokenizer(tokenizer, raw, [full for full, _, _ in located])

