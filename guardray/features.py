@@ -122,7 +122,7 @@ class FeatureExtractor:
             raise StageError("features: response activations or the response guard need a `response` column "
                              "(the responses stage's, or a source's given responses)")
         pairs = list(zip(prompts, responses)) if responses is not None else []
-        errors: dict[int, str] = {i: f"messages: {p}" for i, p in enumerate(prompts) if isinstance(p, Exception)}
+        errors: dict[int, str] = {i: str(p) for i, p in enumerate(prompts) if isinstance(p, Exception)}
         results: dict[int, dict[str, Any]] = {}
         live = [i for i in range(len(prompts)) if i not in errors]
         encoded = encode_rows(self.renderer, prompts, live, errors, "render")

@@ -92,3 +92,26 @@ def test_response_harmful_is_probed_on_the_reply_and_compared_with_the_response_
     harmful = report["targets"]["harmful"]
     assert "resp_" not in harmful["best_probe"]
     assert np.isfinite(harmful["probes"][harmful["best_probe"]]["test"]["roc_auc"])
+
+
+def test_chat_logs_answered_by_the_responses_stage(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Conversation rows with `generate:`: the reply continues each conversation, takes the place of the
+    dataset's (empty) `response` column, and the features stage reads prompt and reply for every row."""
+    from guardray.runner import run_job
+
+    tmp = tmp_path_factory.mktemp("chat-logs-generated")
+    overrides = [f"dataset.sources=[{{type: file, name: chat_logs, path: {REPO / 'jobs/data/chat_logs.jsonl'}, "
+                 "format: jsonl, messages_column: messages, label_column: harmful, limit: 12}]",
+                 f"model.id={build_tiny(tmp / 'tiny')}", f"model.max_length={MAX_LENGTH}",
+                 "generate={enabled: true, max_new_tokens: 2, actors: 1, rows_per_shard: 64}",
+                 "extract.layers=[1]", "extract.actors=1", "extract.rows_per_shard=64", "guard.enabled=false",
+                 "probes.targets=[harmful]"]
+    spec = load_spec(REPO / "jobs/local-chat-logs.yaml", overrides, output=str(tmp / "run"))
+    results = run_job(spec, ["features"])
+    run = open_run(str(tmp / "run"))
+    answered = run.stage("responses").join("dataset.parquet").read_table()
+    assert answered.schema.names.count(RESPONSE) == 1 and answered.column(RESPONSE).null_count == 0
+    assert answered.num_rows == 12 and MESSAGES in answered.schema.names
+    parts = parts_dataset(run.stage("features")).to_table()
+    assert parts.num_rows == 12 and results["features"]["errors"] == 0
+    assert parts.column("act_resp_last_L1").null_count == 0

@@ -245,10 +245,12 @@ def test_corpus_prompts_equal_the_tokenizers_own(case: Case) -> None:
 
 
 def test_prefix_covers_the_template_head(case: Case) -> None:
-    """The shared prefix is nearly all of the template before the user's text (the guard's cached prefix)."""
+    """The shared prefix is nearly all of the template before the user's text (the guard's cached prefix): all
+    of it but one token of margin and, where a conversation's history goes before the judged turn, that turn's
+    role text ("User:")."""
     renderer = case.renderer(8192, "middle")
     starts = [renderer.encode(text).user_start for text in PROMPTS]
-    assert min(starts) - 2 <= len(renderer.prefix) <= min(starts)
+    assert min(starts) - 5 <= len(renderer.prefix) <= min(starts)
 
 
 @pytest.mark.parametrize("truncation", ["middle", "start"])

@@ -161,7 +161,7 @@ def test_a_conversation_row_is_answered_after_its_history_and_a_bad_one_is_its_o
                           GenerateSpec(max_new_tokens=4), smol.tokenizer)
     chat = Chat("And the word after that?", (("user", "Say only the word yes."), ("assistant", "Yes.")))
     done, errors = responder.process([chat, InputError("messages is an empty conversation"), "hi"], ["a", "b", "c"])
-    assert sorted(done) == [0, 2] and errors == {1: "messages: messages is an empty conversation"}
+    assert sorted(done) == [0, 2] and errors == {1: "messages is an empty conversation"}
     ids = smol.tokenizer.apply_chat_template(chat.messages(SMOL.system_prompt), tokenize=True,
                                              add_generation_prompt=True)
     ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)

@@ -149,7 +149,7 @@ def _normal_instructions(root: Path) -> Iterator[str]:
 def sharegpt_records(root: Path) -> Iterator[dict]:
     """Every record of ShareGPT V3 that parses. The JSON in the wheel is truncated (~120 MB): a plain json.load
     fails, so decode record by record and stop at the cut."""
-    text = (root / "data/ShareGPT_V3_unfiltered_cleaned_split.json").read_text()
+    text = (root / "data/ShareGPT_V3_unfiltered_cleaned_split.json").read_text(encoding="utf-8")
     decoder = json.JSONDecoder()
     pos = text.index("[") + 1
     while True:

@@ -121,6 +121,7 @@ def guard_renderer(tokenizer: Any, model: ModelSpec, spec: GuardSpec,
     renderer = (PromptRenderer(tokenizer, template, spec.max_length, model.truncation) if judge == "prompt" else
                 ConversationRenderer(tokenizer, template, spec.max_length, model.truncation))
     renderer.prefix_required = True  # the HF guard's cached key/values are the prefix's
+    renderer.reads_system = False  # a row's persona is the chat model's instruction, not a judged turn
     return renderer
 
 

@@ -197,6 +197,15 @@ class JobSpec(Section):
         return self
 
     @model_validator(mode="after")
+    def _conversations_need_a_template(self) -> "JobSpec":
+        """A conversation (history, persona) has turns only a chat template can lay out: raw text cannot."""
+        if not self.model.chat_template and self.dataset.conversational:
+            names = ", ".join(s.source_name for s in self.dataset.sources if s.conversational)
+            raise ValueError(f"model.chat_template: false renders raw text, but source {names} gives conversation "
+                             "rows (messages, a persona): they need the model's chat template")
+        return self
+
+    @model_validator(mode="after")
     def _given_or_generated(self) -> "JobSpec":
         """A row has one reply to judge: a source that gives it and `generate.enabled` would make two."""
         if self.generate.enabled and self.dataset.gives_responses:

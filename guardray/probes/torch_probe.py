@@ -33,10 +33,11 @@ CHECKPOINT_FILE = "probe.pt"
 
 def train_rows(batch: pa.Table, column: str, target: TargetLike) -> dict[str, np.ndarray]:
     """A parquet batch → {"x": float32 [rows, dim], "y": float32 [rows]} for the train split's rows with a known
-    label (a derived label is computed by the same Arrow expression the other readers use)."""
+    label and features (a response pooling is null on a row without a reply; a derived label is computed by the
+    same Arrow expression the other readers use)."""
     target = as_target(target)
     train = pads.dataset(batch).to_table(columns={column: pc.field(column), "y": target.expression},
-                                         filter=split_filter(target, "train"))
+                                         filter=split_filter(target, "train") & pc.field(column).is_valid())
     return {"x": matrix(train, column), "y": np.asarray(train.column("y").to_pylist(), dtype=np.float32)}
 
 

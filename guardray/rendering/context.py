@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from guardray.chats import Chat
 from guardray.errors import InputError
-from guardray.rendering.spans import SENTINEL, token_span
+from guardray.rendering.spans import SENTINEL, common_prefix, token_span
 from guardray.tokenizing import Tokens
 
 _MARK = "\ue000GUARDRAY_TEXT_{}\ue000"
@@ -55,31 +55,33 @@ def place(render: Callable[..., str], chat: Chat, *response: str, added: Sequenc
                   marks[0] if own else chat.system)
     skeleton = render(marked, *marks[len(texts) - len(response):])
     for trim in _TRIMS:
-        spans = _substituted(skeleton, [trim(t) for t in texts], full)
-        if spans is not None:
+        found = _substituted(skeleton, [trim(t) for t in texts], full)
+        if found is not None:
+            if own and not found.get(0):
+                raise InputError("the chat template drops the system turn, so this row's persona would be lost")
             break
     else:
-        spans = _sentinel_spans(render, chat, full, texts, response, added)
+        found = {i: [span] for i, span in _sentinel_spans(render, chat, full, texts, response, added).items() if span}
     n_history = len(chat.history)
     prompt_at = own + n_history
-    if spans.get(prompt_at) is None or (response and spans.get(prompt_at + 1) is None):
-        raise InputError("the chat template changed its own text around this conversation, so the places of its "
-                         "prompt and response in the rendering are unknown")
-    context = [spans[i] for i in range(prompt_at) if spans.get(i) is not None]
-    return Placed(full, spans[prompt_at], spans.get(prompt_at + 1) if response else None, context,
-                  [spans.get(own + i) for i in range(n_history)])
+    judged = [prompt_at, *([prompt_at + 1] if response else [])]
+    if any(len(found.get(i, [])) != 1 for i in judged):
+        raise InputError("the chat template changed its own text around this conversation (or printed its prompt "
+                         "or response more than once), so their places in the rendering are unknown")
+    context = [span for i in range(prompt_at) for span in found.get(i, [])]
+    return Placed(full, found[prompt_at][0], found[prompt_at + 1][0] if response else None, context,
+                  [found[own + i][0] if found.get(own + i) else None for i in range(n_history)])
 
 
-def _substituted(skeleton: str, texts: Sequence[str], full: str) -> dict[int, tuple[int, int]] | None:
-    """{text index: span} when the skeleton with each marker replaced by its text is `full`, else None. A text
-    the template printed twice, or not at all, has no place."""
-    parts, spans, at, length, seen = [], {}, 0, 0, set()
+def _substituted(skeleton: str, texts: Sequence[str], full: str) -> dict[int, list[tuple[int, int]]] | None:
+    """{text index: its spans} when the skeleton with each marker replaced by its text is `full`, else None. A
+    text the template printed twice has two spans (both are user text); one it left out has none."""
+    parts, spans, at, length = [], {}, 0, 0
     for found in _MARKS.finditer(skeleton):
         i = int(found.group(1))
         parts.append(skeleton[at:found.start()])
         length += found.start() - at
-        spans[i] = None if i in seen else (length, length + len(texts[i]))
-        seen.add(i)
+        spans.setdefault(i, []).append((length, length + len(texts[i])))
         parts.append(texts[i])
         length += len(texts[i])
         at = found.end()
@@ -125,3 +127,24 @@ def turns_to_drop(tokens: Tokens, placed: Placed, excess: int) -> int:
         if excess <= 0:
             break
     return max(dropped, 1)
+
+
+#: Histories a conversation row may open with (an assistant's greeting first, or a user's turn), rendered once
+#: to find the head that conversation rows share with lone prompts.
+HEAD_PROBES = (Chat("x", (("assistant", "Hello! How can I help?"), ("user", "hi"), ("assistant", "ok"))),
+               Chat("x", (("user", "hi"), ("assistant", "ok"))))
+
+
+def shared_head(render: Callable[..., str], tokenize: Any, prefix: list[int], *response: str) -> list[int]:
+    """`prefix` (measured on lone prompts) cut to what conversation rows share too, less one token of margin
+    where it is cut: the role text before a lone prompt ("User:") is not where a history opening with the
+    assistant starts, and the guard's cached key/values must hold for every row."""
+    for chat in HEAD_PROBES:
+        try:
+            ids = tokenize._encode([render(chat, *response)])[0].ids
+        except Exception:  # noqa: BLE001 - a template refusing this history refuses such rows as well
+            continue
+        shared = common_prefix([prefix, ids])
+        if shared < len(prefix):
+            prefix = prefix[:max(shared - 1, 0)]
+    return prefix

@@ -8,7 +8,7 @@ from typing import Any, Callable, Sequence
 from guardray.chats import Chat, as_chat
 from guardray.errors import InputError
 from guardray.jobspec import ModelSpec
-from guardray.rendering.context import Placed, place, turns_to_drop
+from guardray.rendering.context import Placed, place, shared_head, turns_to_drop
 from guardray.rendering.spans import (PROBES, SENTINEL, Encoded, RendererSettings, caught, caught_tokens,
                                       common_prefix, cut, token_span)
 from guardray.rendering.templates import conversation_template
@@ -65,6 +65,8 @@ class ConversationRenderer(RendererSettings):
         measured = [(t, loc) for t, loc in zip(self._tokenize_located(located), located)
                     if not isinstance(t, Exception)]
         self._measure([t for t, _ in measured], [loc for _, loc in measured])
+        if hasattr(template, "chat"):
+            self.prefix = shared_head(template.chat, self._tokenize, self.prefix, "ok")
 
     def _measure(self, probes: list[Tokens], located: list[tuple[str, int, int, int, int]]) -> None:
         """Sets `prefix` (less one token of margin, as `PromptRenderer`) and checks the template leaves room."""
@@ -115,6 +117,7 @@ class ConversationRenderer(RendererSettings):
                 for pair, p in zip(pairs, placed)]
 
     def _place(self, chat: Chat, response: str) -> Placed:
+        chat = chat if self.reads_system else replace(chat, system=None)
         render = getattr(self.template, "chat", None)
         if render is None:
             raise InputError("this renderer reads lone prompts and responses: a conversation row needs a chat template")
@@ -128,7 +131,7 @@ class ConversationRenderer(RendererSettings):
             chat, placed = shorter, self._place(shorter, response)
             tokens = self._tokenize([placed.full], [placed.user_spans])[0]
         assert placed.response is not None
-        encoded = self._encoded(tokens, (*placed.prompt, *placed.response), shared_head=chat.system is None)
+        encoded = self._encoded(tokens, (*placed.prompt, *placed.response), head_checked=self.prefix_required)
         return replace(encoded, dropped_turns=dropped) if dropped else encoded
 
     def _locate(self, prompt: str, response: str) -> tuple[str, int, int, int, int]:
@@ -157,10 +160,10 @@ class ConversationRenderer(RendererSettings):
         response = token_span(tokens, r0, r1, prompt[0])
         return (prompt[0], min(prompt[1], response[0])), response
 
-    def _encoded(self, tokens: Tokens, chars: Sequence[int], shared_head: bool = True) -> Encoded:
+    def _encoded(self, tokens: Tokens, chars: Sequence[int], head_checked: bool = True) -> Encoded:
         ids = tokens.ids
         head_ok = ids[:len(self.prefix)] == self.prefix
-        if not head_ok and (shared_head or self.prefix_required):
+        if not head_ok and (head_checked or self.prefix_required):
             raise InputError("this prompt changes how the template's shared head tokenises; it cannot share the "
                              "guard's cached prefix")
         (p0, p1), (r0, r1) = self._spans(tokens, chars, len(self.prefix) if head_ok else 0)

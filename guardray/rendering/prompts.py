@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 from guardray.chats import Chat, as_chat
 from guardray.errors import InputError
 from guardray.jobspec import JobSpec, ModelSpec
-from guardray.rendering.context import Placed, place, turns_to_drop
+from guardray.rendering.context import Placed, place, shared_head, turns_to_drop
 from guardray.rendering.spans import (PROBES, SENTINEL, Encoded, RendererSettings, caught, caught_tokens,
                                       common_prefix, cut, token_span)
 from guardray.rendering.templates import chat_template, persona_problem
@@ -66,6 +66,8 @@ class PromptRenderer(RendererSettings):
         measured = [(t, (a, b)) for t, (_, a, b) in
                     zip(self._tokenize_located(located), located) if not isinstance(t, Exception)]
         self._measure([t for t, _ in measured], [span for _, span in measured])
+        if hasattr(template, "chat"):
+            self.prefix = shared_head(template.chat, self._tokenize, self.prefix)
 
     def _measure(self, probes: list[Tokens], spans: list[tuple[int, int]]) -> None:
         """Sets `prefix`, `suffix` and `user_budget` from the probe renderings."""
@@ -123,6 +125,7 @@ class PromptRenderer(RendererSettings):
                 for chat, p in zip(chats, placed)]
 
     def _place(self, chat: Chat) -> Placed:
+        chat = chat if self.reads_system else replace(chat, system=None)
         render = getattr(self.template, "chat", None)
         if render is None:
             raise InputError("this renderer reads lone prompts (no chat template): a conversation row needs one")
@@ -142,7 +145,7 @@ class PromptRenderer(RendererSettings):
             chat, placed = shorter, self._place(shorter)
             tokens = self._tokenize([placed.full], [placed.user_spans])[0]
         # a row's own system turn changes the template's head: it cannot share the guard's cached prefix
-        encoded = self._encoded(tokens, *placed.prompt, shared_head=chat.system is None)
+        encoded = self._encoded(tokens, *placed.prompt, head_checked=self.prefix_required)
         return replace(encoded, dropped_turns=dropped) if dropped else encoded
 
     def _tokenize_located(self, located: Sequence[tuple[str, int, int]]) -> list[Tokens | Exception]:
@@ -171,10 +174,10 @@ class PromptRenderer(RendererSettings):
         raise InputError("the chat template changed its own text around this prompt, so the prompt's place in "
                          "the rendering is unknown")
 
-    def _encoded(self, tokens: Tokens, a: int, b: int, shared_head: bool = True) -> Encoded:
+    def _encoded(self, tokens: Tokens, a: int, b: int, head_checked: bool = True) -> Encoded:
         ids = tokens.ids
         head_ok = ids[:len(self.prefix)] == self.prefix
-        if not head_ok and (shared_head or self.prefix_required):
+        if not head_ok and (head_checked or self.prefix_required):
             # Never seen: it would take a merge reaching past the margin token into the template's head.
             raise InputError("this prompt changes how the template's shared head tokenises; it cannot share the "
                              "guard's cached prefix")

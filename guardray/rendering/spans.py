@@ -41,7 +41,9 @@ class RendererSettings:
 
     `prefix` is the ids every row starts with (measured by the renderer); `prefix_required`: every row must
     start with it (the HF guard computes its key/value cache once for it), else only rows without a system turn
-    of their own must (a persona changes the chat model's head).
+    of their own must (a persona changes the chat model's head). `reads_system`: a row's own system turn is
+    rendered (the chat model); a guard's renderer leaves it out (a persona instructs the chat model, it is not a
+    turn the guard judges), so its rows all share the guard's head.
     """
 
     def __init__(self, tokenizer: Any, template: Callable[..., str], max_length: int, truncation: str):
@@ -51,6 +53,7 @@ class RendererSettings:
         self.max_length, self.truncation = max_length, truncation
         self.prefix: list[int] = []
         self.prefix_required = False
+        self.reads_system = True
 
 
 def token_span(tokens: Tokens, a: int, b: int, skip: int) -> tuple[int, int]:

@@ -31,12 +31,11 @@ class Plan:
 
 def plan_targets(spec: JobSpec, summary: dict[str, Any], schema: pa.Schema) -> dict[str, Plan]:
     """Per target (from the probes' summary): its probes, best probe and matching guard column (schema only)."""
-    names = summary.get("targets") or [summary["best"]["id"].get("target", spec.probes.all_targets[0])]
-    resolved = targets.resolve_all(names, schema, spec.feedback)
-    best = summary.get("best_by_target") or {names[0]: summary["best"]}
+    resolved = targets.resolve_all(summary["targets"], schema, spec.feedback)
+    best = summary["best_by_target"]
     plans = {}
     for name, target in resolved.items():
-        probes = tuple(p["name"] for p in summary["probes"] if p["id"].get("target", names[0]) == name)
+        probes = tuple(p["name"] for p in summary["probes"] if p["id"]["target"] == name)
         guard, note = (targets.guard_column(spec, name, schema.names) if spec.guard.enabled else (None, None))
         if guard is not None and guard not in schema.names:
             guard, note = None, f"{guard} is not in the features: no guard comparison"

@@ -77,7 +77,7 @@ class Responder:
                 ) -> tuple[dict[int, Generation], dict[int, str]]:
         """Generations of the rows (prompts, or conversations: the reply to the last user turn) that succeeded
         and {index: reason} for the rest (a row whose messages break a rule included)."""
-        errors: dict[int, str] = {i: f"messages: {p}" for i, p in enumerate(prompts) if isinstance(p, Exception)}
+        errors: dict[int, str] = {i: str(p) for i, p in enumerate(prompts) if isinstance(p, Exception)}
         live = [i for i in range(len(prompts)) if i not in errors]
         encoded = encode_rows(self.renderer, prompts, live, errors, "render")
         rows = list(encoded)

@@ -96,6 +96,7 @@ def write_responses_dataset(dataset_uri: str, out_uri: str, file_mode: int = DEF
             reasons[reason] = reasons.get(reason, 0) + 1
         lengths = pc.list_value_length(part.column(RESPONSE_TOKENS))
         counts["generated_tokens"] += int(pc.sum(lengths).as_py() or 0)
+        rows = _without_reply_columns(rows)
         for name in RESPONSE_COLUMNS:
             rows = rows.append_column(part.schema.field(name), part.column(name))
         return rows
@@ -128,8 +129,17 @@ def _flush(writer: pq.ParquetWriter, table: pa.Table | None, final: bool) -> lis
     return [table.slice(whole)] if whole < table.num_rows else []
 
 
+def _without_reply_columns(rows: pa.Table) -> pa.Table:
+    """The dataset's rows less its own (all-null) `response` column: a dataset with conversation sources has
+    one, and validation refuses given replies beside generated ones, so the generated reply takes its place."""
+    return rows.drop_columns([name for name in RESPONSE_COLUMNS if name in rows.column_names])
+
+
 def _empty_schema(reader: RangeReader) -> pa.Schema:
     schema = reader.schema
+    for name in RESPONSE_COLUMNS:
+        if name in schema.names:
+            schema = schema.remove(schema.get_field_index(name))
     for field in RESPONSE_SCHEMA:
         schema = schema.append(field)
     return schema

@@ -36,10 +36,12 @@ class ServedProbe:
     @property
     def model_spec(self) -> ModelSpec:
         """The chat model the probe was trained on, with `trust_remote_code` off whatever the artifact says (the
-        server's settings turn it on: `loading.serving_spec`); artifacts from before `model` was recorded give
-        the id and rendering they have (revision and dtype then take the spec's defaults)."""
-        return untrusted_model(self.meta["model"] if "model" in self.meta else
-                                {"id": self.meta["chat_model"], **self.meta.get("rendering", {})}, self.uri)
+        server's settings turn it on: `loading.serving_spec`). The probes stage's format version keeps older
+        artifacts, which did not record `model`, out of reach."""
+        if "model" not in self.meta:
+            raise InputError(f"{self.uri}/{META}: no `model` record: an artifact of an older probes format; "
+                             "rerun the probes stage")
+        return untrusted_model(self.meta["model"], self.uri)
 
 
 def untrusted_model(fields: Any, uri: str) -> ModelSpec:
