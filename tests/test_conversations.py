@@ -27,8 +27,10 @@ def chat_run(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> dict[
     from guardray.runner import run_job
 
     tmp = tmp_path_factory.mktemp("chat-logs")
-    overrides = [f"dataset.sources.0.path={REPO / 'jobs/data/chat_logs.jsonl'}", "dataset.sources.0.limit=48",
-                 "dataset.sources.1.limit=60", f"model.id={build_tiny(tmp / 'tiny')}",
+    overrides = [f"dataset.sources=[{{type: file, name: chat_logs, path: {REPO / 'jobs/data/chat_logs.jsonl'}, "
+                 "format: jsonl, messages_column: messages, label_column: harmful, limit: 48}, "
+                 "{type: uncensorbench, limit: 60}, {type: past_tense, limit: 24, split: test}]",
+                 f"model.id={build_tiny(tmp / 'tiny')}",
                  f"model.max_length={MAX_LENGTH}", "extract.layers=[1, 3]", "extract.actors=1",
                  "extract.num_cpus_per_actor=2", "extract.rows_per_shard=64", "guard.max_length=1024",
                  "probes.cv.folds=2", "probes.grid=[{type: logistic_regression, params: {C: 0.1}}]",
@@ -41,6 +43,7 @@ def chat_run(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> dict[
 def test_the_dataset_keeps_whole_conversations_and_given_replies(chat_run: dict[str, Any]) -> None:
     rows = chat_run["run"].dataset(pandas=True)
     logs, replies = rows[rows.source == "chat_logs"], rows[rows.source == "uncensorbench"]
+    assert (rows[rows.source == "past_tense"].split == "test").all() and (rows.source == "past_tense").sum() == 24
     assert len(logs) == 48 and len(replies) == 60
     stored = [m for m in logs[MESSAGES] if m is not None]  # null: a lone prompt (no history, no persona)
     assert 0 < len(stored) < len(logs)
@@ -115,3 +118,29 @@ def test_chat_logs_answered_by_the_responses_stage(ray_local: None, tmp_path_fac
     parts = parts_dataset(run.stage("features")).to_table()
     assert parts.num_rows == 12 and results["features"]["errors"] == 0
     assert parts.column("act_resp_last_L1").null_count == 0
+
+
+def test_a_held_out_source_never_trains_and_is_scored_at_in_distribution_thresholds(chat_run: dict[str, Any]) -> None:
+    """`split: test` on past_tense: no trial trained on its rows, the in-distribution figures leave it out, and
+    its detection rates in the report equal the share of its stored scores at or above the stored thresholds."""
+    run, results = chat_run["run"], chat_run["results"]
+    train_rows = results["probes"]["train_rows_by_target"]["harmful"]
+    features = parts_dataset(run.stage("features")).to_table(columns=["source", "split", "harmful"]).to_pandas()
+    assert train_rows == int(((features.split == "train") & features.harmful.notna()).sum())
+    assert not ((features.source == "past_tense") & (features.split == "train")).any()
+
+    section = run.report()["targets"]["harmful"]
+    scores = run.scores(pandas=True)
+    scores = scores[scores.harmful.notna()]
+    inside, held = scores[scores.source != "past_tense"], scores[scores.source == "past_tense"]
+    assert section["test_rows"] == len(inside)
+    for scorer in (section["best_probe"], section["guard_scorer"]):
+        figures = section["held_out"][scorer]
+        assert figures["in_distribution"]["rows"] == len(inside)
+        past = figures["sources"]["past_tense"]
+        assert past["rows"] == len(held) == past["positives"]  # all harmful: detection rates, no FPR
+        for point, threshold in past["thresholds"].items():
+            assert past[f"detection_{point}"]["rate"] == pytest.approx((held[scorer] >= threshold).mean())
+        # the 1% FPR threshold flags at most 1% of the in-distribution negatives
+        at_fpr = past["thresholds"]["at_1pct_fpr"]
+        assert (inside.loc[~inside.harmful.astype(bool), scorer] >= at_fpr).mean() <= 0.01

@@ -141,6 +141,9 @@ def _load_all(spec: DatasetSpec) -> tuple[pa.Table, dict[str, int | None], dict[
             keep = np.zeros(table.num_rows, dtype=bool)
             keep[pick] = True
             table = table.filter(pa.array(keep))
+        if source.split is not None:  # a held-out (or train-only) source: every row on one side
+            table = _drop(table, SPLIT).append_column(SPLIT, pa.repeat(pa.scalar(source.split, pa.string()),
+                                                                       table.num_rows))
         expected[name] = expected_rows(source)
         log.info("source %s: %d rows", name, table.num_rows)
         tables.append((name, table))
@@ -148,6 +151,10 @@ def _load_all(spec: DatasetSpec) -> tuple[pa.Table, dict[str, int | None], dict[
     missing = {c: [name for name, t in tables if c not in t.column_names] for c in extra}
     conformed = [_conform(t, name, extra, spec.conversational) for name, t in tables]
     return pa.concat_tables(conformed), expected, missing
+
+
+def _drop(table: pa.Table, column: str) -> pa.Table:
+    return table.drop_columns([column]) if column in table.column_names else table
 
 
 def _with_categories(source: Any, table: pa.Table) -> pa.Table:

@@ -53,11 +53,21 @@ class SourceBase(Section):
 
     #: Fields that enter the stage key only when they differ from this default, so a job written before they
     #: existed keeps its hashes (and its cached stages).
-    KEY_WHEN_SET: ClassVar[dict[str, Any]] = {"system_prompt": None}
+    split: Literal["train", "test"] | None = Field(
+        None, description="Put every row of this source on one side: `test` holds it out of training (a "
+        "distribution the probes never saw; the report gives its figures at thresholds fixed in distribution), "
+        "`train` keeps it out of the test set. The other sources are split at random as usual.")
+
+    KEY_WHEN_SET: ClassVar[dict[str, Any]] = {"system_prompt": None, "split": None}
 
     @property
     def source_name(self) -> str:
         return self.name or self.type  # type: ignore[attr-defined]
+
+    @property
+    def held_out(self) -> bool:
+        """Whether this source is a distribution the probes never train on (`split: test`)."""
+        return self.split == "test"
 
     @property
     def conversational(self) -> bool:
@@ -147,6 +157,12 @@ class LabelledColumns(SourceBase):
     def _one_label_kind(self) -> "LabelledColumns":
         if (self.label_column is None) == (self.harmful is None):
             raise ValueError("give exactly one of `label_column` or `harmful`")
+        return self
+
+    @model_validator(mode="after")
+    def _one_split_kind(self) -> "LabelledColumns":
+        if self.split is not None and self.split_column is not None:
+            raise ValueError("give at most one of `split` (the whole source) or `split_column` (per row)")
         return self
 
     @model_validator(mode="after")

@@ -7,6 +7,7 @@ from typing import Any
 
 from guardray.columns import GUARD_SCORE
 from guardray.probes.torch_probe import TORCH_PROBE_TYPE
+from guardray.held_out import OPERATING_POINTS
 from guardray.report.sections import Section, auc_and_ci, ordered
 
 
@@ -111,8 +112,37 @@ def section_markdown(section: Section, plots: list[str]) -> list[str]:
     if "ci95" in best:
         parts += [f"Bootstrap 95% CI of the best probe: ROC AUC {best['ci95']['roc_auc']}, precision@0.99 "
                   f"{best['ci95']['precision@0.99']}.", ""]
-    return parts + _by_feature(section) + _by_source(section) + _sweeps(section) + _leaderboard(section) + [
+    return parts + _held_out(section) + _by_feature(section) + _by_source(section) + _sweeps(section) + \
+        _leaderboard(section) + [
         "", "### Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+
+
+def held_out_markdown(section: Section) -> str:
+    """The held-out sources table: per source and scorer, the detection rate (or FPR) at the thresholds fixed
+    on the in-distribution test rows, with 95% CIs, and the AUCs."""
+    rows = ["| source | rows (positive) | scorer | flagged at 1% FPR (in-dist.) | flagged at 99% recall (in-dist.) "
+            "| ROC AUC | AUC vs in-dist. negatives |", "|---|---|---|---|---|---|---|"]
+    for scorer, figures in (section.held_out or {}).items():
+        for source, f in figures["sources"].items():
+            kind = "detection" if f["positives"] else "fpr"
+            cells = [_rate_cell(f.get(f"{kind}_{point}"), kind) for point in OPERATING_POINTS]
+            rows.append(f"| {source} | {f['rows']} ({f['positives']}) | {scorer} | {cells[0]} | {cells[1]} | "
+                        f"{fmt(f['roc_auc'])} | {fmt(f['roc_auc_vs_in_distribution_negatives'])} |")
+    return "\n".join(rows)
+
+
+def _rate_cell(entry: dict[str, Any] | None, kind: str) -> str:
+    if not entry or entry["rate"] is None:
+        return "–"
+    ci = f" ({fmt(entry['ci95'][0])}–{fmt(entry['ci95'][1])})" if entry["ci95"] else ""
+    return f"{kind} {fmt(entry['rate'])}{ci}"
+
+
+def _held_out(section: Section) -> list[str]:
+    if not section.held_out:
+        return []
+    return ["### Held-out sources (never trained on; thresholds fixed on the in-distribution test rows)", "",
+            held_out_markdown(section), ""]
 
 
 def _by_feature(section: Section) -> list[str]:

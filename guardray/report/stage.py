@@ -18,7 +18,8 @@ from guardray.report.mining import mine_prompts
 from guardray.report.plots import SUMMARY_PLOT, make_plots, summary_plot
 from guardray.report.render import answer, comparison_markdown, markdown
 from guardray.report.sections import Section, assemble, build_section, ordered, plan_targets
-from guardray.report.tasks import META, compare, evaluate_scorer, merge_scores, read_scores, score_one, scorers, write_labels
+from guardray.report.tasks import (META, compare, evaluate_held_out, evaluate_scorer, held_out_sources, merge_scores,
+                                   read_scores, score_one, scorers, write_labels)
 from guardray.jobspec import JobSpec
 from guardray.storage import Location
 
@@ -48,6 +49,7 @@ def run_report(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dic
     ids = {s.name: s.id for s in found}
     sections = {t: build_section(spec, plans[t], by_target[t], cv, ids) for t in plans}
     sections = {t: _finish(s, comparison) for t, s, comparison in _compared(spec, out, sections, remote)}
+    sections = _with_held_out(spec, out, sections, remote)
     report = assemble(spec, sections, tasks)
     report["mined_prompts"] = _mine(spec, inputs, out, schema, sections, remote)
     out.join("report.json").write_json(report)
@@ -67,9 +69,22 @@ def _compared(spec: JobSpec, out: Location, sections: dict[str, Section],
     """Each section with its probe-vs-guard comparison (a task per section that has a guard scorer)."""
     with_guard = [t for t, s in sections.items() if s.guard_scorer]
     comparisons = dict(zip(with_guard, ray_get([
-        remote(compare).remote(out, t, sections[t].best_probe, sections[t].guard_scorer,
-                               spec.evaluate.probe_threshold, spec.evaluate.guard_threshold) for t in with_guard])))
+        remote(compare).remote(out, t, sections[t].best_probe, sections[t].guard_scorer, spec.evaluate.probe_threshold,
+                               spec.evaluate.guard_threshold, held_out_sources(spec)) for t in with_guard])))
     return [(t, s, comparisons.get(t)) for t, s in sections.items()]
+
+
+def _with_held_out(spec: JobSpec, out: Location, sections: dict[str, Section], remote: Any) -> dict[str, Section]:
+    """Each section with its best probe's and guard's figures on the held-out sources (a task per scorer)."""
+    held = held_out_sources(spec)
+    if not held:
+        return sections
+    jobs = [(t, scorer) for t, s in sections.items() for scorer in (s.best_probe, s.guard_scorer) if scorer]
+    figures = ray_get([remote(evaluate_held_out).remote(spec, out, t, scorer, held) for t, scorer in jobs])
+    found: dict[str, dict[str, Any]] = {t: {} for t in sections}
+    for (t, scorer), f in zip(jobs, figures):
+        found[t][scorer] = f
+    return {t: replace(s, held_out=found[t]) for t, s in sections.items()}
 
 
 def _finish(section: Section, comparison: dict[str, Any] | None) -> Section:

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from guardray.columns import ID, SOURCE, SPLIT, Target, batch_matrix, scan_batches
 from guardray.errors import StageError
+from guardray.held_out import held_out_figures
 from guardray.evaluate import (at_threshold, by_source, fpr_at_recall, score_metrics, threshold_for_recall,
                                threshold_sweep)
 from guardray.probes import artifact
@@ -153,12 +154,26 @@ def read_scores(stage: Location, target: str, scorers: Sequence[str], split: str
 
 # ------------------------------------------------------------------------------------------- metrics
 def evaluate_scorer(spec: JobSpec, out: Location, target: str, scorer: str, threshold: float) -> dict[str, Any]:
-    """Runs on a worker: one scorer's metrics for one target, on the rows where that target is known."""
+    """Runs on a worker: one scorer's metrics for one target, on the rows where that target is known. Rows of a
+    held-out source are left out: their figures are the held-out table's (`evaluate_held_out`)."""
     rows = read_scores(out, target, [scorer], split=None, extra=["split", "source"])
+    split = np.where(rows["source"].isin(held_out_sources(spec)), "held_out", rows["split"].to_numpy(object))
     return {**scorer_metrics(spec, f"{target}:{scorer}", threshold, rows["label"].to_numpy(bool),
-                             rows[scorer].to_numpy(np.float64), rows["split"].to_numpy(object),
-                             rows["source"].to_numpy(object)),
+                             rows[scorer].to_numpy(np.float64), split, rows["source"].to_numpy(object)),
             "peak_rss_mb": peak_rss_mb()}
+
+
+def held_out_sources(spec: JobSpec) -> list[str]:
+    """The sources the probes never train on (`split: test`): out of the in-distribution figures."""
+    return [s.source_name for s in spec.dataset.sources if s.held_out]
+
+
+def evaluate_held_out(spec: JobSpec, out: Location, target: str, scorer: str, held: list[str]) -> dict[str, Any]:
+    """Runs on a worker: one scorer's figures on the held-out sources (`guardray.held_out`), at thresholds fixed
+    on the in-distribution test rows of this target."""
+    rows = read_scores(out, target, [scorer], split="test", extra=["source"])
+    return held_out_figures(rows["label"].to_numpy(bool), rows[scorer].to_numpy(np.float64),
+                            rows["source"].to_numpy(object), held, spec.evaluate.bootstrap, spec.evaluate.seed)
 
 
 def scorer_metrics(spec: JobSpec, name: str, t: float, y: np.ndarray, scores: np.ndarray, split: np.ndarray,
@@ -178,9 +193,11 @@ def scorer_metrics(spec: JobSpec, name: str, t: float, y: np.ndarray, scores: np
 
 
 def compare(stage: Location, target: str, probe: str, guard: str, probe_threshold: float,
-            guard_threshold: float) -> dict[str, Any]:
-    """Probe vs guard at default thresholds and with the guard matched to the probe's recall (test split)."""
-    test = read_scores(stage, target, [probe, guard])
+            guard_threshold: float, held: Sequence[str] = ()) -> dict[str, Any]:
+    """Probe vs guard at default thresholds and with the guard matched to the probe's recall (the test split's
+    in-distribution rows: not those of the `held` sources)."""
+    test = read_scores(stage, target, [probe, guard], extra=["source"])
+    test = test[~test["source"].isin(list(held))]
     y, probe_scores, guard_scores = test["label"].to_numpy(bool), test[probe].to_numpy(), test[guard].to_numpy()
     if not len(y):
         return {"probe": probe, "guard": guard, "matched_guard_threshold": None, "guard_at_matched": None,
