@@ -304,6 +304,25 @@ def by_source(y: Sequence[bool], scores: Sequence[float], sources: Sequence[str]
     return out
 
 
+#: Where prompt-length buckets end: the quartiles, and the 95th percentile for a long tail.
+LENGTH_QUANTILES = (0.25, 0.5, 0.75, 0.95)
+
+
+def length_buckets(n_tokens: np.ndarray) -> np.ndarray:
+    """Each row's prompt-length bucket (tokens after the chat template), as a name that sorts in length order:
+    "1: 12-41 tokens", ... The edges are the quantiles of these rows' lengths (the data's own), so a probe
+    that learned length instead of intent shows a bucket where it fails."""
+    n_tokens = np.asarray(n_tokens, np.int64)
+    if not len(n_tokens):
+        return np.array([], dtype=object)
+    edges = np.unique(np.quantile(n_tokens, LENGTH_QUANTILES, method="higher").astype(np.int64))
+    index = np.searchsorted(edges, n_tokens, side="left")  # bucket i holds (edges[i-1], edges[i]]
+    lows = np.r_[n_tokens.min(), edges + 1]
+    highs = np.r_[edges, n_tokens.max()]
+    names = np.array([f"{i + 1}: {lows[i]}-{highs[i]} tokens" for i in range(len(edges) + 1)], dtype=object)
+    return names[index]
+
+
 def _arrays(y: Sequence[bool], scores: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(y, dtype=bool), np.asarray(scores, dtype=np.float64)
 

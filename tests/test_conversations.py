@@ -144,3 +144,23 @@ def test_a_held_out_source_never_trains_and_is_scored_at_in_distribution_thresho
         # the 1% FPR threshold flags at most 1% of the in-distribution negatives
         at_fpr = past["thresholds"]["at_1pct_fpr"]
         assert (inside.loc[~inside.harmful.astype(bool), scorer] >= at_fpr).mean() <= 0.01
+
+
+def test_every_in_distribution_test_row_is_in_one_length_bucket_with_sklearns_auc(chat_run: dict[str, Any]) -> None:
+    """The report's length buckets (tokens after the template, from scores.parquet's n_tokens) cover the
+    in-distribution test rows once, and each bucket's ROC AUC is sklearn's on that bucket's rows."""
+    from guardray.evaluate import length_buckets
+
+    run = chat_run["run"]
+    section = run.report()["targets"]["harmful"]
+    scores = run.scores(pandas=True)
+    rows = scores[scores.harmful.notna() & (scores.source != "past_tense")]
+    by_length = section["probes"][section["best_probe"]]["by_length"]
+    assert sum(m["count"] for m in by_length.values()) == section["test_rows"] == len(rows)
+    buckets = length_buckets(rows["n_tokens"].to_numpy())
+    for name, m in by_length.items():
+        of = rows[buckets == name]
+        y = of.harmful.astype(bool)
+        assert m["count"] == len(of)
+        if y.nunique() == 2:
+            assert m["roc_auc"] == pytest.approx(roc_auc_score(y, of[section["best_probe"]]))

@@ -68,3 +68,24 @@ def test_a_held_out_source_is_all_test_and_the_others_are_split_as_before(tmp_pa
     with pytest.raises(ValidationError, match="at most one of `split`"):
         DatasetSpec.model_validate({"sources": [{"type": "file", "path": "x.csv", "harmful": True, "split": "test",
                                                  "split_column": "s"}]})
+
+
+def test_length_buckets_cover_every_row_once_and_their_metrics_are_sklearns() -> None:
+    from guardray.evaluate import by_source, length_buckets
+    from guardray.jobspec import EvaluateSpec
+
+    rng = np.random.default_rng(2)
+    n_tokens = np.r_[rng.integers(20, 80, 400), rng.integers(300, 2000, 20)]  # a long tail
+    y = rng.random(420) < 0.5
+    s = np.where(y, 1.0, 0.0) + rng.normal(size=420) + (n_tokens > 300)  # long prompts all look harmful
+    buckets = length_buckets(n_tokens)
+    assert len(buckets) == 420 and len(set(buckets)) == 5 and sorted(set(buckets)) == sorted(set(buckets), key=lambda b: int(b.split(":")[0]))
+    for name in set(buckets):
+        low, high = map(int, name.split(": ")[1].removesuffix(" tokens").split("-"))
+        rows = buckets == name
+        assert n_tokens[rows].min() >= low and n_tokens[rows].max() <= high
+    table = by_source(y, s, buckets, 0.5, EvaluateSpec())
+    assert sum(m["count"] for m in table.values()) == 420
+    for name, m in table.items():
+        rows = buckets == name
+        assert m["roc_auc"] == pytest.approx(roc_auc_score(y[rows], s[rows]))

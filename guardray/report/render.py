@@ -112,8 +112,8 @@ def section_markdown(section: Section, plots: list[str]) -> list[str]:
     if "ci95" in best:
         parts += [f"Bootstrap 95% CI of the best probe: ROC AUC {best['ci95']['roc_auc']}, precision@0.99 "
                   f"{best['ci95']['precision@0.99']}.", ""]
-    return parts + _held_out(section) + _by_feature(section) + _by_source(section) + _sweeps(section) + \
-        _leaderboard(section) + [
+    return parts + _held_out(section) + _by_feature(section) + _by_source(section) + _by_length(section) + \
+        _sweeps(section) + _leaderboard(section) + [
         "", "### Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
 
 
@@ -165,6 +165,21 @@ def _by_source(section: Section) -> list[str]:
         g = guard_src.get(source, {})
         parts.append(f"| {source} | {m['count']} | {m['n_true']} | {fmt(m['accuracy'])} | {fmt(m['recall'])} | "
                      f"{fmt(g.get('accuracy'))} | {fmt(g.get('recall'))} |")
+    return parts
+
+
+def _by_length(section: Section) -> list[str]:
+    """The test rows by prompt length (tokens after the chat template; quartiles and a long tail)."""
+    if "by_length" not in section.best:
+        return []
+    parts = ["", "### By prompt length (test, tokens after the chat template)", "",
+             f"| length | rows | {section.target} | probe ROC AUC | probe recall | guard ROC AUC | guard recall |",
+             "|---|---|---|---|---|---|---|"]
+    guard_len = (section.guard or {}).get("by_length", {})
+    for bucket, m in section.best["by_length"].items():
+        g = guard_len.get(bucket, {})
+        parts.append(f"| {bucket.split(': ', 1)[1]} | {m['count']} | {m['n_true']} | {fmt(m['roc_auc'])} | "
+                     f"{fmt(m['recall'])} | {fmt(g.get('roc_auc'))} | {fmt(g.get('recall'))} |")
     return parts
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from guardray.columns import GUARD_RESPONSE_SCORE, feature_schema, require
+from guardray.columns import GUARD_RESPONSE_SCORE, N_TOKENS, feature_schema, require
 from guardray.errors import InputError, ray_get
 from guardray.report.mining import mine_prompts
 from guardray.report.plots import SUMMARY_PLOT, make_plots, summary_plot
@@ -33,7 +33,7 @@ def run_report(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dic
     schema = feature_schema(features)
     plans = plan_targets(spec, probes.join("summary.json").read_json(), schema)
     found = scorers(spec, probes, [p.guard for p in plans.values() if p.guard])
-    require(schema, [*META, *(s.column for s in found)], stage="report", where=features.uri, written_by="features")
+    require(schema, [*META, N_TOKENS, *(s.column for s in found)], stage="report", where=features.uri, written_by="features")
     remote = ray.remote(num_cpus=1, max_retries=1)  # each task rewrites its own files whole: safe to retry
     ray_get([remote(write_labels).remote(features, out, [p.target for p in plans.values()]),
              *(remote(score_one).remote(features, out, s, i) for i, s in enumerate(found))])

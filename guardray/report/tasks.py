@@ -17,11 +17,11 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from guardray.columns import ID, SOURCE, SPLIT, Target, batch_matrix, scan_batches
+from guardray.columns import ID, N_TOKENS, SOURCE, SPLIT, Target, batch_matrix, scan_batches
 from guardray.errors import StageError
 from guardray.held_out import held_out_figures
-from guardray.evaluate import (at_threshold, by_source, fpr_at_recall, score_metrics, threshold_for_recall,
-                               threshold_sweep)
+from guardray.evaluate import (at_threshold, by_source, fpr_at_recall, length_buckets, score_metrics,
+                               threshold_for_recall, threshold_sweep)
 from guardray.probes import artifact
 from guardray.probes.registry import PROBE_TYPES
 from guardray.jobspec import JobSpec
@@ -93,8 +93,10 @@ def known(scores: pa.Array) -> pa.Array:
 def write_labels(features: Location, out: Location, resolved: Sequence[Target]) -> None:
     """Runs on a worker: every row's id, split, source and each target's label (null where unknown), computed in
     the scan by the same expressions the probes trained on, streamed to scores/labels.parquet."""
-    projection = {**{c: pc.field(c) for c in META}, **{t.name: t.expression for t in resolved}}
-    schema = pa.schema([*(pa.field(c, pa.string()) for c in META), *(pa.field(t.name, pa.bool_()) for t in resolved)])
+    projection = {**{c: pc.field(c) for c in META}, N_TOKENS: pc.field(N_TOKENS),
+                  **{t.name: t.expression for t in resolved}}
+    schema = pa.schema([*(pa.field(c, pa.string()) for c in META), pa.field(N_TOKENS, pa.int32()),
+                        *(pa.field(t.name, pa.bool_()) for t in resolved)])
 
     def write(f: Any) -> None:
         with pq.ParquetWriter(f, schema) as writer:
@@ -105,8 +107,8 @@ def write_labels(features: Location, out: Location, resolved: Sequence[Target]) 
 
 
 def merge_scores(out: Location, names: list[str], label_columns: list[str]) -> None:
-    """scores/labels.parquet + scores/<i>.parquet → one scores.parquet (id, split, source, a label column per
-    target, a score column per scorer), a batch at a time; the files are row-aligned (same parts, same order),
+    """scores/labels.parquet + scores/<i>.parquet → one scores.parquet (id, split, source, n_tokens, a label column
+    per target, a score column per scorer), a batch at a time; the files are row-aligned (same parts, same order),
     which is checked on the ids."""
     out.join(SCORES_DIR).refresh()  # written by other workers: no stale listing cache (gcsfs)
     files = {LABELS_FILE: out.join(SCORES_DIR, LABELS_FILE),
@@ -117,14 +119,14 @@ def merge_scores(out: Location, names: list[str], label_columns: list[str]) -> N
         if len(set(counts.values())) > 1:
             raise StageError(f"report: the scorers scored different rows: {counts}")
         labels = readers[LABELS_FILE].schema_arrow
-        schema = pa.schema([*(labels.field(c) for c in [*META, *label_columns]),
+        schema = pa.schema([*(labels.field(c) for c in [*META, N_TOKENS, *label_columns]),
                             *(pa.field(n, pa.float64()) for n in names)])
 
         def write(f: Any) -> None:
             batches = {n: r.iter_batches(batch_size=MERGE_BATCH_ROWS) for n, r in readers.items()}
             with pq.ParquetWriter(f, schema) as writer:
                 for head in batches[LABELS_FILE]:
-                    columns = {c: head.column(c) for c in [*META, *label_columns]}
+                    columns = {c: head.column(c) for c in [*META, N_TOKENS, *label_columns]}
                     for n in names:
                         batch = next(batches[n])
                         if not batch.column("id").equals(head.column("id")):
@@ -156,10 +158,13 @@ def read_scores(stage: Location, target: str, scorers: Sequence[str], split: str
 def evaluate_scorer(spec: JobSpec, out: Location, target: str, scorer: str, threshold: float) -> dict[str, Any]:
     """Runs on a worker: one scorer's metrics for one target, on the rows where that target is known. Rows of a
     held-out source are left out: their figures are the held-out table's (`evaluate_held_out`)."""
-    rows = read_scores(out, target, [scorer], split=None, extra=["split", "source"])
+    rows = read_scores(out, target, [scorer], split=None, extra=["split", "source", N_TOKENS])
     split = np.where(rows["source"].isin(held_out_sources(spec)), "held_out", rows["split"].to_numpy(object))
-    return {**scorer_metrics(spec, f"{target}:{scorer}", threshold, rows["label"].to_numpy(bool),
-                             rows[scorer].to_numpy(np.float64), split, rows["source"].to_numpy(object)),
+    y, scores = rows["label"].to_numpy(bool), rows[scorer].to_numpy(np.float64)
+    metrics = scorer_metrics(spec, f"{target}:{scorer}", threshold, y, scores, split, rows["source"].to_numpy(object))
+    test = split == "test"
+    buckets = length_buckets(rows[N_TOKENS].to_numpy(np.int64)[test])
+    return {**metrics, "by_length": by_source(y[test], scores[test], buckets, threshold, spec.evaluate),
             "peak_rss_mb": peak_rss_mb()}
 
 
