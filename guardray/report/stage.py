@@ -106,15 +106,18 @@ def _mine(spec: JobSpec, inputs: dict[str, Location], out: Location, schema: pa.
 
 
 def render(report: dict[str, Any], out: Location) -> None:
-    """report.md and the PNG plots, from the report dict and the test split's scores of the plotted scorers.
+    """report.md and the PNG plots, from the report dict and the test split's in-distribution scores of the
+    plotted scorers (held-out sources have their own table).
     matplotlib writes local files: they are drawn in a temporary directory and copied to `out` (local or gs://)."""
     plots: dict[str, list[str]] = {}
     sections = ordered(report)
     with tempfile.TemporaryDirectory() as tmp:
         for section in sections:
             plotted = [section.best_probe, *([section.guard_scorer] if section.guard_scorer else [])]
+            rows = read_scores(out, section.target, plotted, extra=["source"])
+            held = {s for figures in (section.held_out or {}).values() for s in figures["sources"]}
             plots[section.target] = [str(p.relative_to(tmp)) for p in make_plots(
-                section, read_scores(out, section.target, plotted), Path(tmp) / section.target)]
+                section, rows[~rows["source"].isin(held)], Path(tmp) / section.target)]
         plots[""] = [str(summary_plot(sections, Path(tmp) / SUMMARY_PLOT).relative_to(tmp))]
         for files in plots.values():
             for relative in files:
