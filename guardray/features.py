@@ -32,9 +32,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from guardray.activations import Batch, capture, resolve_layers
-from guardray.chats import Chat, table_chats
-from guardray.columns import (DATASET_COLUMNS, DROPPED_TURNS, GUARD_PREFIX, MESSAGES, META_COLUMNS, N_TOKENS,
-                              POOLINGS, PROMPT, RESPONSE, RESPONSE_POOLINGS, RESPONSE_TOKENS, TRUNCATED, feature_column,
+from guardray.chats import Chat, as_chat, table_chats
+from guardray.columns import (DATASET_COLUMNS, DROPPED_TURNS, GUARD_PREFIX, HISTORY_TURNS, MESSAGES, META_COLUMNS,
+                              N_TOKENS, PERSONA, POOLINGS, PROMPT, RESPONSE, RESPONSE_POOLINGS, RESPONSE_TOKENS, TRUNCATED, feature_column,
                               parts_dataset, require, with_feature_metadata)
 from guardray.datasets.assemble import DATASET_FILE
 from guardray.encoding import encode_rows, length_batches
@@ -142,6 +142,8 @@ class FeatureExtractor:
             N_TOKENS: np.array([encoded[i].n_tokens for i in ok], dtype=np.int32),
             TRUNCATED: np.array([encoded[i].truncated for i in ok], dtype=bool),
             DROPPED_TURNS: np.array([encoded[i].dropped_turns for i in ok], dtype=np.int32),
+            HISTORY_TURNS: np.array([len(as_chat(prompts[i]).history) for i in ok], dtype=np.int32),
+            PERSONA: np.array([bool(as_chat(prompts[i]).system) for i in ok], dtype=bool),
         }
         hidden = int(self.chat.model.config.hidden_size)
         missing = np.full(hidden, np.nan, np.float32)
@@ -206,6 +208,8 @@ def to_table(meta: pa.Table, columns: dict[str, Any], store_dtype: str,
     arrays[TRUNCATED] = pa.array(columns[TRUNCATED], pa.bool_())
     if MESSAGES in meta.column_names or conversations:
         arrays[DROPPED_TURNS] = pa.array(columns[DROPPED_TURNS], pa.int32())
+        arrays[HISTORY_TURNS] = pa.array(columns[HISTORY_TURNS], pa.int32())
+        arrays[PERSONA] = pa.array(columns[PERSONA], pa.bool_())
     np_dtype, arrow_dtype = STORE_DTYPES[store_dtype]
     unanswered = ~np.asarray(columns.get(WITH_RESPONSE, []), dtype=bool)
     no_response = pa.array(unanswered) if unanswered.any() else None  # all answered: no validity bitmap

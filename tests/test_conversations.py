@@ -164,3 +164,28 @@ def test_every_in_distribution_test_row_is_in_one_length_bucket_with_sklearns_au
         assert m["count"] == len(of)
         if y.nunique() == 2:
             assert m["roc_auc"] == pytest.approx(roc_auc_score(y, of[section["best_probe"]]))
+
+
+def test_harmful_last_turns_are_read_by_history_length_and_persona(chat_run: dict[str, Any]) -> None:
+    """The parts record each conversation row's turns before its last user turn and its persona; the report's
+    by_history and by_persona tables cover the in-distribution test rows once, with sklearn's AUC per group."""
+    run = chat_run["run"]
+    parts = parts_dataset(run.stage("features")).to_table(columns=["id", "history_turns", "persona"]).to_pandas()
+    dataset = run.dataset(pandas=True).set_index("id").loc[parts["id"]]
+    for messages, turns, persona in zip(dataset[MESSAGES], parts.history_turns, parts.persona):
+        roles = [m["role"] for m in messages] if messages is not None else ["user"]
+        assert turns == len([r for r in roles if r != "system"]) - 1 and persona == ("system" in roles)
+
+    section = run.report()["targets"]["harmful"]
+    scores = run.scores(pandas=True)
+    rows = scores[scores.harmful.notna() & (scores.source != "past_tense")]
+    best = section["probes"][section["best_probe"]]
+    groups = {"0 turns": rows.history_turns == 0, "1-2 turns": rows.history_turns.between(1, 2),
+              "3+ turns": rows.history_turns >= 3}
+    assert sum(m["count"] for m in best["by_history"].values()) == len(rows)
+    for name, m in best["by_history"].items():
+        of = rows[groups[name]]
+        assert m["count"] == len(of)
+        assert m["recall"] == pytest.approx((of.loc[of.harmful.astype(bool), section["best_probe"]] >= 0).mean())
+    assert {k: m["count"] for k, m in best["by_persona"].items()} == {
+        "persona": int(rows.persona.sum()), "no persona": int((~rows.persona.astype(bool)).sum())}

@@ -113,7 +113,7 @@ def section_markdown(section: Section, plots: list[str]) -> list[str]:
         parts += [f"Bootstrap 95% CI of the best probe: ROC AUC {best['ci95']['roc_auc']}, precision@0.99 "
                   f"{best['ci95']['precision@0.99']}.", ""]
     return parts + _held_out(section) + _by_feature(section) + _by_source(section) + _by_length(section) + \
-        _sweeps(section) + _leaderboard(section) + [
+        _by_context(section) + _sweeps(section) + _leaderboard(section) + [
         "", "### Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
 
 
@@ -180,6 +180,24 @@ def _by_length(section: Section) -> list[str]:
         g = guard_len.get(bucket, {})
         parts.append(f"| {bucket.split(': ', 1)[1]} | {m['count']} | {m['n_true']} | {fmt(m['roc_auc'])} | "
                      f"{fmt(m['recall'])} | {fmt(g.get('roc_auc'))} | {fmt(g.get('recall'))} |")
+    return parts
+
+
+def _by_context(section: Section) -> list[str]:
+    """Conversation rows: the test rows by turns before the last user turn and by persona (recall = detection
+    rate of the harmful last turns at the scorer's threshold)."""
+    parts: list[str] = []
+    for key, title in (("by_history", "turns before the last user turn"), ("by_persona", "persona")):
+        if key not in section.best:
+            continue
+        parts += ["", f"### By {title} (test, conversation rows)", "",
+                  f"| {title} | rows | {section.target} | probe recall | probe ROC AUC | guard recall | guard ROC AUC |",
+                  "|---|---|---|---|---|---|---|"]
+        guard = (section.guard or {}).get(key, {})
+        for group, m in section.best[key].items():
+            g = guard.get(group, {})
+            parts.append(f"| {group} | {m['count']} | {m['n_true']} | {fmt(m['recall'])} | {fmt(m['roc_auc'])} | "
+                         f"{fmt(g.get('recall'))} | {fmt(g.get('roc_auc'))} |")
     return parts
 
 

@@ -37,7 +37,7 @@ def run_report(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dic
     remote = ray.remote(num_cpus=1, max_retries=1)  # each task rewrites its own files whole: safe to retry
     ray_get([remote(write_labels).remote(features, out, [p.target for p in plans.values()]),
              *(remote(score_one).remote(features, out, s, i) for i, s in enumerate(found))])
-    ray_get(remote(merge_scores).remote(out, [s.name for s in found], list(plans)))
+    ray_get(remote(merge_scores).remote(out, [s.name for s in found]))
     pairs = [(t, s) for t, p in plans.items() for s in (*p.probes, *([p.guard] if p.guard else []))]
     thresholds = {s.name: s.threshold for s in found}
     entries = ray_get([remote(evaluate_scorer).remote(spec, out, t, s, thresholds[s]) for t, s in pairs])

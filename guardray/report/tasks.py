@@ -17,7 +17,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from guardray.columns import ID, N_TOKENS, SOURCE, SPLIT, Target, batch_matrix, scan_batches
+from guardray.columns import (HISTORY_TURNS, ID, N_TOKENS, PERSONA, SOURCE, SPLIT, Target, batch_matrix, feature_schema,
+                              scan_batches)
 from guardray.errors import StageError
 from guardray.held_out import held_out_figures
 from guardray.evaluate import (at_threshold, by_source, fpr_at_recall, length_buckets, score_metrics,
@@ -93,9 +94,10 @@ def known(scores: pa.Array) -> pa.Array:
 def write_labels(features: Location, out: Location, resolved: Sequence[Target]) -> None:
     """Runs on a worker: every row's id, split, source and each target's label (null where unknown), computed in
     the scan by the same expressions the probes trained on, streamed to scores/labels.parquet."""
+    context = [f for f in feature_schema(features) if f.name in (HISTORY_TURNS, PERSONA)]  # conversation rows
     projection = {**{c: pc.field(c) for c in META}, N_TOKENS: pc.field(N_TOKENS),
-                  **{t.name: t.expression for t in resolved}}
-    schema = pa.schema([*(pa.field(c, pa.string()) for c in META), pa.field(N_TOKENS, pa.int32()),
+                  **{f.name: pc.field(f.name) for f in context}, **{t.name: t.expression for t in resolved}}
+    schema = pa.schema([*(pa.field(c, pa.string()) for c in META), pa.field(N_TOKENS, pa.int32()), *context,
                         *(pa.field(t.name, pa.bool_()) for t in resolved)])
 
     def write(f: Any) -> None:
@@ -106,7 +108,7 @@ def write_labels(features: Location, out: Location, resolved: Sequence[Target]) 
     out.join(SCORES_DIR, LABELS_FILE).write_with(write)
 
 
-def merge_scores(out: Location, names: list[str], label_columns: list[str]) -> None:
+def merge_scores(out: Location, names: list[str]) -> None:
     """scores/labels.parquet + scores/<i>.parquet → one scores.parquet (id, split, source, n_tokens, a label column
     per target, a score column per scorer), a batch at a time; the files are row-aligned (same parts, same order),
     which is checked on the ids."""
@@ -119,14 +121,15 @@ def merge_scores(out: Location, names: list[str], label_columns: list[str]) -> N
         if len(set(counts.values())) > 1:
             raise StageError(f"report: the scorers scored different rows: {counts}")
         labels = readers[LABELS_FILE].schema_arrow
-        schema = pa.schema([*(labels.field(c) for c in [*META, N_TOKENS, *label_columns]),
+        kept = labels.names  # id, split, source, n_tokens, a conversation's context, the labels
+        schema = pa.schema([*labels,
                             *(pa.field(n, pa.float64()) for n in names)])
 
         def write(f: Any) -> None:
             batches = {n: r.iter_batches(batch_size=MERGE_BATCH_ROWS) for n, r in readers.items()}
             with pq.ParquetWriter(f, schema) as writer:
                 for head in batches[LABELS_FILE]:
-                    columns = {c: head.column(c) for c in [*META, N_TOKENS, *label_columns]}
+                    columns = {c: head.column(c) for c in kept}
                     for n in names:
                         batch = next(batches[n])
                         if not batch.column("id").equals(head.column("id")):
@@ -165,7 +168,24 @@ def evaluate_scorer(spec: JobSpec, out: Location, target: str, scorer: str, thre
     test = split == "test"
     buckets = length_buckets(rows[N_TOKENS].to_numpy(np.int64)[test])
     return {**metrics, "by_length": by_source(y[test], scores[test], buckets, threshold, spec.evaluate),
-            "peak_rss_mb": peak_rss_mb()}
+            **by_context(spec, out, target, scorer, threshold), "peak_rss_mb": peak_rss_mb()}
+
+
+def by_context(spec: JobSpec, out: Location, target: str, scorer: str, threshold: float) -> dict[str, Any]:
+    """With conversation rows: the in-distribution test rows' metrics (recall = the detection rate of harmful
+    last turns) by how many turns came before the last user turn (0, 1-2, 3+) and by whether a persona was
+    there: `by_history` and `by_persona`. Empty without conversation rows."""
+    names = pads.dataset(out.join(SCORES_FILE).path, filesystem=out.fs, format="parquet").schema.names
+    if HISTORY_TURNS not in names:
+        return {}
+    rows = read_scores(out, target, [scorer], split="test", extra=["source", HISTORY_TURNS, PERSONA])
+    rows = rows[~rows["source"].isin(held_out_sources(spec))]
+    y, scores = rows["label"].to_numpy(bool), rows[scorer].to_numpy(np.float64)
+    turns = rows[HISTORY_TURNS].to_numpy(np.int64)
+    history = np.where(turns == 0, "0 turns", np.where(turns <= 2, "1-2 turns", "3+ turns")).astype(object)
+    persona = np.where(rows[PERSONA].to_numpy(bool), "persona", "no persona").astype(object)
+    return {"by_history": by_source(y, scores, history, threshold, spec.evaluate),
+            "by_persona": by_source(y, scores, persona, threshold, spec.evaluate)}
 
 
 def held_out_sources(spec: JobSpec) -> list[str]:
