@@ -45,7 +45,8 @@ def write_feature_parts(stage: Path, features: dict[tuple[str, int], tuple[int, 
         start, end = int(rows_of_part[0]), int(rows_of_part[-1]) + 1
         harmful = pa.array(y[rows_of_part], mask=~labelled[rows_of_part])
         table = {"id": [f"r{i}" for i in rows_of_part], "harmful": harmful,
-                 "source": np.where(rows_of_part % 2 == 0, "even", "odd"), "split": split[rows_of_part]}
+                 "source": np.where(rows_of_part % 2 == 0, "even", "odd"), "split": split[rows_of_part],
+                 "n_tokens": pa.array(20 + rows_of_part % 97, pa.int32())}  # rendered length, as the stage writes
         if guard:
             table["guard_score"] = pa.array(guard_score[rows_of_part], pa.float32())
         if feedback:
