@@ -112,8 +112,8 @@ def section_markdown(section: Section, plots: list[str]) -> list[str]:
     if "ci95" in best:
         parts += [f"Bootstrap 95% CI of the best probe: ROC AUC {best['ci95']['roc_auc']}, precision@0.99 "
                   f"{best['ci95']['precision@0.99']}.", ""]
-    return parts + _held_out(section) + _by_feature(section) + _by_source(section) + _by_length(section) + \
-        _by_context(section) + _sweeps(section) + _leaderboard(section) + [
+    return parts + _held_out(section) + _by_feature(section) + _by_source(section) + _by_group(section) + \
+        _sweeps(section) + _leaderboard(section) + [
         "", "### Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
 
 
@@ -168,36 +168,29 @@ def _by_source(section: Section) -> list[str]:
     return parts
 
 
-def _by_length(section: Section) -> list[str]:
-    """The test rows by prompt length (tokens after the chat template; quartiles and a long tail)."""
-    if "by_length" not in section.best:
-        return []
-    parts = ["", "### By prompt length (test, tokens after the chat template)", "",
-             f"| length | rows | {section.target} | probe ROC AUC | probe recall | guard ROC AUC | guard recall |",
-             "|---|---|---|---|---|---|---|"]
-    guard_len = (section.guard or {}).get("by_length", {})
-    for bucket, m in section.best["by_length"].items():
-        g = guard_len.get(bucket, {})
-        parts.append(f"| {bucket.split(': ', 1)[1]} | {m['count']} | {m['n_true']} | {fmt(m['roc_auc'])} | "
-                     f"{fmt(m['recall'])} | {fmt(g.get('roc_auc'))} | {fmt(g.get('recall'))} |")
-    return parts
+#: Breakdowns of the test rows beyond source: the metrics key, its heading and its first column's name.
+GROUPINGS = (("by_length", "prompt length (test, tokens after the chat template)", "length"),
+             ("by_history", "turns before the last user turn (test, conversation rows)", "earlier turns"),
+             ("by_persona", "persona (test, conversation rows)", "persona"))
 
 
-def _by_context(section: Section) -> list[str]:
-    """Conversation rows: the test rows by turns before the last user turn and by persona (recall = detection
-    rate of the harmful last turns at the scorer's threshold)."""
+def _by_group(section: Section) -> list[str]:
+    """The test rows by prompt length (quartiles and a long tail) and, with conversation rows, by the turns
+    before the last user turn and by persona: ROC AUC and recall (the detection rate of harmful rows at the
+    scorer's threshold), best probe beside guard."""
     parts: list[str] = []
-    for key, title in (("by_history", "turns before the last user turn"), ("by_persona", "persona")):
+    for key, title, column in GROUPINGS:
         if key not in section.best:
             continue
-        parts += ["", f"### By {title} (test, conversation rows)", "",
-                  f"| {title} | rows | {section.target} | probe recall | probe ROC AUC | guard recall | guard ROC AUC |",
+        parts += ["", f"### By {title}", "",
+                  f"| {column} | rows | {section.target} | probe ROC AUC | probe recall | guard ROC AUC | guard recall |",
                   "|---|---|---|---|---|---|---|"]
         guard = (section.guard or {}).get(key, {})
         for group, m in section.best[key].items():
             g = guard.get(group, {})
-            parts.append(f"| {group} | {m['count']} | {m['n_true']} | {fmt(m['recall'])} | {fmt(m['roc_auc'])} | "
-                         f"{fmt(g.get('recall'))} | {fmt(g.get('roc_auc'))} |")
+            shown = group.split(": ", 1)[-1]  # length buckets are numbered so that they sort
+            parts.append(f"| {shown} | {m['count']} | {m['n_true']} | {fmt(m['roc_auc'])} | {fmt(m['recall'])} | "
+                         f"{fmt(g.get('roc_auc'))} | {fmt(g.get('recall'))} |")
     return parts
 
 
