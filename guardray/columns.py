@@ -55,7 +55,6 @@ DROPPED_TURNS = "dropped_turns"
 #: A conversation row's context as given (parts of a dataset with conversations only): the turns before its last
 #: user turn, and whether it has a persona (a system turn of its own). The report reads results by them.
 HISTORY_TURNS, PERSONA = "history_turns", "persona"
-CONTEXT_COLUMNS = (DROPPED_TURNS, HISTORY_TURNS, PERSONA)
 #: Boolean columns of the parts that are flags, not labels.
 NOT_LABELS = frozenset({TRUNCATED, PERSONA})
 #: A stage's `errors/` files and `errors.parquet`: the row that failed and why.

@@ -45,9 +45,11 @@ def place(render: Callable[..., str], chat: Chat, *response: str, added: Sequenc
     """The row rendered (`render(chat, *response)`) with its texts' places; InputError when the prompt's (or the
     response's) place is unknown, or a history text holding one of the tokenizer's `added` tokens cannot be
     placed."""
-    full = render(chat, *response)
     texts = ([chat.system] if chat.system else []) + [content for _, content in chat.history] + \
         [chat.prompt] + list(response)
+    if any("\ue000GUARDRAY_" in text for text in texts):  # would be taken for the markers placing the texts
+        raise InputError("messages: a message holds guardray's own private-use marker text: refused")
+    full = render(chat, *response)
     marks = [_MARK.format(i) for i in range(len(texts))]
     own = int(bool(chat.system))
     marked = Chat(marks[len(texts) - 1 - len(response)],
