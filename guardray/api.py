@@ -112,15 +112,16 @@ class Run:
 
         stage = self.stage("probes")
         summary = stage.join("summary.json").read_json()
-        names = [p["name"] for p in summary["probes"]]
+        names = _probe_names(summary)
         chosen = summary["best"]["name"] if name is None else name
         if chosen not in names:
             raise InputError(f"probe {chosen!r}: not in {stage.uri} (probes: {', '.join(names)})")
         return artifact.load(stage.join("artifacts", chosen), allow_pickle)
 
     def probes(self) -> list[str]:
-        """The names `probe(name)` takes, in the probes stage's order."""
-        return [p["name"] for p in self.stage("probes").join("summary.json").read_json()["probes"]]
+        """The names `probe(name)` takes, in the probes stage's order (then those fitted without a source,
+        `left_out/<i>/...`, with `evaluate.leave_one_source_out`)."""
+        return _probe_names(self.stage("probes").join("summary.json").read_json())
 
     def report(self) -> dict[str, Any]:
         """The report's JSON (`targets: {name: section}` with every metric)."""
@@ -159,6 +160,11 @@ def open_run(output: str) -> Run:
     if not location.exists():
         raise InputError(f"{location.uri}: no such run directory")
     return Run(location)
+
+
+def _probe_names(summary: dict[str, Any]) -> list[str]:
+    return [p["name"] for p in summary["probes"]] + [
+        e["name"] for e in summary.get("leave_one_source_out", []) if e["name"]]
 
 
 def _ids(column: pa.ChunkedArray) -> np.ndarray:

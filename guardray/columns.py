@@ -286,8 +286,9 @@ class _Scan:
 
 
 def _scan(stage: Location, dataset: pads.Dataset, column: str | None, target: Target, split: str | None,
-          extra: Sequence[str], reader: str) -> _Scan:
-    filtered_on = (*target.needs, *(() if split is None else (SPLIT,)))
+          extra: Sequence[str], reader: str, without_source: str | None = None) -> _Scan:
+    filtered_on = (*target.needs, *(() if split is None else (SPLIT,)),
+                   *(() if without_source is None else (SOURCE,)))
     require(dataset.schema, [c for c in (column, *extra, *filtered_on) if c is not None], stage=reader,
             where=stage.uri, written_by="features")
     projection = {c: pc.field(c) for c in (column, *extra) if c is not None}
@@ -297,15 +298,18 @@ def _scan(stage: Location, dataset: pads.Dataset, column: str | None, target: Ta
     where = split_filter(target, split)
     if column:  # a response pooling is null on a row with no response (a prompt-only row beside given replies)
         where = where & pc.field(column).is_valid()
+    if without_source is not None:
+        where = where & (pc.field(SOURCE) != without_source)
     return _Scan(where, projection, dim, filtered_on)
 
 
 def column_batches(stage: Location, column: str | None, target: TargetLike, split: str | None = "train",
-                   extra: Sequence[str] = (), reader: str = "probes") -> Iterator[ColumnData]:
+                   extra: Sequence[str] = (), reader: str = "probes",
+                   without_source: str | None = None) -> Iterator[ColumnData]:
     """Stream one column's labelled rows (of `split`, when given) as record batches of `READ_BATCH_ROWS`:
     a scorer keeps its scores and drops the features batch by batch. `x` keeps the stored dtype (float16)."""
     dataset, target = parts_dataset(stage), as_target(target)
-    scan = _scan(stage, dataset, column, target, split, extra, reader)
+    scan = _scan(stage, dataset, column, target, split, extra, reader, without_source)
     # little read-ahead: the default (16 batches x 4 files) decodes far more than one batch at a time
     for batch in dataset.to_batches(columns=scan.projection, filter=scan.where, batch_size=READ_BATCH_ROWS,
                                     batch_readahead=2, fragment_readahead=1):
@@ -326,21 +330,22 @@ def _as_data(batch: pa.RecordBatch, column: str | None, target: Target, dim: int
 
 
 def read_column(stage: Location, column: str | None, target: TargetLike, split: str | None = "train",
-                extra: Sequence[str] = (), reader: str = "probes") -> ColumnData:
+                extra: Sequence[str] = (), reader: str = "probes", without_source: str | None = None) -> ColumnData:
     """One column's labelled rows (of `split`, when given) in a preallocated float32 matrix.
 
     Memory: the matrix plus one record batch. `column=None` reads labels and `extra` only (the guard score).
     `columns_read` lists every column the scan touched (projection and filter), for tests and logs.
+    `without_source`: leave that source's rows out (a leave-one-source-out fit).
     """
     dataset, target = parts_dataset(stage), as_target(target)
-    scan = _scan(stage, dataset, column, target, split, extra, reader)
+    scan = _scan(stage, dataset, column, target, split, extra, reader, without_source)
     touched: tuple[str, ...] = ()
     rows = dataset.count_rows(filter=scan.where)
     x = np.empty((rows, scan.dim), dtype=np.float32)
     y = np.empty(rows, dtype=bool)
     extras: dict[str, list[pa.Array]] = {c: [] for c in extra}
     at = 0
-    for part in column_batches(stage, column, target, split, extra, reader):
+    for part in column_batches(stage, column, target, split, extra, reader, without_source):
         n, touched = len(part.y), part.columns_read
         x[at:at + n], y[at:at + n] = part.x, part.y
         for c in extra:

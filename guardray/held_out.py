@@ -80,3 +80,13 @@ def held_out_figures(y: np.ndarray, scores: np.ndarray, sources: np.ndarray, hel
     return {"in_distribution": {"rows": int(inside.sum()), "positives": int(y[inside].sum()), "thresholds": points},
             "sources": {s: source_figures(points, y[sources == s], scores[sources == s], y[inside], scores[inside],
                                           resamples, seed) for s in held_out if (sources == s).any()}}
+
+
+def figures_fixed_on(fixed_on: np.ndarray, on: np.ndarray, y: np.ndarray, scores: np.ndarray, resamples: int,
+                     seed: int) -> dict[str, Any]:
+    """`source_figures` of the rows `on`, at the operating points fixed on the rows `fixed_on` (boolean masks
+    over the same rows): the same rules as the held-out table, for a leave-one-source-out comparison, where
+    each probe's thresholds come from the rows it may know."""
+    y, scores = np.asarray(y, bool), np.asarray(scores, np.float64)
+    points = operating_points(y[fixed_on], scores[fixed_on])
+    return source_figures(points, y[on], scores[on], y[fixed_on], scores[fixed_on], resamples, seed)

@@ -34,7 +34,7 @@ def chat_run(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> dict[
                  f"model.max_length={MAX_LENGTH}", "extract.layers=[1, 3]", "extract.actors=1",
                  "extract.num_cpus_per_actor=2", "extract.rows_per_shard=64", "guard.max_length=1024",
                  "probes.cv.folds=2", "probes.grid=[{type: logistic_regression, params: {C: 0.1}}]",
-                 "evaluate.bootstrap=20"]
+                 "evaluate.bootstrap=20", "evaluate.leave_one_source_out=true"]
     spec = load_spec(REPO / "jobs/local-chat-logs.yaml", overrides, output=str(tmp / "run"))
     results = run_job(spec)
     return {"spec": spec, "results": results, "run": open_run(str(tmp / "run"))}
@@ -144,6 +144,40 @@ def test_a_held_out_source_never_trains_and_is_scored_at_in_distribution_thresho
         # the 1% FPR threshold flags at most 1% of the in-distribution negatives
         at_fpr = past["thresholds"]["at_1pct_fpr"]
         assert (inside.loc[~inside.harmful.astype(bool), scorer] >= at_fpr).mean() <= 0.01
+
+
+def test_a_probe_fitted_without_a_source_never_saw_it_and_its_scores_are_its_artifacts(
+        chat_run: dict[str, Any]) -> None:
+    """`evaluate.leave_one_source_out: true`: per target and trained-on source S, a probe of the headline
+    configuration fitted on the other sources' train rows (none when they hold one class); its stored scores on
+    S are the artifact applied to S's activations, and the report's rates on S are the shares of those scores at
+    or above the 1% FPR point of the other sources' in-distribution test rows."""
+    run = chat_run["run"]
+    entries = {(e["target"], e["source"]): e for e in chat_run["results"]["probes"]["leave_one_source_out"]}
+    assert set(entries) == {(t, s) for t in ("harmful", "response_harmful") for s in ("chat_logs", "uncensorbench")}
+    # UncensorBench's requests are all harmful: without chat_logs the harmful train rows hold one class
+    assert entries[("harmful", "chat_logs")]["name"] is None and "one class" in entries[("harmful", "chat_logs")]["skipped"]
+    entry = entries[("harmful", "uncensorbench")]
+    features = parts_dataset(run.stage("features")).to_table(columns=["id", "source", "split", "harmful"]).to_pandas()
+    trained = features[(features.split == "train") & features.harmful.notna()]
+    assert entry["train_sources"] == ["chat_logs"] and entry["train_rows"] == int((trained.source == "chat_logs").sum())
+    probe = run.probe(entry["name"])
+    assert probe.meta["left_out_source"] == "uncensorbench" and probe.meta["train_sources"] == ["chat_logs"]
+
+    x, _, ids = run.features(entry["feature"], split="test")
+    scores = run.scores(pandas=True).set_index("id")
+    on_source = np.isin(ids, features.id[features.source == "uncensorbench"])
+    np.testing.assert_allclose(scores.loc[ids[on_source], entry["name"]], probe.score(x[on_source]), rtol=1e-6)
+
+    figures = run.report()["targets"]["harmful"]["left_out"]["uncensorbench"]
+    known = scores[scores.harmful.notna()]
+    others = known[(known.source == "chat_logs")]
+    threshold = figures["left_out_probe"]["thresholds"]["at_1pct_fpr"]
+    assert (others.loc[~others.harmful.astype(bool), entry["name"]] >= threshold).mean() <= 0.01
+    caught = (known.loc[known.source == "uncensorbench", entry["name"]] >= threshold).mean()
+    assert figures["left_out_probe"]["detection_at_1pct_fpr"]["rate"] == pytest.approx(caught)
+    assert set(figures) >= {"probe", "left_out_probe", "guard"}
+    assert "Leave one source out" in run.stage("report").join("report.md").read_text()
 
 
 def test_every_in_distribution_test_row_is_in_one_length_bucket_with_sklearns_auc(chat_run: dict[str, Any]) -> None:

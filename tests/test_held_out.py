@@ -89,3 +89,29 @@ def test_length_buckets_cover_every_row_once_and_their_metrics_are_sklearns() ->
     for name, m in table.items():
         rows = buckets == name
         assert m["roc_auc"] == pytest.approx(roc_auc_score(y[rows], s[rows]))
+
+
+def test_leave_one_source_out_names_trained_on_sources_and_enters_the_probes_key_only_when_set(tmp_path) -> None:
+    from pydantic import ValidationError
+
+    from guardray.jobspec import JobSpec
+    from guardray.stages.probes import probes_key
+
+    sources = [{"type": "advbench"}, {"type": "sharegpt"}, {"type": "past_tense", "split": "test"}]
+
+    def spec(value: object) -> JobSpec:
+        return JobSpec.model_validate({"name": "t", "output": str(tmp_path), "dataset": {"sources": sources},
+                                       "evaluate": {"leave_one_source_out": value}})
+
+    assert spec(True).sources_left_out == ("advbench", "sharegpt")  # never the held-out one
+    assert spec(["sharegpt"]).sources_left_out == ("sharegpt",)
+    assert "leave_one_source_out" not in probes_key(spec(False))
+    assert "leave_one_source_out" not in spec(False).evaluate.cache_payload()
+    assert probes_key(spec(["sharegpt"]))["leave_one_source_out"] == ["sharegpt"]
+    with pytest.raises(ValidationError, match="'?harmbench'? is not a source"):
+        spec(["harmbench"])
+    with pytest.raises(ValidationError, match="past_tense has `split: test`"):
+        spec(["past_tense"])
+    with pytest.raises(ValidationError, match="at least two sources"):
+        JobSpec.model_validate({"name": "t", "output": str(tmp_path), "dataset": {"sources": sources[:1]},
+                                "evaluate": {"leave_one_source_out": True}})

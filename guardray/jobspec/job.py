@@ -116,6 +116,18 @@ class EvaluateSpec(Section):
     guard_for: dict[str, str] = Field(
         default_factory=dict, description="Target → the guard score column it is compared with (defaults: "
         "guard_score; cat_<name> → its mapped guard_cat_<code> when guard.categories is on; see README).")
+    leave_one_source_out: StrictBool | tuple[str, ...] = Field(
+        False, description="Per named source S (true: every source not held out), the probes stage also fits each "
+        "target's headline probe configuration on the train rows of the other sources, and the report grades it "
+        "on S's test rows at thresholds fixed on the other sources' test rows, beside the in-distribution probe "
+        "and the guard. Costs one more fit and one more scoring pass per source and target.")
+
+    def cache_payload(self) -> dict[str, Any]:
+        """`leave_one_source_out` enters the key only when set: reports written before it keep their hashes."""
+        payload = super().cache_payload()
+        if not self.leave_one_source_out:
+            payload.pop("leave_one_source_out")
+        return payload
 
 
 #: Labels derived from the guard's scores by `feedback`, rather than read from the dataset.
@@ -213,6 +225,35 @@ class JobSpec(Section):
             raise ValueError(f"generate.enabled: source {names} gives the replies to judge (response_column or a "
                              "corpus with replies); drop the `generate:` section or that source")
         return self
+
+    @model_validator(mode="after")
+    def _sources_to_leave_out(self) -> "JobSpec":
+        """`evaluate.leave_one_source_out` names sources that are trained on, and leaves at least one other."""
+        value = self.evaluate.leave_one_source_out
+        names = [s.source_name for s in self.dataset.sources]
+        held = {s.source_name for s in self.dataset.sources if s.held_out}
+        if isinstance(value, tuple):
+            unknown = [n for n in value if n not in names]
+            if unknown:
+                raise ValueError(f"evaluate.leave_one_source_out: {', '.join(unknown)} is not a source of this "
+                                 f"dataset; its sources: {', '.join(names)}")
+            never_trained = [n for n in value if n in held]
+            if never_trained:
+                raise ValueError(f"evaluate.leave_one_source_out: {', '.join(never_trained)} has `split: test`: "
+                                 "the probes never train on it already (the held-out table grades it)")
+        if value and len(set(names) - held) < 2:
+            raise ValueError("evaluate.leave_one_source_out needs at least two sources the probes train on")
+        return self
+
+    @property
+    def sources_left_out(self) -> tuple[str, ...]:
+        """The sources `evaluate.leave_one_source_out` grades probes on that never saw them (spec order)."""
+        value = self.evaluate.leave_one_source_out
+        if not value:
+            return ()
+        if value is True:
+            return tuple(s.source_name for s in self.dataset.sources if not s.held_out)
+        return tuple(dict.fromkeys(value))
 
     @property
     def has_responses(self) -> bool:

@@ -29,7 +29,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from guardray import targets
 from guardray.targets import labels_the_response
-from guardray.columns import (FEATURE_PREFIX, PARTS_DIR, RESPONSE_POOLINGS, SPLIT, ColumnData, FeatureInfo, Target,
+from guardray.columns import (FEATURE_PREFIX, PARTS_DIR, RESPONSE_POOLINGS, SOURCE, SPLIT, ColumnData, FeatureInfo, Target,
                               feature_infos, feature_schema, label_counts, read_column, require)
 from guardray.shards import footer
 from guardray.errors import InputError, StageError, one_line, ray_get
@@ -254,8 +254,11 @@ def run_probes(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dic
     if spec.probes.torch_probe.enabled:  # on the first target only
         saved.append(_torch_probe(spec, features, dims, best_by_target[first]["id"]["feature"], out,
                                   resolved[first], numerics))
+    headline = [next(p for p in best if p.name == b["name"]) for b in best_by_target.values()]
+    left_out = fit_without_each_source(spec, features, out, headline, resolved, numerics)
     train_rows = results.groupby("target", sort=False)["train_rows"].first()
     return {"configurations": len(configs), "selection_metric": selection, "targets": list(resolved),
+            **({"leave_one_source_out": left_out} if spec.sources_left_out else {}),
             "best": best_by_target[first], "best_by_target": best_by_target, "probes": saved,
             "train_rows": int(train_rows[first]), "train_rows_by_target": {t: int(n) for t, n in train_rows.items()},
             "trial_peak_rss_mb": _max(results["peak_rss_mb"]),
@@ -320,6 +323,39 @@ def refit_and_save(spec: JobSpec, features: Location, out: Location, probe: Prob
     meta = {**probe_meta(spec, probe, numerics), "cv": cv}
     artifact.save(pipeline, out.join("artifacts", probe.name), meta)
     return {"name": probe.name, "id": probe.to_dict(), "train_rows": len(data.y), "peak_rss_mb": peak_rss_mb()}
+
+
+def fit_without_each_source(spec: JobSpec, features: Location, out: Location, headline: list[ProbeId],
+                            resolved: dict[str, Target], numerics: dict[str, str] | None) -> list[dict[str, Any]]:
+    """`evaluate.leave_one_source_out`: per target and named source S, one Ray task fits the target's headline
+    configuration on the train rows of every other source and saves it under `artifacts/left_out/<i>/` (i: S's
+    place in the list; a source name is free text, never a path). They run after the CV grid, in parallel,
+    because the configuration is the grid's winner."""
+    import ray
+
+    task = ray.remote(num_cpus=spec.probes.cpus_per_trial, max_retries=1)(refit_without)
+    futures = [task.remote(spec, features, out, probe, resolved[probe.target], index, source, numerics)
+               for probe in headline for index, source in enumerate(spec.sources_left_out)]
+    return ray_get(futures)
+
+
+def refit_without(spec: JobSpec, features: Location, out: Location, probe: ProbeId, target: Target, index: int,
+                  source: str, numerics: dict[str, str] | None) -> dict[str, Any]:
+    """Runs on a worker: fit `probe`'s configuration on the train rows not of `source`; the artifact records the
+    sources its rows came from, as read. Without both classes left (the source held a class alone) no probe is
+    fitted and the entry says why."""
+    data = read_column(features, probe.feature.column, target, "train", extra=[SOURCE], without_source=source)
+    seen = sorted(set(data.extra[SOURCE].to_pylist()))
+    name = f"left_out/{index}/{probe.name}"
+    entry = {"name": name, "source": source, "target": probe.target, "probe": probe.name,
+             "feature": probe.feature.column, "type": probe.type, "train_rows": len(data.y), "train_sources": seen}
+    if data.y.all() or not data.y.any():
+        return {**entry, "name": None, "skipped": f"the other sources' train rows hold one class of {probe.target}"}
+    pipeline = build_probe(probe.type, probe.preprocessing, probe.params, spec.probes.cv.seed).fit(data.x, data.y)
+    meta = {**probe_meta(spec, probe, numerics), "left_out_source": source, "train_sources": seen,
+            "train_rows": len(data.y)}
+    artifact.save(pipeline, out.join("artifacts", name), meta)
+    return entry
 
 
 def _torch_probe(spec: JobSpec, features: Location, dims: dict[str, FeatureInfo], best_feature: str,

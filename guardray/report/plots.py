@@ -52,7 +52,35 @@ def make_plots(section: Section, test: pd.DataFrame, directory: Path) -> list[Pa
                     label=section.target if label else f"not {section.target}")
         ax.set_title(f"{scorer} scores"), ax.legend()
     paths.append(_save(fig, directory / "score_histograms.png"))
+    if any("skipped" not in f for f in (section.left_out or {}).values()):
+        paths.append(_left_out(plt, section, directory / "leave_one_source_out.png"))
     return paths
+
+
+def _left_out(plt: Any, section: Section, path: Path) -> Path:
+    """Per left-out source, what crosses the 1% FPR point: the probe that trained on it, the probe that never
+    saw it and the guard; detection rates of harmful sources above, false-positive rates of benign ones below."""
+    graded = {s: f for s, f in section.left_out.items() if "skipped" not in f}
+    labels = {"probe": "probe (trained on it)", "left_out_probe": "probe (never saw it)", "guard": "guard"}
+    scorers = [k for k in labels if any(k in f for f in graded.values())]
+    fig, axes = plt.subplots(2, 1, figsize=(max(6, 1.2 * len(graded) + 3), 6), squeeze=False)
+    for ax, kind in zip(axes[:, 0], ("detection", "fpr")):
+        names = [s for s, f in graded.items() if f"{kind}_at_1pct_fpr" in f[scorers[0]]]
+        if not names:
+            ax.text(0.5, 0.5, f"no left-out source has {'harmful' if kind == 'detection' else 'benign'} test rows",
+                    ha="center", va="center", transform=ax.transAxes)
+            ax.set_axis_off()
+            continue
+        x = np.arange(len(names))
+        width = 0.8 / len(scorers)
+        for i, scorer in enumerate(scorers):
+            values = [(graded[s][scorer].get(f"{kind}_at_1pct_fpr") or {}).get("rate") for s in names]
+            ax.bar(x + (i - (len(scorers) - 1) / 2) * width, [np.nan if v is None else v for v in values],
+                   width=width, label=labels[scorer])
+        ax.set_xticks(x, names, rotation=20), ax.set_ylim(0, 1.05)
+        ax.set_ylabel("detection rate" if kind == "detection" else "false-positive rate"), ax.legend(fontsize=8)
+    axes[0, 0].set_title(f"{section.target}: leave one source out (1% FPR point)")
+    return _save(fig, path)
 
 
 def _auc_by_layer(plt: Any, section: Section, path: Path) -> Path:

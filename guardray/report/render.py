@@ -112,7 +112,7 @@ def section_markdown(section: Section, plots: list[str]) -> list[str]:
     if "ci95" in best:
         parts += [f"Bootstrap 95% CI of the best probe: ROC AUC {best['ci95']['roc_auc']}, precision@0.99 "
                   f"{best['ci95']['precision@0.99']}.", ""]
-    return parts + _held_out(section) + _by_feature(section) + _by_source(section) + _by_group(section) + \
+    return parts + _held_out(section) + _left_out(section) + _by_feature(section) + _by_source(section) + _by_group(section) + \
         _sweeps(section) + _leaderboard(section) + [
         "", "### Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
 
@@ -143,6 +143,41 @@ def _held_out(section: Section) -> list[str]:
         return []
     return ["### Held-out sources (never trained on; thresholds fixed on the in-distribution test rows)", "",
             held_out_markdown(section), ""]
+
+
+#: The leave-one-source-out table's scorers: figures key → column heading.
+LEFT_OUT_COLUMNS = (("probe", "probe (trained on it)"), ("left_out_probe", "probe (never saw it)"), ("guard", "guard"))
+
+
+def left_out_markdown(section: Section) -> str:
+    """Per left-out source: its rows flagged at the 1% FPR point by the probe that trained on it, the probe
+    that never saw it and the guard (the detection rate of its positives, the FPR of its negatives)."""
+    shown = [(key, title) for key, title in LEFT_OUT_COLUMNS if any(key in f for f in section.left_out.values())]
+    rows = [f"| source left out | rows (positive) | trained on (rows) | {' | '.join(t for _, t in shown)} |",
+            "|---|---|---|" + "---|" * len(shown)]
+    for source, f in section.left_out.items():
+        trained = f"{', '.join(f['train_sources']) or 'none'} ({f['train_rows']})"
+        first = f.get(shown[0][0], {})
+        why = f.get("skipped") or (None if first["rows"] else f"no test rows where {section.target} is known")
+        if why:
+            rows.append(f"| {source} | – | {trained} | {why} |" + " |" * (len(shown) - 1))
+            continue
+        cells = [_flagged_cell(f[key]) for key, _ in shown]
+        rows.append(f"| {source} | {first['rows']} ({first['positives']}) | {trained} | {' | '.join(cells)} |")
+    return "\n".join(rows)
+
+
+def _flagged_cell(figures: dict[str, Any]) -> str:
+    """What crosses the 1% FPR point: the detection rate of the positives and/or the FPR of the negatives."""
+    kinds = [k for k in ("detection", "fpr") if f"{k}_at_1pct_fpr" in figures]
+    return "; ".join(_rate_cell(figures[f"{k}_at_1pct_fpr"], k) for k in kinds) or "–"
+
+
+def _left_out(section: Section) -> list[str]:
+    if not section.left_out:
+        return []
+    return ["### Leave one source out (at the 1% FPR point; the probe that never saw a source and the guard have "
+            "thresholds fixed on the other sources' test rows)", "", left_out_markdown(section), ""]
 
 
 def _by_feature(section: Section) -> list[str]:

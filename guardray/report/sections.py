@@ -66,6 +66,8 @@ class Section:
     answer: str = ""
     #: scorer (best probe, guard) → `guardray.held_out.held_out_figures`, when the job holds sources out
     held_out: dict[str, Any] | None = None
+    #: left-out source → `tasks.evaluate_left_out`'s figures, when the job asks for `leave_one_source_out`
+    left_out: dict[str, Any] | None = None
 
     @property
     def best(self) -> dict[str, Any]:
@@ -79,7 +81,7 @@ class Section:
     def to_dict(self) -> dict[str, Any]:
         """The JSON form: `guard` and `comparison` appear only when the section has a guard scorer."""
         return {f.name: getattr(self, f.name) for f in fields(self)
-                if not (f.name in ("guard", "comparison", "held_out") and getattr(self, f.name) is None)}
+                if not (f.name in ("guard", "comparison", "held_out", "left_out") and getattr(self, f.name) is None)}
 
     @classmethod
     def from_dict(cls, stored: dict[str, Any]) -> "Section":

@@ -18,7 +18,8 @@ from guardray.report.mining import mine_prompts
 from guardray.report.plots import SUMMARY_PLOT, make_plots, summary_plot
 from guardray.report.render import answer, comparison_markdown, markdown
 from guardray.report.sections import Section, assemble, build_section, ordered, plan_targets
-from guardray.report.tasks import (META, compare, evaluate_held_out, evaluate_scorer, held_out_sources, merge_scores,
+from guardray.report.tasks import (META, compare, evaluate_held_out, evaluate_left_out, evaluate_scorer,
+                                   held_out_sources, merge_scores,
                                    read_scores, score_one, scorers, write_labels)
 from guardray.jobspec import JobSpec
 from guardray.storage import Location
@@ -50,6 +51,7 @@ def run_report(spec: JobSpec, inputs: dict[str, Location], out: Location) -> dic
     sections = {t: build_section(spec, plans[t], by_target[t], cv, ids) for t in plans}
     sections = {t: _finish(s, comparison) for t, s, comparison in _compared(spec, out, sections, remote)}
     sections = _with_held_out(spec, out, sections, remote)
+    sections = _with_left_out(spec, out, sections, probes.join("summary.json").read_json(), remote)
     report = assemble(spec, sections, tasks)
     report["mined_prompts"] = _mine(spec, inputs, out, schema, sections, remote)
     out.join("report.json").write_json(report)
@@ -85,6 +87,18 @@ def _with_held_out(spec: JobSpec, out: Location, sections: dict[str, Section], r
     for (t, scorer), f in zip(jobs, figures):
         found[t][scorer] = f
     return {t: replace(s, held_out=found[t]) for t, s in sections.items()}
+
+
+def _with_left_out(spec: JobSpec, out: Location, sections: dict[str, Section], summary: dict[str, Any],
+                   remote: Any) -> dict[str, Section]:
+    """Each section with its leave-one-source-out figures (a task per target), when the job asked for them."""
+    entries = summary.get("leave_one_source_out")
+    if not entries:
+        return sections
+    jobs = {t: [e for e in entries if e["target"] == t] for t in sections}
+    figures = ray_get([remote(evaluate_left_out).remote(spec, out, t, sections[t].best_probe, sections[t].guard_scorer,
+                                                        jobs[t]) for t in sections])
+    return {t: replace(s, left_out=f) for (t, s), f in zip(sections.items(), figures)}
 
 
 def _finish(section: Section, comparison: dict[str, Any] | None) -> Section:

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from guardray.columns import (HISTORY_TURNS, ID, N_TOKENS, PERSONA, SOURCE, SPLIT, Target, batch_matrix, feature_schema,
                               scan_batches)
 from guardray.errors import StageError
-from guardray.held_out import held_out_figures
+from guardray.held_out import figures_fixed_on, held_out_figures
 from guardray.evaluate import (at_threshold, by_source, fpr_at_recall, length_buckets, score_metrics,
                                threshold_for_recall, threshold_sweep)
 from guardray.probes import artifact
@@ -55,7 +55,9 @@ def scorers(spec: JobSpec, probes: Location, guards: Sequence[str]) -> list[Scor
     found = [Scorer(p["name"], p["id"]["feature"], spec.evaluate.probe_threshold,
                     probes.join("artifacts", p["name"]), p["id"], p["id"].get("type") in pickled)
              for p in summary["probes"]]
-    return found + [Scorer(g, g, spec.evaluate.guard_threshold) for g in dict.fromkeys(guards)]
+    left_out = [Scorer(e["name"], e["feature"], spec.evaluate.probe_threshold, probes.join("artifacts", e["name"]),
+                       None, e["type"] in pickled) for e in summary.get("leave_one_source_out", []) if e["name"]]
+    return found + left_out + [Scorer(g, g, spec.evaluate.guard_threshold) for g in dict.fromkeys(guards)]
 
 
 # -------------------------------------------------------------------------------------------- scores
@@ -199,6 +201,32 @@ def evaluate_held_out(spec: JobSpec, out: Location, target: str, scorer: str, he
     rows = read_scores(out, target, [scorer], split="test", extra=["source"])
     return held_out_figures(rows["label"].to_numpy(bool), rows[scorer].to_numpy(np.float64),
                             rows["source"].to_numpy(object), held, spec.evaluate.bootstrap, spec.evaluate.seed)
+
+
+def evaluate_left_out(spec: JobSpec, out: Location, target: str, probe: str, guard: str | None,
+                      entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Runs on a worker: per left-out source S of this target (`evaluate.leave_one_source_out`), S's test rows
+    scored by the headline probe (which trained on S; thresholds fixed on every in-distribution test row), by
+    the probe fitted without S and by the guard (thresholds of both fixed on the in-distribution test rows of
+    the other sources: what a deployment that never saw S would have chosen)."""
+    fitted = [e for e in entries if e["name"]]
+    rows = read_scores(out, target, [probe, *([guard] if guard else []), *(e["name"] for e in fitted)],
+                       split="test", extra=["source"])
+    y, sources = rows["label"].to_numpy(bool), rows["source"].to_numpy(object)
+    inside = ~np.isin(sources, held_out_sources(spec))
+    ev = spec.evaluate
+    found: dict[str, Any] = {}
+    for e in entries:
+        on, others = sources == e["source"], inside & (sources != e["source"])
+        record = {"train_rows": e["train_rows"], "train_sources": e["train_sources"]}
+        if not e["name"]:
+            found[e["source"]] = {**record, "skipped": e["skipped"]}
+            continue
+        found[e["source"]] = {
+            **record, "probe": figures_fixed_on(inside, on, y, rows[probe], ev.bootstrap, ev.seed),
+            "left_out_probe": figures_fixed_on(others, on, y, rows[e["name"]], ev.bootstrap, ev.seed),
+            **({"guard": figures_fixed_on(others, on, y, rows[guard], ev.bootstrap, ev.seed)} if guard else {})}
+    return found
 
 
 def scorer_metrics(spec: JobSpec, name: str, t: float, y: np.ndarray, scores: np.ndarray, split: np.ndarray,

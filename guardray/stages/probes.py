@@ -11,7 +11,8 @@ from guardray.stages.base import Stage, feedback_key
 def probes_key(spec: JobSpec) -> dict[str, Any]:
     from guardray.targets import uses_feedback
 
-    return {**spec.probes.cache_payload(), **feedback_key(spec, uses_feedback(spec.probes.all_targets))}
+    left_out = {"leave_one_source_out": list(spec.sources_left_out)} if spec.sources_left_out else {}
+    return {**spec.probes.cache_payload(), **feedback_key(spec, uses_feedback(spec.probes.all_targets)), **left_out}
 
 
 # 3: artifacts record the model spec, features dtype and guard; 4: their numerics (serving)
