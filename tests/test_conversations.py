@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 from guardray.api import open_run
 from guardray.chats import chats_from_rows
 from guardray.columns import DROPPED_TURNS, MESSAGES, RESPONSE, RESPONSE_HARMFUL, parts_dataset
+from guardray.held_out import operating_points
 from guardray.jobspec import load_spec
 from guardray.rendering import chat_renderer
 from tests.conftest import REPO
@@ -217,9 +218,12 @@ def test_harmful_last_turns_are_read_by_history_length_and_persona(chat_run: dic
     groups = {"0 turns": rows.history_turns == 0, "1-2 turns": rows.history_turns.between(1, 2),
               "3+ turns": rows.history_turns >= 3}
     assert sum(m["count"] for m in best["by_history"].values()) == len(rows)
+    point = operating_points(rows.harmful.astype(bool), rows[section["best_probe"]])["at_1pct_fpr"]
     for name, m in best["by_history"].items():
         of = rows[groups[name]]
+        harmful = of.loc[of.harmful.astype(bool), section["best_probe"]]
         assert m["count"] == len(of)
-        assert m["recall"] == pytest.approx((of.loc[of.harmful.astype(bool), section["best_probe"]] >= 0).mean())
+        assert m["recall"] == pytest.approx((harmful >= 0).mean())
+        assert m["detection_at_1pct_fpr"] == pytest.approx((harmful >= point).mean())
     assert {k: m["count"] for k, m in best["by_persona"].items()} == {
         "persona": int(rows.persona.sum()), "no persona": int((~rows.persona.astype(bool)).sum())}

@@ -211,21 +211,37 @@ GROUPINGS = (("by_length", "prompt length (test, tokens after the chat template)
 
 def _by_group(section: Section) -> list[str]:
     """The test rows by prompt length (quartiles and a long tail) and, with conversation rows, by the turns
-    before the last user turn and by persona: ROC AUC and recall (the detection rate of harmful rows at the
-    scorer's threshold), best probe beside guard."""
+    before the last user turn and by persona: ROC AUC and the detection rate of harmful rows at the scorer's
+    1% FPR point (fixed on all in-distribution test rows), best probe beside guard; then, by earlier turns, the
+    detection rate of every probe, so poolings can be compared as history grows."""
     parts: list[str] = []
     for key, title, column in GROUPINGS:
         if key not in section.best:
             continue
         parts += ["", f"### By {title}", "",
-                  f"| {column} | rows | {section.target} | probe ROC AUC | probe recall | guard ROC AUC | guard recall |",
-                  "|---|---|---|---|---|---|---|"]
+                  f"| {column} | rows | {section.target} | probe ROC AUC | probe detection at 1% FPR | guard ROC AUC "
+                  "| guard detection at 1% FPR |", "|---|---|---|---|---|---|---|"]
         guard = (section.guard or {}).get(key, {})
         for group, m in section.best[key].items():
             g = guard.get(group, {})
             shown = group.split(": ", 1)[-1]  # length buckets are numbered so that they sort
-            parts.append(f"| {shown} | {m['count']} | {m['n_true']} | {fmt(m['roc_auc'])} | {fmt(m['recall'])} | "
-                         f"{fmt(g.get('roc_auc'))} | {fmt(g.get('recall'))} |")
+            parts.append(f"| {shown} | {m['count']} | {m['n_true']} | {fmt(m['roc_auc'])} | "
+                         f"{fmt(m.get('detection_at_1pct_fpr'))} | {fmt(g.get('roc_auc'))} | "
+                         f"{fmt(g.get('detection_at_1pct_fpr'))} |")
+    return parts + _history_by_probe(section)
+
+
+def _history_by_probe(section: Section) -> list[str]:
+    """Every probe's detection rate at its 1% FPR point by the turns before the last user turn."""
+    if "by_history" not in section.best:
+        return []
+    groups = list(section.best["by_history"])
+    parts = ["", "### Detection at 1% FPR by earlier turns, every probe (pooling and layer)", "",
+             f"| probe | {' | '.join(groups)} |", "|---|" + "---|" * len(groups)]
+    for name, entry in sorted(section.probes.items(), key=lambda item: (item[1]["id"]["pooling"],
+                                                                        item[1]["id"]["layer"])):
+        cells = [fmt(entry.get("by_history", {}).get(g, {}).get("detection_at_1pct_fpr")) for g in groups]
+        parts.append(f"| {entry['id']['feature']} | {' | '.join(cells)} |")
     return parts
 
 

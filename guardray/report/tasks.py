@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from guardray.columns import (HISTORY_TURNS, ID, N_TOKENS, PERSONA, SOURCE, SPLIT, Target, batch_matrix, feature_schema,
                               scan_batches)
 from guardray.errors import StageError
-from guardray.held_out import figures_fixed_on, held_out_figures
+from guardray.held_out import figures_fixed_on, held_out_figures, operating_points
 from guardray.evaluate import (at_threshold, by_source, fpr_at_recall, length_buckets, score_metrics,
                                threshold_for_recall, threshold_sweep)
 from guardray.probes import artifact
@@ -169,8 +169,26 @@ def evaluate_scorer(spec: JobSpec, out: Location, target: str, scorer: str, thre
     metrics = scorer_metrics(spec, f"{target}:{scorer}", threshold, y, scores, split, rows["source"].to_numpy(object))
     test = split == "test"
     buckets = length_buckets(rows[N_TOKENS].to_numpy(np.int64)[test])
-    return {**metrics, "by_length": by_source(y[test], scores[test], buckets, threshold, spec.evaluate),
+    return {**metrics, "by_length": by_group(y[test], scores[test], buckets, threshold, spec),
             **by_context(spec, out, target, scorer, threshold), "peak_rss_mb": peak_rss_mb()}
+
+
+def by_group(y: np.ndarray, scores: np.ndarray, groups: np.ndarray, threshold: float,
+             spec: JobSpec) -> dict[str, dict[str, Any]]:
+    """`by_source`'s metrics per group of in-distribution test rows, plus the share of each group's positives
+    (`detection_at_1pct_fpr`) and negatives (`fpr_at_1pct_fpr`) at the scorer's 1% FPR point fixed on all of
+    these rows: a fixed operating point, as a deployment has, rather than a default threshold that a guard's
+    scale may never reach."""
+    point = operating_points(y, scores)["at_1pct_fpr"]
+    found = by_source(y, scores, groups, threshold, spec.evaluate)
+    for group, metrics in found.items():
+        rows = groups == group
+        flagged = scores[rows] >= point if point is not None else None
+        metrics["detection_at_1pct_fpr"] = (float(flagged[y[rows]].mean())
+                                            if flagged is not None and y[rows].any() else None)
+        metrics["fpr_at_1pct_fpr"] = (float(flagged[~y[rows]].mean())
+                                      if flagged is not None and not y[rows].all() else None)
+    return found
 
 
 def by_context(spec: JobSpec, out: Location, target: str, scorer: str, threshold: float) -> dict[str, Any]:
@@ -186,8 +204,8 @@ def by_context(spec: JobSpec, out: Location, target: str, scorer: str, threshold
     turns = rows[HISTORY_TURNS].to_numpy(np.int64)
     history = np.where(turns == 0, "0 turns", np.where(turns <= 2, "1-2 turns", "3+ turns")).astype(object)
     persona = np.where(rows[PERSONA].to_numpy(bool), "persona", "no persona").astype(object)
-    return {"by_history": by_source(y, scores, history, threshold, spec.evaluate),
-            "by_persona": by_source(y, scores, persona, threshold, spec.evaluate)}
+    return {"by_history": by_group(y, scores, history, threshold, spec),
+            "by_persona": by_group(y, scores, persona, threshold, spec)}
 
 
 def held_out_sources(spec: JobSpec) -> list[str]:
