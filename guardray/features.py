@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 
 from guardray.activations import Batch, capture, resolve_layers
 from guardray.chats import Chat, as_chat, table_chats
@@ -51,6 +52,7 @@ from guardray.storage import Location
 log = logging.getLogger(__name__)
 
 STORE_DTYPES = {"float16": (np.float16, pa.float16()), "float32": (np.float32, pa.float32())}
+TORCH_STORE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass
@@ -59,6 +61,17 @@ class ExtractStats:
     tokens: int = 0
     padded_tokens: int = 0
     seconds: float = 0.0
+
+
+#: Default (rows, padded tokens) per forward pass by device type: 8-16k tokens keep a GPU's matmuls large; a
+#: CPU gains nothing from more than a few thousand and holds the activations in host memory.
+FORWARD_BUDGETS = {"cuda": (512, 16384), "cpu": (16, 4096)}
+
+
+def forward_budget(extract: ExtractSpec, device: Any) -> tuple[int, int]:
+    """(rows, padded tokens) per forward pass: the spec's values where given, else the device type's defaults."""
+    rows, tokens = FORWARD_BUDGETS.get(torch.device(device).type, FORWARD_BUDGETS["cpu"])
+    return extract.batch_size or rows, extract.max_tokens_per_batch or tokens
 
 
 #: `process`'s per-row flag (not a part column): the row has a reply, so its response columns are not null.
@@ -145,10 +158,8 @@ class FeatureExtractor:
             HISTORY_TURNS: np.array([len(as_chat(prompts[i]).history) for i in ok], dtype=np.int32),
             PERSONA: np.array([bool(as_chat(prompts[i]).system) for i in ok], dtype=bool),
         }
-        hidden = int(self.chat.model.config.hidden_size)
-        missing = np.full(hidden, np.nan, np.float32)
-        for name in self.columns:  # a shard where every prompt failed keeps the [0, hidden] shape
-            columns[name] = np.stack([results[i].get(name, missing) for i in ok]) if ok else np.zeros((0, hidden))
+        for name in self.columns:
+            columns[name] = self._to_host([results[i].get(name) for i in ok])
         for name in self.guard_columns:
             columns[name] = np.array([results[i].get(name, np.nan) for i in ok], dtype=np.float32)
         with_response = np.array([i in answered for i in ok], dtype=bool)
@@ -157,8 +168,8 @@ class FeatureExtractor:
     def _run(self, encoded: dict[int, Encoded], step: Callable, results: dict, errors: dict[int, str]) -> None:
         """Run `step` over length-sorted batches; a failing batch is retried prompt by prompt."""
         keys = list(encoded)
-        batches = length_batches([len(encoded[k].ids) for k in keys], self.extract.batch_size,
-                                 self.extract.max_tokens_per_batch)
+        rows, tokens = forward_budget(self.extract, self.chat.device)
+        batches = length_batches([len(encoded[k].ids) for k in keys], rows, tokens)
         run_isolating([[keys[b] for b in batch] for batch in batches],
                       lambda rows: self._store(rows, step([encoded[r] for r in rows]), results),
                       errors, step.__name__.strip("_"))
@@ -175,16 +186,36 @@ class FeatureExtractor:
         """The chat with its response: the conversation renderer's user span is the response."""
         return self._pooled(encoded, RESPONSE_POOLINGS)
 
-    def _pooled(self, encoded: list[Encoded], poolings: Sequence[str]) -> dict[str, np.ndarray]:
+    def _pooled(self, encoded: list[Encoded], poolings: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Pooled activations of one batch, left on the model's device in the storage dtype: the shard's rows
+        are copied to the host once, at its end (`_to_host`), so a GPU never waits on a copy per batch. Token
+        counts come from the CPU-side lengths (no device sync)."""
         started = time.perf_counter()
         batch = Batch.build(encoded, self.chat.tokenizer.pad_token_id, self.chat.device)
         pooled = capture(self.chat.model, batch, self.layers, poolings)
-        np_dtype = STORE_DTYPES[self.extract.store_dtype][0]
+        dtype = TORCH_STORE_DTYPES[self.extract.store_dtype]
+        lengths = [len(e.ids) for e in encoded]
         self.stats.prompts += len(encoded)
-        self.stats.tokens += int(batch.attention_mask.sum())
-        self.stats.padded_tokens += batch.attention_mask.numel()
+        self.stats.tokens += sum(lengths)
+        self.stats.padded_tokens += max(lengths) * len(lengths)
         self.stats.seconds += time.perf_counter() - started
-        return {feature_column(p, layer): v.cpu().numpy().astype(np_dtype) for (p, layer), v in pooled.items()}
+        return {feature_column(p, layer): v.to(dtype) for (p, layer), v in pooled.items()}
+
+    def _to_host(self, rows: list[torch.Tensor | None]) -> np.ndarray:
+        """One activation column of a shard as a [rows, hidden] array: the rows' device tensors stacked and
+        copied in one transfer; a row that failed this step (None) is NaN. A shard where every prompt failed
+        keeps the [0, hidden] shape."""
+        hidden = int(self.chat.model.config.hidden_size)
+        np_dtype = STORE_DTYPES[self.extract.store_dtype][0]
+        present = [r for r in rows if r is not None]
+        if not present:
+            return np.full((len(rows), hidden), np.nan, np_dtype)
+        stacked = torch.stack(present).cpu().numpy()
+        if len(present) == len(rows):
+            return stacked
+        out = np.full((len(rows), hidden), np.nan, np_dtype)
+        out[[i for i, r in enumerate(rows) if r is not None]] = stacked
+        return out
 
     def _guard_scores(self, encoded: list[Encoded]) -> dict[str, np.ndarray]:
         return self.guard.score(encoded)

@@ -145,7 +145,12 @@ class ExtractSpec(ActorPoolSpec):
         "the generation prompt, `poolings`), 'response' (the prompt and its generated response as one chat: "
         "act_resp_last_L* at the response's last token and act_resp_mean_L* over its tokens; needs `generate`).")
     store_dtype: Literal["float16", "float32"] = "float16"
-    max_tokens_per_batch: int | None = Field(None, ge=1, description="Padded-token budget per forward pass.")
+    batch_size: int | None = Field(  # type: ignore[assignment]
+        None, ge=1, description="Prompts per forward pass at most (default: 512 on a GPU, 16 on a CPU); the token "
+        "budget usually decides.")
+    max_tokens_per_batch: int | None = Field(
+        None, ge=1, description="Padded-token budget per forward pass (default: 16384 on a GPU, 4096 on a CPU). "
+        "Batches are cut from length-sorted rows, so a batch pads to its own longest row, not to the budget.")
     runtime_fields: ClassVar[frozenset[str]] = ActorPoolSpec.runtime_fields | {"max_tokens_per_batch"}
 
     @field_validator("on")
