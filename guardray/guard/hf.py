@@ -101,8 +101,7 @@ class HFGuard:
         batch = Batch.build(tails, self.loaded.tokenizer.pad_token_id, self.loaded.device)
         kwargs: dict[str, Any] = {"attention_mask": batch.attention_mask, "use_cache": keep_cache}
         if shared:
-            cache = copy.deepcopy(self._prefix_kv())
-            cache.batch_repeat_interleave(len(encoded))
+            cache = _broadcast(self._prefix_kv(), len(encoded))
             prefix_mask = torch.ones((len(encoded), shared), dtype=batch.attention_mask.dtype,
                                      device=batch.attention_mask.device)
             kwargs = {"attention_mask": torch.cat([prefix_mask, batch.attention_mask], dim=1),
@@ -234,6 +233,19 @@ def _maximal_inputs(inputs: list[tuple[int, ...]]) -> tuple[list[tuple[int, ...]
         if not any(row[:len(candidate)] == candidate for row in rows):
             rows.append(candidate)
     return rows, [next(n for n, row in enumerate(rows) if row[:len(i)] == i) for i in inputs]
+
+
+def _broadcast(prefix: Any, rows: int) -> Any:
+    """A key/value cache that shows the one-row `prefix` cache to `rows` rows without copying it: its layers
+    hold expanded views, and the forward's own concatenation with the rows' new tokens is the only copy (a
+    deepcopy and `batch_repeat_interleave` would make two more, per batch). The prefix cache is left as it was:
+    `update` rebinds the copied layer's tensors, it never writes into them."""
+    cache = copy.copy(prefix)
+    cache.layers = [copy.copy(layer) for layer in prefix.layers]
+    for layer in cache.layers:
+        layer.keys = layer.keys.expand(rows, *layer.keys.shape[1:])
+        layer.values = layer.values.expand(rows, *layer.values.shape[1:])
+    return cache
 
 
 def _read_prefixes(continuations: CategoryContinuations) -> list[tuple[int, ...]]:
