@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from guardray.columns import POOLINGS
+from guardray.columns import EMA_HALF_LIFE_TOKENS, POOLINGS
 from guardray.encoding import pad
 from guardray.errors import InputError
 from guardray.rendering import Encoded
@@ -91,10 +91,55 @@ def _mean(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return total / weights.float().sum(dim=1).clamp(min=1.0)
 
 
+def _in_span(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """[batch, seq] bool: the positions of each row's user span."""
+    positions = torch.arange(hidden.shape[1], device=hidden.device)[None, :]
+    return (positions >= batch.user_start[:, None]) & (positions < batch.user_end[:, None])
+
+
 def _span(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
     """The mean over the user span (the user's text; the response on a conversation)."""
+    return _mean(hidden, _in_span(hidden, batch))
+
+
+def _span_or_before(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """The user span's positions; a row whose span is empty gets the token before it instead (as `_span_end`),
+    so a max or a normalised weighting always has one position to read."""
+    inside = _in_span(hidden, batch)
     positions = torch.arange(hidden.shape[1], device=hidden.device)[None, :]
-    return _mean(hidden, (positions >= batch.user_start[:, None]) & (positions < batch.user_end[:, None]))
+    before = positions == (batch.user_end - 1).clamp(min=0)[:, None]
+    return torch.where(inside.any(dim=1, keepdim=True), inside, before)
+
+
+def _span_max(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """The per-dimension max over the user span. Positions outside it (padding included) are replaced by -inf
+    with `where` before the max, so neither their values nor a padded position's NaN can win; an empty span
+    reads the token before it, never -inf."""
+    inside = _span_or_before(hidden, batch)[:, :, None]
+    return torch.where(inside, hidden, torch.full((), -torch.inf, dtype=hidden.dtype, device=hidden.device)).amax(1)
+
+
+def _span_ema(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """The exponentially weighted mean over the user span: a token k positions before the span's last one
+    weighs 2^(-k / EMA_HALF_LIFE_TOKENS), and the weights sum to 1 over the span (an empty span: the token
+    before it).
+
+    Why for a linear probe: w·ema(h) + b = Σ_t a_t (w·h_t + b) with Σ_t a_t = 1, so the probe's score on this
+    pooling IS the exponential moving average of its per-token scores, read at the span's last token: what a
+    streaming monitor that smooths a per-token probe computes (two running sums, s ← βs + score, n ← βn + 1,
+    β = 2^(-1/half-life), reported as s/n: the bias-corrected EMA). Unlike `mean` it weights the end of the turn,
+    where a request is usually stated, while still reading all of it; unlike `max` it stays linear, so the score
+    splits into per-token contributions. What it cannot do: the half-life is fixed (not learned, not per
+    dimension), and a turn much longer than a few half-lives is in effect cut to its last few (64 tokens back
+    weigh 1/16, 160 back 1/1024), however much intent its start holds."""
+    inside = _span_or_before(hidden, batch)
+    zero = torch.zeros((), dtype=hidden.dtype, device=hidden.device)
+    positions = torch.arange(hidden.shape[1], device=hidden.device)[None, :]
+    back = ((batch.user_end - 1).clamp(min=0)[:, None] - positions).clamp(min=0).to(hidden.dtype)
+    weights = torch.where(inside, torch.exp2(-back / EMA_HALF_LIFE_TOKENS), zero)
+    weights = weights / weights.sum(dim=1, keepdim=True)  # the span's last token weighs 1 before this: no 0/0
+    # where, not a product alone: a padded position's NaN (some SDPA kernels) times a zero weight would be NaN
+    return (torch.where(inside[:, :, None], hidden, zero) * weights[:, :, None]).sum(dim=1)
 
 
 def _all(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -105,14 +150,15 @@ def _all(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
 #: The pooling math, by the positions a pooling reads (`columns.Pooling.positions`); which pooling name reads
 #: which positions of which rendering is `columns.POOLINGS`.
 POOL_FUNCTIONS: dict[str, Callable[[torch.Tensor, Batch], torch.Tensor]] = {
-    "last": _last, "span": _span, "span_end": _span_end, "all": _all,
+    "last": _last, "span": _span, "span_end": _span_end, "span_max": _span_max, "span_ema": _span_ema, "all": _all,
 }
 assert {p.positions for p in POOLINGS.values()} <= set(POOL_FUNCTIONS), "a pooling's positions have no function"
 
 
 def pool(hidden: torch.Tensor, batch: Batch, pooling: str) -> torch.Tensor:
     """[batch, seq, dim] → [batch, dim] in float32, by `columns.POOLINGS[pooling]`: `last`: last non-pad token;
-    `mean`: over the user's text; `mean_all`: over every non-pad token. On conversations
+    `mean`: over the user's text; `max`: the per-dimension max over it; `ema`: its exponentially weighted mean,
+    weighted towards its end (`_span_ema`); `mean_all`: over every non-pad token. On conversations
     (`ConversationRenderer`, whose user span is the response): `resp_last`: the response's last token;
     `resp_mean`: over the response's tokens."""
     if pooling not in POOLINGS:

@@ -104,11 +104,12 @@ class Pooling:
     `reads`: which rendering the forward pass runs on: 'prompt' (the chat up to the generation prompt) or
     'response' (the prompt and its response as one chat, whose user span is the response). `positions`: which
     positions are pooled, the key of its function in `guardray.activations.POOL_FUNCTIONS` ('last': the last
-    non-pad token; 'span': the mean over the user span; 'span_end': the span's last token; 'all': the mean
-    over every non-pad token)."""
+    non-pad token; 'span': the mean over the user span; 'span_end': the span's last token; 'span_max': the
+    per-dimension max over the user span; 'span_ema': the mean over the user span weighted by
+    `EMA_HALF_LIFE_TOKENS` back from its last token; 'all': the mean over every non-pad token)."""
 
     reads: Literal["prompt", "response"]
-    positions: Literal["last", "span", "span_end", "all"]
+    positions: Literal["last", "span", "span_end", "span_max", "span_ema", "all"]
 
 
 #: Every pooling: name → what it reads and which positions. Adding one is one entry here and, for new
@@ -117,9 +118,19 @@ POOLINGS: dict[str, Pooling] = {
     "last": Pooling("prompt", "last"),
     "mean": Pooling("prompt", "span"),
     "mean_all": Pooling("prompt", "all"),
+    "max": Pooling("prompt", "span_max"),
+    "ema": Pooling("prompt", "span_ema"),
     "resp_last": Pooling("response", "span_end"),
     "resp_mean": Pooling("response", "span"),
 }
+#: The `ema` pooling's half-life in tokens: a user-span token k tokens before the span's last one weighs 2^(-k/16)
+#: of it (before the weights are normalised to sum to 1). 16 tokens is about a sentence: the last sentence or two
+#: of a turn (where a request is usually stated) carry most of the weight, and tokens 64 back still weigh 1/16.
+#: One fixed number, not a spec field: a probe on `act_ema_L*` is only valid with the half-life it was trained on.
+EMA_HALF_LIFE_TOKENS = 16.0
+#: Constants a pooling's numbers depend on beyond its name and positions: the features stage's cache key adds
+#: those of the poolings a job extracts (`ExtractSpec.cache_payload`), so changing one recomputes just them.
+POOLING_CONSTANTS: dict[str, dict[str, float]] = {"ema": {"half_life_tokens": EMA_HALF_LIFE_TOKENS}}
 #: Poolings over the prompt (`extract.poolings`, and all a server can run before any token is generated).
 PROMPT_POOLINGS = tuple(name for name, p in POOLINGS.items() if p.reads == "prompt")
 #: Poolings over the response (`extract.on: [response]`): its last token and the mean over its tokens.

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from guardray.activations import POOL_FUNCTIONS, Batch, capture, decoder_layers, pool, resolve_layers
-from guardray.columns import POOLINGS
+from guardray.columns import EMA_HALF_LIFE_TOKENS, POOLINGS
 from guardray.errors import InputError
 from guardray.encoding import length_batches
 from guardray.guard import HFGuard, guard_columns, resolve_label_tokens
@@ -141,6 +141,9 @@ def test_every_pooling_of_the_table_pools_its_positions() -> None:
         "last": torch.stack([hidden[0, 3], hidden[1, 4]]),
         "mean": torch.stack([hidden[0, 1:3].mean(0), torch.zeros(2)]),
         "mean_all": torch.stack([hidden[0, :4].mean(0), hidden[1].mean(0)]),
+        "max": torch.stack([hidden[0, 2], hidden[1, 2]]),  # an empty span: the token before it, as resp_last
+        "ema": torch.stack([(2 ** (-1 / EMA_HALF_LIFE_TOKENS) * hidden[0, 1] + hidden[0, 2])
+                            / (2 ** (-1 / EMA_HALF_LIFE_TOKENS) + 1), hidden[1, 2]]),
         "resp_last": torch.stack([hidden[0, 2], hidden[1, 2]]),
         "resp_mean": torch.stack([hidden[0, 1:3].mean(0), torch.zeros(2)]),
     }
@@ -148,8 +151,8 @@ def test_every_pooling_of_the_table_pools_its_positions() -> None:
     for name in POOLINGS:
         torch.testing.assert_close(pool(hidden, batch, name), expected[name])
     assert {p.positions for p in POOLINGS.values()} == set(POOL_FUNCTIONS)
-    with pytest.raises(InputError, match="unknown pooling 'max'; known: last, mean, mean_all, resp_last, resp_mean"):
-        pool(hidden, batch, "max")
+    with pytest.raises(InputError, match="unknown pooling 'median'; known: last, mean, mean_all, max, ema, resp_last"):
+        pool(hidden, batch, "median")
 
 
 def test_gpt2_style_models_are_found(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator, model_validator
 
-from guardray.columns import PROMPT_POOLINGS
+from guardray.columns import POOLING_CONSTANTS, PROMPT_POOLINGS
 from guardray.jobspec.checks import DeviceName, EngineArgs, check_model_id
 
 
@@ -152,6 +152,15 @@ class ExtractSpec(ActorPoolSpec):
         None, ge=1, description="Padded-token budget per forward pass (default: 16384 on a GPU, 4096 on a CPU). "
         "Batches are cut from length-sorted rows, so a batch pads to its own longest row, not to the budget.")
     runtime_fields: ClassVar[frozenset[str]] = ActorPoolSpec.runtime_fields | {"max_tokens_per_batch"}
+
+    def cache_payload(self) -> dict[str, Any]:
+        """The fields, plus the constants of the poolings extracted that have some (`columns.POOLING_CONSTANTS`:
+        the `ema` half-life), so changing one recomputes the features; a job without such a pooling keeps its key."""
+        payload = super().cache_payload()
+        constants = {p: POOLING_CONSTANTS[p] for p in self.poolings if p in POOLING_CONSTANTS}
+        if constants:
+            payload["pooling_constants"] = constants
+        return payload
 
     @field_validator("on")
     @classmethod
