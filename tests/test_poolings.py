@@ -170,11 +170,16 @@ def test_the_features_extractor_writes_max_and_ema_columns(tiny_path: str, tiny:
         np.testing.assert_allclose(stored, expected[(name, 2)].numpy(), atol=1e-5, rtol=1e-4)
 
 
-def _served_artifact(directory: Path, tiny_path: str, pooling: str) -> str:
-    """A linear probe artifact on act_<pooling>_L2 of the tiny model, as the probes stage records one."""
+def _served_artifact(directory: Path, tiny_path: str, pooling: str, constants: dict | None = None) -> str:
+    """A linear probe artifact on act_<pooling>_L2 of the tiny model, as the probes stage records one (with the
+    pooling's constants: this guardray's, unless `constants` are given)."""
+    from guardray.columns import POOLING_CONSTANTS
+
+    constants = POOLING_CONSTANTS.get(pooling) if constants is None else constants
     meta = {"name": f"harmful/act_{pooling}_L2-x", "layer": 2, "pooling": pooling, "feature": f"act_{pooling}_L2",
             "chat_model": tiny_path, "model": {"id": tiny_path, "max_length": 256}, "threshold": 0.0,
-            "guard": None, "type": "logistic_regression"}
+            "guard": None, "type": "logistic_regression",
+            **({"pooling_constants": constants} if constants else {})}
     artifact.save_linear(resolve(str(directory)), meta, weight=np.random.default_rng(1).normal(size=64), bias=[0.1])
     return str(directory)
 
@@ -200,3 +205,13 @@ def test_a_server_scores_a_probe_on_max_or_ema_as_the_probe_on_the_activation_al
         np.testing.assert_allclose(scored, expected, atol=1e-4, rtol=0)
         np.testing.assert_allclose([c.verdict.score for c in done], expected, atol=1e-4, rtol=0)
         assert engine.largest_batch == len(PROMPTS) and np.ptp(expected) > 1e-3
+
+
+def test_a_server_refuses_an_ema_probe_trained_with_another_half_life(tiny_path: str, tmp_path: Path) -> None:
+    from guardray.errors import InputError
+    from guardray.serve.artifact import find_probe
+
+    with pytest.raises(InputError, match="refit the probe"):
+        find_probe(_served_artifact(tmp_path / "ema8", tiny_path, "ema", {"half_life_tokens": 8.0}))
+    with pytest.raises(InputError, match="refit the probe"):  # an artifact that does not record it at all
+        find_probe(_served_artifact(tmp_path / "none", tiny_path, "ema", {}))

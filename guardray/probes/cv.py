@@ -29,8 +29,9 @@ from sklearn.model_selection import StratifiedKFold
 
 from guardray import targets
 from guardray.targets import labels_the_response
-from guardray.columns import (FEATURE_PREFIX, PARTS_DIR, RESPONSE_POOLINGS, SOURCE, SPLIT, ColumnData, FeatureInfo, Target,
-                              feature_infos, feature_schema, label_counts, read_column, require)
+from guardray.columns import (FEATURE_PREFIX, PARTS_DIR, POOLING_CONSTANTS, RESPONSE_POOLINGS, SOURCE, SPLIT,
+                              ColumnData, FeatureInfo, Target, feature_infos, feature_schema, label_counts,
+                              read_column, require)
 from guardray.shards import footer
 from guardray.errors import InputError, StageError, one_line, ray_get
 from guardray.evaluate import recall_at_fpr
@@ -393,6 +394,9 @@ def probe_meta(spec: JobSpec, probe: ProbeId, numerics: dict[str, str] | None) -
     return {
         **probe.to_dict(),
         **({"feedback": spec.feedback.cache_payload()} if targets.is_feedback(probe.target) else {}),
+        # a pooling's constants (the ema half-life): a server computing it otherwise refuses the artifact
+        **({"pooling_constants": POOLING_CONSTANTS[probe.feature.pooling]}
+           if probe.feature.pooling in POOLING_CONSTANTS else {}),
         "chat_model": spec.model.id, "rendering": spec.model.model_dump(
             include={"chat_template", "system_prompt", "max_length", "truncation"}),
         "threshold": spec.evaluate.probe_threshold,

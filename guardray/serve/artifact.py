@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from guardray.columns import PROMPT_POOLINGS
+from guardray.columns import POOLING_CONSTANTS, PROMPT_POOLINGS
 from guardray.errors import InputError, one_line
 from guardray.probes import artifact
 from guardray.probes.artifact import META
@@ -118,3 +118,7 @@ def _check(served: ServedProbe) -> None:
     if meta["pooling"] not in PROMPT_POOLINGS:
         raise InputError(f"{served.uri}: pooling {meta['pooling']!r} reads a response; a server scores prompts "
                          f"(poolings {', '.join(PROMPT_POOLINGS)})")
+    recorded, here = meta.get("pooling_constants"), POOLING_CONSTANTS.get(meta["pooling"])
+    if here is not None and recorded != here:
+        raise InputError(f"{served.uri}: pooling {meta['pooling']!r} was trained with {recorded} and this guardray "
+                         f"computes it with {here}: refit the probe")
