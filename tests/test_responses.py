@@ -168,3 +168,13 @@ def test_a_conversation_row_is_answered_after_its_history_and_a_bad_one_is_its_o
     with torch.inference_mode():
         out = smol.model.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False)
     assert done[0] == split_stop(out[0, len(ids):].tolist(), (2,), 4)
+
+
+def test_generation_batches_default_by_backend_and_accelerator() -> None:
+    """vLLM on a GPU gets 128 prompts per batch (its scheduler decodes that many sequences at once); HF
+    generation and CPUs keep 16; a spec's own batch_size always wins."""
+    from guardray.jobspec import GenerateSpec
+
+    assert GenerateSpec(backend="vllm").rows_per_batch("gpu") == 128
+    assert GenerateSpec(backend="vllm").rows_per_batch("cpu") == GenerateSpec().rows_per_batch("gpu") == 16
+    assert GenerateSpec(backend="vllm", batch_size=3).rows_per_batch("gpu") == 3

@@ -184,9 +184,16 @@ class GenerateSpec(ActorPoolSpec):
     seed: int = Field(0, description="Sampling seed. vllm: each row's draws depend on the seed and its id; hf: on "
                       "the seed and the ids of the rows batched with it, so they change with batch_size.")
     rows_per_shard: int = Field(64, ge=1, description="Rows per output part (the unit of work and resume).")
+    batch_size: int | None = Field(  # type: ignore[assignment]
+        None, ge=1, description="Prompts per generation batch (default: 128 for vLLM on a GPU, whose scheduler "
+        "keeps that many sequences decoding at once; else 16).")
     vllm_engine_args: EngineArgs = Field(
         default_factory=dict, description="Extra keyword arguments for the vLLM engine (e.g. gpu_memory_utilization); "
         "settings that load code or files, or pick the model, are refused (see SAFETY_ENGINE_ARGS).")
+
+    def rows_per_batch(self, accelerator: str) -> int:
+        """`batch_size`, or its default for this backend on this accelerator ('gpu' or 'cpu')."""
+        return self.batch_size or (128 if self.backend == "vllm" and accelerator == "gpu" else 16)
 
     def cache_payload(self) -> dict[str, Any]:
         """Sampling settings only matter when sampling; engine arguments that change speed alone are left out."""

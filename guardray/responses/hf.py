@@ -87,7 +87,8 @@ class Responder:
             answers = self.generator.generate([encoded[r] for r in members], [keys[r] for r in members])
             done.update(zip(members, answers))
 
-        batches = length_batches([len(encoded[r].ids) for r in rows], self.spec.batch_size, None)
+        accelerator = "gpu" if self.generator.chat.device.type == "cuda" else "cpu"
+        batches = length_batches([len(encoded[r].ids) for r in rows], self.spec.rows_per_batch(accelerator), None)
         run_isolating([[rows[b] for b in batch] for batch in batches], generate, errors, "generate")
         return done, errors
 

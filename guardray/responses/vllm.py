@@ -86,7 +86,7 @@ def processor_config(spec: JobSpec, accelerator: str, shards: int) -> Any:
     return _llm().vLLMEngineProcessorConfig(
         model_source=resolve_model_path(spec.model.id),
         engine_kwargs={**engine, **(CPU_ENGINE_DEFAULTS if on_cpu else {}), **generate.vllm_engine_args},
-        batch_size=generate.batch_size,
+        batch_size=generate.rows_per_batch(accelerator),
         concurrency=largest if smallest == largest else (smallest, largest),
         chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,
         placement_group_config={"bundles": [{"CPU": 1}]} if on_cpu else None,  # the default asks for a GPU
@@ -244,6 +244,7 @@ def run_vllm_shards(stage: ShardedStage, spec: JobSpec, dataset: Location, out: 
     ds = processor(ds).map_batches(
         ShardWriter, fn_constructor_kwargs={"spec_json": spec_json, "out_uri": out.uri, "numerics": numerics,
                                             "device": "cuda" if accelerator == "gpu" else "cpu"},
-        batch_size=spec.generate.batch_size, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.1)
+        batch_size=spec.generate.rows_per_batch(accelerator), compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=0.1)
     log.info("%s: vLLM through ray.data.llm on %s, %d shards", stage.name, accelerator, len(todo))
     return drain(stage.name, ds.iter_rows(), budget, todo, done)
