@@ -75,7 +75,7 @@ def model(ctx: Context) -> dict[str, Any]:
            "hidden": config.hidden_size, "vocab": config.vocab_size, "max_length": ctx.sizes.max_length,
            "prompt_source": ctx.prompt_source, "render_seconds": time.perf_counter() - started,
            "prompt_tokens": length_stats([len(e.ids) for e in encoded]),
-           "truncated": sum(e.truncated for e in encoded),
+           "truncated": sum(e.truncated for e in encoded), "render_failures": ctx.render_failures,
            "tokenizer": "SmolLM2-135M-Instruct's (chat template; its ids < 49152 fit any Llama-3 vocab)"}
     if loaded.device.type == "cuda":
         out["gpu_gib_after_build"] = torch.cuda.memory_allocated() / 2**30

@@ -165,7 +165,10 @@ class Context:
         if self.inputs is not None:
             from transformers import AutoTokenizer
 
-            return AutoTokenizer.from_pretrained(str(self.inputs / TOKENIZER_DIR))
+            tokenizer = AutoTokenizer.from_pretrained(str(self.inputs / TOKENIZER_DIR))
+            if tokenizer.pad_token_id is None:  # as `load_tokenizer` does
+                tokenizer.pad_token = tokenizer.eos_token
+            return tokenizer
         return load_tokenizer(ModelSpec())
 
     def renderer(self) -> PromptRenderer:
