@@ -52,16 +52,30 @@ class _StopForward(Exception):
     """Raised by the deepest hook to end the forward pass early."""
 
 
+@dataclass(frozen=True)
+class Packing:
+    """A batch's rows laid end to end in one sequence (no padding): `position_ids` restart at 0 for each row,
+    from which transformers keeps the rows apart (flash-attention's varlen kernels; a block-diagonal mask for
+    the others). `gather` maps each position of the right-padded layout to its packed position, so the pooling
+    functions read every layer's output as if it had been padded."""
+
+    input_ids: torch.Tensor  # [1, total tokens]
+    position_ids: torch.Tensor  # [1, total tokens]
+    gather: torch.Tensor  # [rows, longest row]: packed index of each padded position (pads read position 0)
+
+
 @dataclass
 class Batch:
     """A padded batch plus each row's user-text span (positions in the padded rows). The features stage and the
     guard pad on the right; serving pads on the left (`left`: generation continues every row from its end),
-    which shifts each row's span by its padding."""
+    which shifts each row's span by its padding. A packed batch (`pack`) runs as one unpadded sequence and keeps
+    the right-padded layout for pooling."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     user_start: torch.Tensor
     user_end: torch.Tensor
+    packing: Packing | None = None
 
     @classmethod
     def build(cls, encoded: Sequence[Encoded], pad_id: int, device: torch.device, left: bool = False) -> "Batch":
@@ -70,6 +84,20 @@ class Batch:
         starts = torch.tensor([e.user_start for e in encoded]) + shift
         ends = torch.tensor([e.user_end for e in encoded]) + shift
         return cls(ids.to(device), mask.to(device), starts.to(device), ends.to(device))
+
+    @classmethod
+    def pack(cls, encoded: Sequence[Encoded], pad_id: int, device: torch.device) -> "Batch":
+        """The rows packed into one sequence (`Packing`), with the right-padded layout's mask and spans."""
+        padded = cls.build(encoded, pad_id, torch.device("cpu"))
+        lengths = torch.tensor([len(e.ids) for e in encoded])
+        starts = torch.cumsum(lengths, 0) - lengths
+        columns = torch.arange(padded.input_ids.shape[1])[None, :]
+        gather = torch.where(padded.attention_mask.bool(), starts[:, None] + columns, torch.zeros((), dtype=torch.long))
+        packing = Packing(torch.tensor([[t for e in encoded for t in e.ids]], dtype=torch.long, device=device),
+                          torch.cat([torch.arange(n) for n in lengths.tolist()])[None, :].to(device),
+                          gather.to(device))
+        return cls(padded.input_ids.to(device), padded.attention_mask.to(device), padded.user_start.to(device),
+                   padded.user_end.to(device), packing)
 
 
 def _last(hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -178,6 +206,8 @@ def capture(
     def hook_for(layer: int):
         def hook(module: Any, args: Any, output: Any) -> None:
             hidden = output[0] if isinstance(output, tuple) else output
+            if batch.packing is not None:  # [1, tokens, d] → the right-padded [rows, longest, d]
+                hidden = hidden[0][batch.packing.gather]
             for pooling in poolings:
                 pooled[(pooling, layer)] = pool(hidden, batch, pooling)
             if stop_early and layer == deepest:
@@ -186,12 +216,34 @@ def capture(
         return hook
 
     handles = [blocks[layer].register_forward_hook(hook_for(layer)) for layer in layers]
+    inputs = ({"input_ids": batch.packing.input_ids, "position_ids": batch.packing.position_ids}
+              if batch.packing is not None else
+              {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask})
     try:
-        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False,
-              logits_to_keep=1)
+        model(**inputs, use_cache=False, logits_to_keep=1)
     except _StopForward:
         pass
     finally:
         for handle in handles:
             handle.remove()
     return pooled
+
+
+#: How far a packed forward may stray from the padded one before packing is refused (relative, float32 or not:
+#: the check runs in the model's own dtype, where two kernels differ by rounding only).
+PACKING_TOLERANCE = 2e-2
+
+
+def packing_problem(model: Any, encoded: Sequence[Encoded], pad_id: int, device: torch.device) -> str | None:
+    """Why packing cannot be used with this model, or None: the same rows, packed and padded, must give the same
+    last-block activations. A model whose attention does not read `position_ids` as sequence boundaries (it would
+    let rows attend to each other) fails here, once, at load time, instead of writing mixed activations."""
+    layer = [len(decoder_layers(model)) - 1]
+    padded = capture(model, Batch.build(encoded, pad_id, device), layer, ["last", "mean_all"])
+    packed = capture(model, Batch.pack(encoded, pad_id, device), layer, ["last", "mean_all"])
+    worst = max(float(((packed[k] - padded[k]).abs().max() / padded[k].abs().max().clamp(min=1e-6)))
+                for k in padded)
+    if worst > PACKING_TOLERANCE:
+        return (f"packed rows differ from padded ones by {worst:.3g} (relative) with attention "
+                f"'{model.config._attn_implementation}': its masks do not keep packed rows apart")
+    return None

@@ -33,19 +33,24 @@ def encode_rows(renderer: PromptRenderer | ConversationRenderer, items: Sequence
     return encoded
 
 
-def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None) -> list[list[int]]:
+def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None,
+                   packed: bool = False) -> list[list[int]]:
     """Indices grouped into batches of similar length (sorted), each within `batch_size` rows and, when set,
-    `max_tokens` padded tokens (a prompt longer than the budget gets a batch of its own)."""
+    `max_tokens` tokens: padded tokens, or (`packed`: the rows run as one unpadded sequence) their sum. A prompt
+    longer than the budget gets a batch of its own."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     batches: list[list[int]] = []
     current: list[int] = []
+    total = 0
     for i in order:
-        widest = max(lengths[i], max((lengths[j] for j in current), default=0))
-        over_budget = max_tokens is not None and current and widest * (len(current) + 1) > max_tokens
+        # sorted ascending: the row being added is the batch's widest
+        cost = total + lengths[i] if packed else lengths[i] * (len(current) + 1)
+        over_budget = max_tokens is not None and current and cost > max_tokens
         if current and (len(current) >= batch_size or over_budget):
             batches.append(current)
-            current = []
+            current, total = [], 0
         current.append(i)
+        total += lengths[i]
     if current:
         batches.append(current)
     return batches

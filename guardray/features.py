@@ -32,14 +32,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from guardray.activations import Batch, capture, resolve_layers
+from guardray.activations import Batch, capture, packing_problem, resolve_layers
 from guardray.chats import Chat, as_chat, table_chats
 from guardray.columns import (DATASET_COLUMNS, DROPPED_TURNS, GUARD_PREFIX, HISTORY_TURNS, MESSAGES, META_COLUMNS,
                               N_TOKENS, PERSONA, POOLINGS, PROMPT, RESPONSE, RESPONSE_POOLINGS, RESPONSE_TOKENS, TRUNCATED, feature_column,
                               parts_dataset, require, with_feature_metadata)
 from guardray.datasets.assemble import DATASET_FILE
 from guardray.encoding import encode_rows, length_batches
-from guardray.errors import StageError
+from guardray.errors import InputError, StageError
 from guardray.guard import Guard, build_guards, output_columns, preflight_guard, renamed
 from guardray.models import LoadedModel, load_model, numerics
 from guardray.rendering import (ConversationRenderer, Encoded, PromptRenderer, chat_conversation_renderer, chat_renderer,
@@ -74,6 +74,25 @@ def forward_budget(extract: ExtractSpec, device: Any) -> tuple[int, int]:
     return extract.batch_size or rows, extract.max_tokens_per_batch or tokens
 
 
+def uses_packing(extract: ExtractSpec, chat: LoadedModel, renderer: PromptRenderer) -> bool:
+    """Whether the chat model's batches run packed (`extract.packing`): 'auto' packs with flash-attention, whose
+    varlen kernels skip the padding; 'on' packs with any attention. Either way two short prompts are run packed
+    and padded first, and a model whose attention would mix packed rows is refused in one line."""
+    attention = chat.model.config._attn_implementation
+    wanted = extract.packing == "on" or (extract.packing == "auto" and attention == "flash_attention_2")
+    if not wanted:
+        return False
+    probe_rows = [renderer.encode(text) for text in PACKING_CHECK_PROMPTS]
+    problem = packing_problem(chat.model, probe_rows, chat.tokenizer.pad_token_id, chat.device)
+    if problem:
+        raise InputError(f"extract.packing: {problem}; set extract.packing: off")
+    return True
+
+
+#: Two prompts of different lengths the packing check runs both ways.
+PACKING_CHECK_PROMPTS = ("Hello there!", "Write three sentences about the sea, the wind and the harbour at night.")
+
+
 #: `process`'s per-row flag (not a part column): the row has a reply, so its response columns are not null.
 WITH_RESPONSE = "_with_response"
 
@@ -101,6 +120,7 @@ class FeatureExtractor:
     response_guard: Guard | None = None
     conversation: ConversationRenderer | None = None
     guard_columns: tuple[str, ...] = ()
+    packed: bool = False  # the chat model's batches run as one unpadded sequence (`extract.packing`)
     stats: ExtractStats = field(default_factory=ExtractStats)
 
     @classmethod
@@ -111,9 +131,10 @@ class FeatureExtractor:
         names = tuple(name for judge in judges for name in output_columns(spec.guard, judge))
         conversation = (chat_conversation_renderer(chat.tokenizer, chat.spec)
                         if "response" in spec.extract.on else None)
-        return cls(chat, chat_renderer(chat.tokenizer, chat.spec), resolve_layers(spec.extract.layers, chat.num_layers),
+        renderer = chat_renderer(chat.tokenizer, chat.spec)
+        return cls(chat, renderer, resolve_layers(spec.extract.layers, chat.num_layers),
                    spec.extract.poolings if "prompt" in spec.extract.on else (), spec.extract, guards.get("prompt"),
-                   guards.get("response"), conversation, names)
+                   guards.get("response"), conversation, names, uses_packing(spec.extract, chat, renderer))
 
     @property
     def columns(self) -> dict[str, tuple[str, int]]:
@@ -169,7 +190,8 @@ class FeatureExtractor:
         """Run `step` over length-sorted batches; a failing batch is retried prompt by prompt."""
         keys = list(encoded)
         rows, tokens = forward_budget(self.extract, self.chat.device)
-        batches = length_batches([len(encoded[k].ids) for k in keys], rows, tokens)
+        packed = self.packed and step in (self._activations, self._response_activations)
+        batches = length_batches([len(encoded[k].ids) for k in keys], rows, tokens, packed)
         run_isolating([[keys[b] for b in batch] for batch in batches],
                       lambda rows: self._store(rows, step([encoded[r] for r in rows]), results),
                       errors, step.__name__.strip("_"))
@@ -191,13 +213,14 @@ class FeatureExtractor:
         are copied to the host once, at its end (`_to_host`), so a GPU never waits on a copy per batch. Token
         counts come from the CPU-side lengths (no device sync)."""
         started = time.perf_counter()
-        batch = Batch.build(encoded, self.chat.tokenizer.pad_token_id, self.chat.device)
+        build = Batch.pack if self.packed else Batch.build
+        batch = build(encoded, self.chat.tokenizer.pad_token_id, self.chat.device)
         pooled = capture(self.chat.model, batch, self.layers, poolings)
         dtype = TORCH_STORE_DTYPES[self.extract.store_dtype]
         lengths = [len(e.ids) for e in encoded]
         self.stats.prompts += len(encoded)
         self.stats.tokens += sum(lengths)
-        self.stats.padded_tokens += max(lengths) * len(lengths)
+        self.stats.padded_tokens += sum(lengths) if self.packed else max(lengths) * len(lengths)
         self.stats.seconds += time.perf_counter() - started
         return {feature_column(p, layer): v.to(dtype) for (p, layer), v in pooled.items()}
 

@@ -151,7 +151,12 @@ class ExtractSpec(ActorPoolSpec):
     max_tokens_per_batch: int | None = Field(
         None, ge=1, description="Padded-token budget per forward pass (default: 16384 on a GPU, 4096 on a CPU). "
         "Batches are cut from length-sorted rows, so a batch pads to its own longest row, not to the budget.")
-    runtime_fields: ClassVar[frozenset[str]] = ActorPoolSpec.runtime_fields | {"max_tokens_per_batch"}
+    packing: Literal["auto", "on", "off"] = Field(
+        "auto", description="Run a batch as one unpadded sequence (per-row positions) instead of padded rows. "
+        "'auto': with flash-attention (varlen kernels), where it removes the padding's compute; 'on': with any "
+        "attention, after a load-time check that packed and padded rows agree (with SDPA or eager the "
+        "block-diagonal mask costs more than the padding it saves: for tests and measurements); 'off': padded.")
+    runtime_fields: ClassVar[frozenset[str]] = ActorPoolSpec.runtime_fields | {"max_tokens_per_batch", "packing"}
 
     def cache_payload(self) -> dict[str, Any]:
         """The fields, plus the constants of the poolings extracted that have some (`columns.POOLING_CONSTANTS`:
