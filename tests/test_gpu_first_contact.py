@@ -50,3 +50,56 @@ def test_the_saved_checkpoint_holds_host_tensors_only(tmp_path: Path) -> None:
     assert locations and set(locations) == {"cpu"}
     assert not loaded["model"]["weight"].requires_grad  # detached: a plain array of numbers, not a graph leaf
     assert loaded["history"] == [{"loss": 0.5}] and loaded["mean"].dtype == torch.float64
+
+
+# ------------------------------------------------------------------------------------------- GPU visibility
+def test_an_actor_given_no_gpu_computes_on_the_cpu_even_where_cuda_is_visible(monkeypatch: pytest.MonkeyPatch) -> None:
+    from guardray.accelerators import device_for
+    from guardray.models import resolve_device
+
+    assert device_for([], cuda_visible=True) == "cpu"  # a CPU actor on a GPU node, a replica with num_gpus: 0
+    assert device_for(["0"], cuda_visible=True) == "cuda"
+    assert device_for(["0"], cuda_visible=False) is None  # Ray's GPU, torch blind to it: the actor's error
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a node whose GPUs the process can see
+    assert resolve_device("auto", "cpu").type == "cpu"  # the actor's device, not a second look at CUDA
+    assert resolve_device("auto").type == "cuda"  # outside an actor: what torch sees
+    assert resolve_device("cpu", "cuda").type == "cpu"  # an explicit device is the user's
+
+
+# -------------------------------------------------------------------------------- vLLM guard beside the chat model
+GIB = 1 << 30
+
+
+def test_the_guard_engine_gets_the_memory_left_after_the_chat_model() -> None:
+    from guardray.guard.vllm import memory_share
+
+    total, free, weights = 80 * GIB, 62 * GIB, 16 * GIB  # an H100 with an 8B chat model in bf16 loaded
+    share = memory_share(free, total, weights)
+    assert share == 0.675  # (62 - 8 GiB headroom for the chat model's forward passes) / 80
+    assert share * total <= free - 8 * GIB  # vLLM refuses a share larger than what is free
+    assert share * total >= weights + GIB  # the guard's weights and a KV cache fit in it
+
+
+def test_a_guard_that_cannot_fit_fails_at_start_in_one_line(tmp_path: Path) -> None:
+    from guardray.errors import InputError
+    from guardray.guard.vllm import engine_args, memory_share
+    from guardray.jobspec import GuardSpec, ModelSpec
+
+    with pytest.raises(InputError) as refused:
+        memory_share(20 * GIB, 80 * GIB, 16 * GIB)  # 20 free, 8 headroom: 12 left for 17 needed
+    message = str(refused.value)
+    assert "\n" not in message and "20.0 GiB of the GPU's 80.0 GiB are free" in message
+    assert "guard.vllm_engine_args.gpu_memory_utilization" in message
+    (tmp_path / "config.json").write_text("{}")
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"\0" * 1024)
+    model = ModelSpec(id=str(tmp_path), dtype="bfloat16")
+    args = engine_args(model, GuardSpec(), on_gpu=True, gpu_memory=(40 * GIB, 80 * GIB))
+    assert args["gpu_memory_utilization"] == 0.4  # (40 - 8) / 80
+    with weights.open("r+b") as f:
+        f.truncate(33 * GIB)  # sparse: the size of a larger guard's weights, none of its disk
+    with pytest.raises(InputError, match="the guard needs about 34.0 GiB"):
+        engine_args(model, GuardSpec(), on_gpu=True, gpu_memory=(40 * GIB, 80 * GIB))
+    pinned = GuardSpec(vllm_engine_args={"gpu_memory_utilization": 0.3})
+    assert engine_args(model, pinned, on_gpu=True, gpu_memory=(GIB, 80 * GIB))["gpu_memory_utilization"] == 0.3
+    assert "gpu_memory_utilization" not in engine_args(model, GuardSpec(), on_gpu=False)
