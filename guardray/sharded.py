@@ -221,9 +221,12 @@ class ShardActor(abc.ABC):
             # The CUDA context is poisoned for every later batch: die, so Ray restarts the actor (a fresh
             # context) and retries this shard, instead of recording every remaining prompt as an error. The rows
             # in flight are remembered, so a row that breaks the device becomes an error row, not a restart loop.
-            self.crashes.save(memory, str(e))
             log.error("shard %s: device failure on rows %s, restarting the actor: %s", shard.part_name,
                       self.crashes.running, e)
+            try:
+                self.crashes.save(memory, str(e))
+            except Exception as lost:  # noqa: BLE001 - the restart matters more than the memory of the rows
+                log.error("shard %s: could not record the rows in flight: %s", shard.part_name, lost)
             os._exit(1)
         if self.crashes.suspects or self.crashes.alone:
             memory.delete_file()
