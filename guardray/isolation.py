@@ -34,10 +34,10 @@ class DeviceFailure(RuntimeError):
 
 #: Messages of errors after which a CUDA context is unusable for every later batch. Allocation failures are not
 #: among them (`is_out_of_memory` is checked first): "CUDA error: out of memory" leaves the context usable.
-DEVICE_FAILURE_MARKERS = ("CUDA error", "device-side assert", "CUBLAS_STATUS_EXECUTION_FAILED",
-                          "CUBLAS_STATUS_INTERNAL_ERROR", "CUBLAS_STATUS_NOT_INITIALIZED", "CUBLAS_STATUS_MAPPING_ERROR",
-                          "CUDNN_STATUS_EXECUTION_FAILED", "CUDNN_STATUS_INTERNAL_ERROR", "CUDNN_STATUS_MAPPING_ERROR",
-                          "NCCL error", "an illegal memory access")
+DEVICE_FAILURE_MARKERS = ("CUDA error", "device-side assert", "NCCL error", "an illegal memory access",
+                          "CUBLAS_STATUS_EXECUTION_FAILED", "CUBLAS_STATUS_INTERNAL_ERROR",
+                          "CUBLAS_STATUS_NOT_INITIALIZED", "CUBLAS_STATUS_MAPPING_ERROR",
+                          "CUDNN_STATUS_EXECUTION_FAILED", "CUDNN_STATUS_INTERNAL_ERROR", "CUDNN_STATUS_MAPPING_ERROR")
 
 #: Messages of allocation failures: the work did not fit, the device is fine.
 OUT_OF_MEMORY_MARKERS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")

@@ -49,12 +49,13 @@ def _vllm_guard(chat: LoadedModel, spec: JobSpec, judge: Judge = "prompt", devic
     from guardray.guard.vllm import VLLMGuard  # the vllm package itself is imported only when an engine starts
 
     tokenizer = chat.tokenizer if spec.guard_is_chat else load_tokenizer(spec.guard_model)
-    return VLLMGuard.create(spec.guard_model, spec.guard, tokenizer, judge, resolve_device(spec.guard_model.device,
-                                                                                           device).type)
+    on = resolve_device(spec.guard_model.device, device).type
+    return VLLMGuard.create(spec.guard_model, spec.guard, tokenizer, judge, on)
 
 
-# Guard backends: name → factory(loaded chat model, job spec, judge, the actor's device). Each guard judges one thing; the features
-# stage builds one per judge (prompt, and response when `JobSpec.guard_responses`). vLLM runs its own engine.
+# Guard backends: name → factory(loaded chat model, job spec, judge, the actor's device). Each guard judges one
+# thing; the features stage builds one per judge (prompt, and response when `JobSpec.guard_responses`). vLLM runs
+# its own engine.
 # What a backend cannot do (categories on vLLM) is refused when the spec is validated (`GuardSpec`).
 GUARD_BACKENDS: dict[str, Callable[..., Guard]] = {"hf": _hf_guard, "vllm": _vllm_guard}
 
