@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Literal
+from typing import Literal, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,20 @@ def is_fake_cluster() -> bool:
     return os.environ.get("RAY_FAKE_CLUSTER") == "1"
 
 
-def check_actor_device() -> str:
-    """Inside an actor: 'cuda' when Ray gave it a GPU torch can use, 'cpu' when it asked for none.
+def device_for(gpu_ids: Sequence[object], cuda_visible: bool) -> Accelerator | None:
+    """The device an actor may compute on, from the GPUs Ray assigned it and whether torch sees CUDA.
+
+    'cpu' whenever Ray gave it no GPU, even where CUDA devices are visible (a CPU actor on a GPU node, or a
+    replica with `num_gpus: 0`): taking one would share a GPU that Ray gave to another actor. 'cuda' for a GPU
+    that torch can use; None for a GPU from Ray that torch cannot see (a broken driver, a CPU-only build)."""
+    if not gpu_ids:
+        return "cpu"
+    return "cuda" if cuda_visible else None
+
+
+def check_actor_device() -> Accelerator:
+    """Inside an actor: 'cuda' when Ray gave it a GPU torch can use, 'cpu' when it asked for none. The models
+    of the actor are loaded on this device (`models.load_model(..., checked=...)`), never on one picked again.
 
     A GPU from Ray that torch cannot see fails in one line naming the node, except on Ray's fake GPU nodes in
     tests, which run on the CPU with a warning.
@@ -82,10 +94,9 @@ def check_actor_device() -> str:
     import torch
 
     gpu_ids = ray.get_gpu_ids()
-    if not gpu_ids:
-        return "cpu"
-    if torch.cuda.is_available():
-        return "cuda"
+    device = device_for(gpu_ids, bool(gpu_ids) and torch.cuda.is_available())
+    if device is not None:
+        return device
     context = ray.get_runtime_context()
     node = f"{ray.util.get_node_ip_address()} (node {context.get_node_id()[:12]})"
     if is_fake_cluster():

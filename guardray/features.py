@@ -44,7 +44,8 @@ from guardray.guard import Guard, build_guards, output_columns, preflight_guard,
 from guardray.models import LoadedModel, load_model, numerics
 from guardray.rendering import (ConversationRenderer, Encoded, PromptRenderer, chat_conversation_renderer, chat_renderer,
                                 check_personas)
-from guardray.sharded import ShardActor, ShardedStage, run_isolating, run_sharded
+from guardray.isolation import CrashMemory, run_isolating
+from guardray.sharded import ShardActor, ShardedStage, run_sharded
 from guardray.shards import footer
 from guardray.jobspec import ExtractSpec, JobSpec
 from guardray.storage import Location
@@ -122,12 +123,15 @@ class FeatureExtractor:
     guard_columns: tuple[str, ...] = ()
     packed: bool = False  # the chat model's batches run as one unpadded sequence (`extract.packing`)
     stats: ExtractStats = field(default_factory=ExtractStats)
+    #: rows that broke the device on an earlier attempt (the actor shares its own, per shard)
+    crashes: CrashMemory = field(default_factory=CrashMemory)
 
     @classmethod
-    def from_spec(cls, spec: JobSpec) -> "FeatureExtractor":
-        chat = load_model(spec.model)
+    def from_spec(cls, spec: JobSpec, device: str | None = None) -> "FeatureExtractor":
+        """`device`: the one the actor was given (`device: auto` resolves to it); None outside an actor."""
+        chat = load_model(spec.model, device)
         judges = guard_judges(spec)
-        guards = build_guards(chat, spec, judges)
+        guards = build_guards(chat, spec, judges, device)
         names = tuple(name for judge in judges for name in output_columns(spec.guard, judge))
         conversation = (chat_conversation_renderer(chat.tokenizer, chat.spec)
                         if "response" in spec.extract.on else None)
@@ -187,14 +191,14 @@ class FeatureExtractor:
         return {"_index": ok, WITH_RESPONSE: with_response, **columns}, errors
 
     def _run(self, encoded: dict[int, Encoded], step: Callable, results: dict, errors: dict[int, str]) -> None:
-        """Run `step` over length-sorted batches; a failing batch is retried prompt by prompt."""
+        """Run `step` over length-sorted batches; a failing batch is split (`isolation.run_isolating`)."""
         keys = list(encoded)
         rows, tokens = forward_budget(self.extract, self.chat.device)
         packed = self.packed and step in (self._activations, self._response_activations)
         batches = length_batches([len(encoded[k].ids) for k in keys], rows, tokens, packed)
         run_isolating([[keys[b] for b in batch] for batch in batches],
                       lambda rows: self._store(rows, step([encoded[r] for r in rows]), results),
-                      errors, step.__name__.strip("_"))
+                      errors, step.__name__.strip("_"), self.crashes)
 
     @staticmethod
     def _store(rows: list[int], columns: dict[str, np.ndarray], results: dict[int, dict[str, Any]]) -> None:
@@ -284,7 +288,8 @@ class FeatureActor(ShardActor):
     stage = "features"
 
     def load(self, spec: JobSpec) -> str:
-        self.extractor = FeatureExtractor.from_spec(spec)
+        self.extractor = FeatureExtractor.from_spec(spec, self.device)
+        self.extractor.crashes = self.crashes
         self.store_dtype = spec.extract.store_dtype
         return self.extractor.numerics
 

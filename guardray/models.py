@@ -101,9 +101,12 @@ def _file_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, checked: str | None = None) -> torch.device:
+    """`auto` → `checked`, the device the actor was given (`accelerators.check_actor_device`), so an actor that
+    asked Ray for no GPU never takes one that happens to be visible; without one (the driver, a benchmark, a
+    test) → cuda when torch sees it. An explicit device is kept as given."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(checked or ("cuda" if torch.cuda.is_available() else "cpu"))
     return torch.device(device)
 
 
@@ -168,8 +171,9 @@ def load_config(spec: ModelSpec) -> Any:
                                       trust_remote_code=spec.trust_remote_code)
 
 
-def load_model(spec: ModelSpec) -> LoadedModel:
-    """Load tokenizer and causal LM in eval mode, weights placed straight on the device in the resolved dtype.
+def load_model(spec: ModelSpec, checked: str | None = None) -> LoadedModel:
+    """Load tokenizer and causal LM in eval mode, weights placed straight on the device in the resolved dtype
+    (`checked`: the device the calling actor was given, which `device: auto` resolves to).
 
     `device_map` makes transformers materialise each weight on the target device as it is read, so a GPU actor
     never holds a second, full copy of the model in host RAM (as `from_pretrained(...).to(device)` does).
@@ -177,7 +181,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(spec.id)
-    device = resolve_device(spec.device)
+    device = resolve_device(spec.device, checked)
     dtype = resolve_dtype(spec.dtype, device)
     tokenizer = load_tokenizer(spec)
     model = AutoModelForCausalLM.from_pretrained(

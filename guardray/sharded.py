@@ -28,13 +28,14 @@ import re
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Iterable, TypeVar
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from guardray.errors import StageError, one_line
+from guardray.errors import StageError
+from guardray.isolation import CrashMemory, DeviceFailure
 from guardray.columns import ERRORS_SCHEMA, ID, PARTS_DIR, REASON, SOURCE
 from guardray.shards import (ERRORS_DIR, NUMERICS_KEY, PartCheck, RangeReader, Shard,
                              as_descriptors, dataset_rows, finished_shards, overlap_problem, part_schema, plan_shards,
@@ -43,9 +44,6 @@ from guardray.jobspec import ActorPoolSpec, JobSpec, spec_for_worker
 from guardray.storage import Location, file_mode_of, resolve
 
 log = logging.getLogger(__name__)
-
-K = TypeVar("K", bound=Hashable)
-
 
 @dataclass(frozen=True)
 class ShardedStage:
@@ -67,6 +65,8 @@ class ShardedStage:
 #: The numerics the first actor of a fresh run computed with; later actors (GPU nodes of another kind joining
 #: an autoscaling pool) refuse to differ, instead of the mix being found only when the stage ends.
 NUMERICS_FILE = "numerics.json"
+#: Per shard, the rows in flight when an actor's device failed (`isolation.CrashMemory`); gone once it is done.
+CRASHES_DIR = "crashes"
 
 
 def claim_numerics(claim: Location, mine: str) -> str:
@@ -80,42 +80,6 @@ def claim_numerics(claim: Location, mine: str) -> str:
 
 class NumericsMismatch(RuntimeError):
     """An actor would compute with other numerics (device, dtype, attention) than the parts already kept."""
-
-
-class DeviceFailure(RuntimeError):
-    """The accelerator itself failed (CUDA error, device-side assert): not the prompt's fault."""
-
-
-#: Messages of errors after which a CUDA context is unusable for every later batch.
-DEVICE_FAILURE_MARKERS = ("CUDA error", "device-side assert", "CUBLAS_STATUS", "CUDNN_STATUS", "NCCL error",
-                          "an illegal memory access")
-
-
-def raise_device_failure(error: Exception) -> None:
-    """Turn an accelerator failure into DeviceFailure; a bad prompt's error (shape, index) passes through."""
-    import torch
-
-    accelerator_error = getattr(torch, "AcceleratorError", ())
-    if isinstance(error, accelerator_error) or any(m in str(error) for m in DEVICE_FAILURE_MARKERS):
-        raise DeviceFailure(f"{type(error).__name__}: {one_line(error)}") from error
-
-
-def run_isolating(batches: Iterable[list[K]], run: Callable[[list[K]], None], errors: dict[K, str],
-                  what: str) -> None:
-    """`run` each batch of rows; when a batch fails, run its rows one by one, so that a failing row becomes an
-    error of its own ("<what>: <error>" in `errors`) and never sinks its neighbours. An accelerator failure is
-    never a row's fault: it is raised as DeviceFailure (the actor restarts) instead."""
-    for batch in batches:
-        try:
-            run(batch)
-        except Exception as e:  # noqa: BLE001 - isolate the row that fails
-            raise_device_failure(e)
-            for row in batch:
-                try:
-                    run([row])
-                except Exception as e:  # noqa: BLE001
-                    raise_device_failure(e)
-                    errors[row] = f"{what}: {type(e).__name__}: {one_line(e)}"
 
 
 def one_numerics(stage: str, checks: list[PartCheck], out: Location) -> str:
@@ -218,6 +182,8 @@ class ShardActor(abc.ABC):
         from guardray.telemetry import ActorMetrics
 
         torch.set_num_threads(max(1, threads))
+        #: rows that broke the device on an earlier attempt at the current shard: `load` hands it to the batch loop
+        self.crashes = CrashMemory()
         self.device = check_actor_device()  # `model.device: auto` then picks cuda exactly when this says so
         spec = spec_for_worker(spec_json)
         self.numerics = self.load(spec)
@@ -247,13 +213,24 @@ class ShardActor(abc.ABC):
         return {key: [s[key] for s in summaries] for key in summaries[0]}
 
     def run_shard(self, shard: Shard) -> dict[str, Any]:
+        memory = self.out.join(CRASHES_DIR, f"{shard.part_name}.json")
+        self.crashes.load(memory)
         try:
-            return self.process_shard(shard)
+            summary = self.process_shard(shard)
         except DeviceFailure as e:
             # The CUDA context is poisoned for every later batch: die, so Ray restarts the actor (a fresh
-            # context) and retries this shard, instead of recording every remaining prompt as an error.
-            log.error("shard %s: device failure, restarting the actor: %s", shard.part_name, e)
+            # context) and retries this shard, instead of recording every remaining prompt as an error. The rows
+            # in flight are remembered, so a row that breaks the device becomes an error row, not a restart loop.
+            log.error("shard %s: device failure on rows %s, restarting the actor: %s", shard.part_name,
+                      self.crashes.running, e)
+            try:
+                self.crashes.save(memory, str(e))
+            except Exception as lost:  # noqa: BLE001 - the restart matters more than the memory of the rows
+                log.error("shard %s: could not record the rows in flight: %s", shard.part_name, lost)
             os._exit(1)
+        if self.crashes.suspects or self.crashes.alone:
+            memory.delete_file()
+        return summary
 
     def process_shard(self, shard: Shard) -> dict[str, Any]:
         started = time.perf_counter()

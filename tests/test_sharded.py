@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from guardray.errors import StageError
-from guardray.sharded import DeviceFailure, ErrorBudget, drain, raise_device_failure, run_isolating
+from guardray.isolation import DeviceFailure, raise_device_failure, run_isolating
+from guardray.sharded import ErrorBudget, drain
 from guardray.shards import Shard
 
 

@@ -9,7 +9,7 @@ from guardray.errors import InputError
 from guardray.guard.category_scores import CategoryContinuations
 from guardray.guard.labels import resolve_label_tokens
 from guardray.guard.prompt import JUDGES, Judge, guard_renderer
-from guardray.models import LoadedModel, load_model, load_tokenizer
+from guardray.models import LoadedModel, load_model, load_tokenizer, resolve_device
 from guardray.rendering import ConversationRenderer, Encoded, PromptRenderer
 from guardray.jobspec import JobSpec
 
@@ -27,31 +27,35 @@ class Guard(Protocol):
     def judging(self, renderer: PromptRenderer | ConversationRenderer) -> "Guard": ...
 
 
-def build_guards(chat: LoadedModel, spec: JobSpec, judges: Sequence[Judge]) -> dict[str, Guard]:
-    """One guard per judge, all sharing ONE loaded guard model or engine (a second judge only adds a renderer)."""
+def build_guards(chat: LoadedModel, spec: JobSpec, judges: Sequence[Judge],
+                 device: str | None = None) -> dict[str, Guard]:
+    """One guard per judge, all sharing ONE loaded guard model or engine (a second judge only adds a renderer).
+    `device`: the one the actor was given, as for the chat model (None outside an actor)."""
     if not judges:
         return {}
-    first = GUARD_BACKENDS[spec.guard.backend](chat, spec, judges[0])
+    first = GUARD_BACKENDS[spec.guard.backend](chat, spec, judges[0], device)
     tokenizer = first.renderer.tokenizer
     return {judge: first if judge == judges[0] else
             first.judging(guard_renderer(tokenizer, spec.guard_model, spec.guard, judge)) for judge in judges}
 
 
-def _hf_guard(chat: LoadedModel, spec: JobSpec, judge: Judge = "prompt") -> Guard:
+def _hf_guard(chat: LoadedModel, spec: JobSpec, judge: Judge = "prompt", device: str | None = None) -> Guard:
     from guardray.guard.hf import HFGuard
 
-    return HFGuard.create(chat if spec.guard_is_chat else load_model(spec.guard_model), spec.guard, judge)
+    return HFGuard.create(chat if spec.guard_is_chat else load_model(spec.guard_model, device), spec.guard, judge)
 
 
-def _vllm_guard(chat: LoadedModel, spec: JobSpec, judge: Judge = "prompt") -> Guard:
+def _vllm_guard(chat: LoadedModel, spec: JobSpec, judge: Judge = "prompt", device: str | None = None) -> Guard:
     from guardray.guard.vllm import VLLMGuard  # the vllm package itself is imported only when an engine starts
 
     tokenizer = chat.tokenizer if spec.guard_is_chat else load_tokenizer(spec.guard_model)
-    return VLLMGuard.create(spec.guard_model, spec.guard, tokenizer, judge)
+    on = resolve_device(spec.guard_model.device, device).type
+    return VLLMGuard.create(spec.guard_model, spec.guard, tokenizer, judge, on)
 
 
-# Guard backends: name → factory(loaded chat model, job spec, judge). Each guard judges one thing; the features
-# stage builds one per judge (prompt, and response when `JobSpec.guard_responses`). vLLM runs its own engine.
+# Guard backends: name → factory(loaded chat model, job spec, judge, the actor's device). Each guard judges one
+# thing; the features stage builds one per judge (prompt, and response when `JobSpec.guard_responses`). vLLM runs
+# its own engine.
 # What a backend cannot do (categories on vLLM) is refused when the spec is validated (`GuardSpec`).
 GUARD_BACKENDS: dict[str, Callable[..., Guard]] = {"hf": _hf_guard, "vllm": _vllm_guard}
 

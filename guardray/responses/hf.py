@@ -2,8 +2,8 @@
 
 Each actor loads the chat model once, renders its shard's prompts exactly as the features stage does
 (`chat_renderer`, same truncation) and answers them in length-sorted, left-padded batches with the KV cache on.
-A batch that fails is retried prompt by prompt (`sharded.run_isolating`), so a failing prompt becomes an error
-row and never sinks its neighbours.
+A batch that fails is split (`isolation.run_isolating`: halves when out of memory, else prompt by prompt), so a
+failing prompt becomes an error row and never sinks its neighbours.
 
 Sampling seeds each batch from `seed` and the batch's row ids, so a rerun with the same batching draws the same
 tokens, but a row's draws depend on which rows share its batch (`batch_size`, the shard cut): sampled responses
@@ -13,7 +13,7 @@ to floating-point near-ties between padded and unpadded shapes).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import pyarrow as pa
@@ -24,7 +24,8 @@ from guardray.decoding import Generation, batch_seed, generation_config, respons
 from guardray.encoding import encode_rows, length_batches, pad
 from guardray.models import LoadedModel, load_model, numerics
 from guardray.rendering import Encoded, PromptRenderer, chat_renderer
-from guardray.sharded import ShardActor, run_isolating
+from guardray.isolation import CrashMemory, run_isolating
+from guardray.sharded import ShardActor
 from guardray.jobspec import GenerateSpec, JobSpec
 
 
@@ -56,16 +57,18 @@ class HFGenerator:
 
 @dataclass
 class Responder:
-    """Renders prompts and answers them in length-sorted batches; a failing batch is retried prompt by prompt."""
+    """Renders prompts and answers them in length-sorted batches; a failing batch is split (`run_isolating`)."""
 
     renderer: PromptRenderer
     generator: HFGenerator
     spec: GenerateSpec
     tokenizer: Any
+    #: rows that broke the device on an earlier attempt (the actor shares its own, per shard)
+    crashes: CrashMemory = field(default_factory=CrashMemory)
 
     @classmethod
-    def from_spec(cls, spec: JobSpec) -> "Responder":
-        chat = load_model(spec.model)
+    def from_spec(cls, spec: JobSpec, device: str | None = None) -> "Responder":
+        chat = load_model(spec.model, device)  # `device`: the actor's (see FeatureExtractor.from_spec)
         return cls(chat_renderer(chat.tokenizer, chat.spec), HFGenerator(chat, spec.generate), spec.generate,
                    chat.tokenizer)
 
@@ -89,7 +92,7 @@ class Responder:
 
         accelerator = "gpu" if self.generator.chat.device.type == "cuda" else "cpu"
         batches = length_batches([len(encoded[r].ids) for r in rows], self.spec.rows_per_batch(accelerator), None)
-        run_isolating([[rows[b] for b in batch] for batch in batches], generate, errors, "generate")
+        run_isolating([[rows[b] for b in batch] for batch in batches], generate, errors, "generate", self.crashes)
         return done, errors
 
 
@@ -99,7 +102,8 @@ class ResponseActor(ShardActor):
     stage = "responses"
 
     def load(self, spec: JobSpec) -> str:
-        self.responder = Responder.from_spec(spec)
+        self.responder = Responder.from_spec(spec, self.device)
+        self.responder.crashes = self.crashes
         return self.responder.numerics
 
     def compute(self, rows: pa.Table) -> tuple[pa.Table, dict[int, str], int]:

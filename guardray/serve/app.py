@@ -112,11 +112,12 @@ class GuardrayServer:
     """One replica: the chat model with its probe (and the guard model for 'model'/'both')."""
 
     def __init__(self, settings: dict[str, Any]):
+        from guardray.accelerators import check_actor_device
         from guardray.serve.loading import load_guarded_model
 
         self.settings = ServeSettings(**settings)
         self.gatekeeper = Gatekeeper.from_settings(self.settings)  # the key first: a missing one fails at once
-        self.engine = load_guarded_model(self.settings)
+        self.engine = load_guarded_model(self.settings, check_actor_device())  # never a GPU Ray did not give
         self.model_name = self.engine.loaded.spec.id
         self.max_prompt_chars = prompt_char_limit(self.engine.loaded.tokenizer, self.engine.max_length)
         self.metrics = ServeMetrics(self.engine.name)

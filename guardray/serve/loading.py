@@ -21,18 +21,20 @@ from guardray.jobspec import GuardSpec, ModelSpec
 log = logging.getLogger(__name__)
 
 
-def load_guarded_model(settings: ServeSettings) -> GuardedChatModel:
+def load_guarded_model(settings: ServeSettings, device: str | None = None) -> GuardedChatModel:
+    """`device`: the one the replica was given (`check_actor_device`: cpu with `num_gpus: 0`, even on a GPU node),
+    which `device: auto` resolves to for the chat and guard models; None outside a replica."""
     served = find_probe(settings.artifact, settings.probe, allow_pickle=settings.allow_pickle)
     model_spec = serving_spec(served.model_spec, settings)
     log.info("loading chat model %s", describe_model(model_spec))
-    loaded = load_model(model_spec)
+    loaded = load_model(model_spec, device)
     guard, guard_threshold = None, 0.0
     recorded = served.meta.get("guard")
     if settings.guard in ("model", "both"):
         if not recorded:
             raise InputError(f"guard: {settings.guard!r} needs the guard model of the probe's run, and "
                              f"{served.uri} records none (its run had guard.enabled: false)")
-        guard, guard_threshold = _guard(recorded, loaded, settings), float(recorded["threshold"])
+        guard, guard_threshold = _guard(recorded, loaded, settings, device), float(recorded["threshold"])
     threshold = settings.threshold if settings.threshold is not None else float(served.meta.get("threshold", 0.0))
     engine = GuardedChatModel(loaded, served.probe, served.meta, threshold, settings.refusal, guard, guard_threshold)
     engine.numerics = compare_numerics(served.meta.get("numerics"), numerics(loaded), served.uri)
@@ -73,7 +75,7 @@ def compare_numerics(trained: dict[str, str] | None, served: dict[str, str], uri
     return {"trained": trained, "served": served, "match": match}
 
 
-def _guard(recorded: dict, chat, settings: ServeSettings):
+def _guard(recorded: dict, chat, settings: ServeSettings, device: str | None = None):
     from guardray.guard.hf import HFGuard
 
     # the server runs the guard in its own process (hf: no engine arguments), and reads its verdict only (no
@@ -83,4 +85,4 @@ def _guard(recorded: dict, chat, settings: ServeSettings):
         return HFGuard.create(chat, spec)
     model = serving_spec(untrusted_model(recorded["model"], settings.artifact), settings)
     log.info("loading guard model %s", describe_model(model))
-    return HFGuard.create(load_model(model), spec)
+    return HFGuard.create(load_model(model, device), spec)
