@@ -195,7 +195,11 @@ class FeatureExtractor:
         keys = list(encoded)
         rows, tokens = forward_budget(self.extract, self.chat.device)
         packed = self.packed and step in (self._activations, self._response_activations)
-        batches = length_batches([len(encoded[k].ids) for k in keys], rows, tokens, packed)
+        judge = {self._guard_scores: self.guard, self._response_guard_scores: self.response_guard}.get(step)
+        if judge is not None and judge.schedules_itself:  # vLLM batches the whole shard itself
+            batches = [list(range(len(keys)))] if keys else []
+        else:
+            batches = length_batches([len(encoded[k].ids) for k in keys], rows, tokens, packed)
         run_isolating([[keys[b] for b in batch] for batch in batches],
                       lambda rows: self._store(rows, step([encoded[r] for r in rows]), results),
                       errors, step.__name__.strip("_"), self.crashes)

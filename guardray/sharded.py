@@ -27,7 +27,7 @@ import os
 import re
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -209,14 +209,15 @@ class ShardActor(abc.ABC):
         """One shard's rows → (the part, {row index: error reason}, tokens processed)."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
-        summaries = [self.run_shard(Shard(int(s), int(e))) for s, e in zip(batch["start"], batch["end"])]
+        shards = [Shard(int(s), int(e)) for s, e in zip(batch["start"], batch["end"])]
+        summaries = pipelined(shards, self.reader.read, self.run_shard, self.finish_shard)
         return {key: [s[key] for s in summaries] for key in summaries[0]}
 
-    def run_shard(self, shard: Shard) -> dict[str, Any]:
+    def run_shard(self, shard: Shard, rows: pa.Table) -> "ComputedShard":
         memory = self.out.join(CRASHES_DIR, f"{shard.part_name}.json")
         self.crashes.load(memory)
         try:
-            summary = self.process_shard(shard)
+            computed = self.compute_shard(shard, rows)
         except DeviceFailure as e:
             # The CUDA context is poisoned for every later batch: die, so Ray restarts the actor (a fresh
             # context) and retries this shard, instead of recording every remaining prompt as an error. The rows
@@ -228,23 +229,76 @@ class ShardActor(abc.ABC):
             except Exception as lost:  # noqa: BLE001 - the restart matters more than the memory of the rows
                 log.error("shard %s: could not record the rows in flight: %s", shard.part_name, lost)
             os._exit(1)
-        if self.crashes.suspects or self.crashes.alone:
-            memory.delete_file()
-        return summary
+        return replace(computed, crash_memory=memory if self.crashes.suspects or self.crashes.alone else None)
 
-    def process_shard(self, shard: Shard) -> dict[str, Any]:
+    def compute_shard(self, shard: Shard, rows: pa.Table) -> "ComputedShard":
         started = time.perf_counter()
-        rows = self.reader.read(shard)
         part, errors, tokens = self.compute(rows)
-        write_shard(self.out, shard, part, error_table(rows, errors), self.numerics)
-        seconds = time.perf_counter() - started
-        self.metrics.record(shard.rows, tokens, seconds)
-        return {"start": shard.start, "end": shard.end, "rows": part.num_rows, "errors": len(errors),
-                "tokens": tokens, "seconds": seconds, "node_id": self.node_id, "device": self.device,
-                "gpu_ids": ",".join(self.gpu_ids), "first_error": errors[min(errors)] if errors else ""}
+        return ComputedShard(shard, part, error_table(rows, errors), tokens, time.perf_counter() - started,
+                             errors[min(errors)] if errors else "")
+
+    def finish_shard(self, computed: "ComputedShard") -> dict[str, Any]:
+        """Write the shard's part (on the I/O thread, while the next shard computes) and summarise it."""
+        started = time.perf_counter()
+        write_shard(self.out, computed.shard, computed.part, computed.errors, self.numerics)
+        if computed.crash_memory is not None:  # the rows that broke the device are accounted for now
+            computed.crash_memory.delete_file()
+        shard, seconds = computed.shard, computed.seconds + time.perf_counter() - started
+        self.metrics.record(shard.rows, computed.tokens, seconds)
+        return {"start": shard.start, "end": shard.end, "rows": computed.part.num_rows,
+                "errors": computed.errors.num_rows, "tokens": computed.tokens, "seconds": seconds,
+                "node_id": self.node_id, "device": self.device, "gpu_ids": ",".join(self.gpu_ids),
+                "first_error": computed.first_error}
+
+
+@dataclass(frozen=True)
+class ComputedShard:
+    """A shard's output before it is written."""
+
+    shard: Shard
+    part: pa.Table
+    errors: pa.Table
+    tokens: int
+    seconds: float
+    first_error: str
+    crash_memory: Location | None = None
+
+
+R = TypeVar("R")
+C = TypeVar("C")
+S = TypeVar("S")
+
+
+def pipelined(items: list[K], read: Callable[[K], R], compute: Callable[[K, R], C],
+              finish: Callable[[C], S]) -> list[S]:
+    """`finish(compute(item, read(item)))` for each item, with the reads running one item ahead and the finishes
+    (writes, uploads) one behind on a single I/O thread, so the model (the caller's thread) waits for neither.
+    Every finish is done when this returns, and the first error of any step is raised here."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    results: list[S] = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-io") as io:
+        reading = io.submit(read, items[0]) if items else None
+        finishing = None
+        for position, item in enumerate(items):
+            data = reading.result()
+            if position + 1 < len(items):
+                reading = io.submit(read, items[position + 1])
+            computed = compute(item, data)
+            if finishing is not None:
+                results.append(finishing.result())
+            finishing = io.submit(finish, computed)
+        if finishing is not None:
+            results.append(finishing.result())
+    return results
 
 
 # ---------------------------------------------------------------------------------------------- the stage
+#: Shards an actor call takes: on a GPU two, so one shard's part is written (and the next one's rows read) while
+#: the other computes (`pipelined`); on a CPU one, whose cores the write would only take from the model.
+SHARDS_PER_CALL = {"gpu": 2, "cpu": 1}
+
+
 def run_sharded(stage: ShardedStage, spec: JobSpec, dataset: Location, out: Location) -> dict[str, Any]:
     """Verify what an earlier run left, run the missing row ranges of `dataset`, check exactly-once.
 
@@ -331,7 +385,7 @@ def run_actor_pool(stage: ShardedStage, spec: JobSpec, dataset: Location, out: L
             stage.actor,
             fn_constructor_kwargs={"spec_json": spec.model_dump(mode="json"), "dataset_uri": dataset.uri,
                                    "out_uri": out.uri, "threads": threads, "expected_numerics": expected_numerics},
-            batch_size=1,
+            batch_size=SHARDS_PER_CALL[accelerator],
             compute=ray.data.ActorPoolStrategy(min_size=smallest, max_size=largest),
             max_restarts=pool.max_actor_restarts,
             max_task_retries=pool.max_task_retries,

@@ -70,3 +70,65 @@ def test_a_failed_row_is_an_error_and_its_neighbours_keep_their_activations(extr
     columns, errors = extractor.process(["hello there", ValueError("messages[1]: bad role"), "a third prompt"])
     assert errors == {1: "messages[1]: bad role"} and columns["_index"] == [0, 2]
     assert all(not np.isnan(columns[n].astype(np.float32)).any() for n in columns if n.startswith("act_"))
+
+
+@pytest.mark.parametrize("layers", [[0, 2], [3]])
+def test_packed_rows_give_the_padded_activations(extractor: FeatureExtractor, layers: list[int]) -> None:
+    """One unpadded sequence with per-row positions (transformers keeps the rows apart from the restarts) gives
+    every prompt pooling of every row what the right-padded batch gives, within float32 rounding."""
+    from guardray.activations import Batch, capture
+    from guardray.columns import PROMPT_POOLINGS
+
+    chat, pad_id = extractor.chat, extractor.chat.tokenizer.pad_token_id
+    encoded = [extractor.renderer.encode(p) for p in PROMPTS]
+    padded = capture(chat.model, Batch.build(encoded, pad_id, chat.device), layers, PROMPT_POOLINGS)
+    batch = Batch.pack(encoded, pad_id, chat.device)
+    assert batch.packing.input_ids.shape == (1, sum(len(e.ids) for e in encoded))  # no padding at all
+    packed = capture(chat.model, batch, layers, PROMPT_POOLINGS)
+    assert packed.keys() == padded.keys()
+    for key in padded:
+        torch.testing.assert_close(packed[key], padded[key], atol=1e-4, rtol=1e-4)
+
+
+def test_packing_on_writes_the_padded_columns_and_counts_no_padding(extractor: FeatureExtractor) -> None:
+    from dataclasses import replace
+
+    packed = replace(extractor, packed=True, stats=type(extractor.stats)())
+    columns, errors = packed.process(PROMPTS)
+    reference, _ = extractor.process(PROMPTS)
+    assert not errors and packed.stats.padded_tokens == packed.stats.tokens
+    for name in (n for n in columns if n.startswith("act_")):
+        np.testing.assert_allclose(columns[name].astype(np.float32), reference[name].astype(np.float32),
+                                   atol=2e-3, rtol=1e-2)
+
+
+def test_the_packing_check_refuses_an_attention_that_lets_rows_mix(extractor: FeatureExtractor,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """With positions that do not restart (what an attention that ignores the boundaries sees), packed rows
+    attend to each other: the load-time check names the difference; the real packing passes it."""
+    from dataclasses import replace
+
+    from guardray.activations import Batch, Packing, packing_problem
+
+    chat, pad_id = extractor.chat, extractor.chat.tokenizer.pad_token_id
+    encoded = [extractor.renderer.encode(p) for p in PROMPTS[:2]]
+    assert packing_problem(chat.model, encoded, pad_id, chat.device) is None
+    real_pack = Batch.pack
+
+    def mixing(encoded, pad_id, device):  # noqa: ANN001, ANN202
+        batch = real_pack(encoded, pad_id, device)
+        total = batch.packing.input_ids.shape[1]
+        return replace(batch, packing=Packing(
+            batch.packing.input_ids, torch.arange(total)[None, :], batch.packing.gather))
+
+    monkeypatch.setattr(Batch, "pack", staticmethod(mixing))
+    assert "do not keep packed rows apart" in packing_problem(chat.model, encoded, pad_id, chat.device)
+
+
+def test_packed_batches_are_cut_by_the_sum_of_their_lengths() -> None:
+    lengths = [10, 300, 20, 30, 40]
+    padded = length_batches(lengths, batch_size=8, max_tokens=120)
+    packed = length_batches(lengths, batch_size=8, max_tokens=120, packed=True)
+    assert packed[0] == [0, 2, 3, 4] and [1] in packed  # 100 tokens packed; padded: 40 x 4 = 160 > 120
+    assert padded[0] == [0, 2, 3]
+    assert all(sum(lengths[i] for i in b) <= 120 for b in packed if len(b) > 1)

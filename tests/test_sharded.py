@@ -102,3 +102,42 @@ def test_an_actors_device_error_reaches_the_driver_as_one_line(ray_local: None) 
     with pytest.raises(StageError) as error:
         drain("features", shards(), ErrorBudget(total=4, fraction=0.0), [Shard(0, 4)], done=0)
     assert str(error.value) == "features: node n1: Ray assigned GPU [0] but torch sees no CUDA device"
+
+
+def test_pipelined_reads_ahead_and_writes_behind_the_compute_and_finishes_everything() -> None:
+    """While item k computes, item k-1's finish (the part write) and item k+1's read run on the I/O thread: the
+    compute of item 1 waits until item 0's finish and item 2's read have started, which a sequential loop never
+    allows (it would time out). Results come back in order, all finished; an error in a finish is raised."""
+    import threading
+
+    from guardray.sharded import pipelined
+
+    started = {name: threading.Event() for name in ("finish 0", "read 2")}
+    log: list[str] = []
+
+    def read(item: int) -> int:
+        log.append(f"read {item}")
+        if f"read {item}" in started:
+            started[f"read {item}"].set()
+        return item * 10
+
+    def compute(item: int, data: int) -> int:
+        if item == 1:
+            assert started["finish 0"].wait(5) and started["read 2"].wait(5), "no overlap with the I/O thread"
+        return data + 1
+
+    def finish(value: int) -> str:
+        if value == 1:
+            started["finish 0"].set()
+        log.append(f"finish {value}")
+        return f"done {value}"
+
+    assert pipelined([0, 1, 2], read, compute, finish) == ["done 1", "done 11", "done 21"]
+    assert log.index("read 1") < log.index("finish 1")  # read-ahead of item 1 before item 0 is written
+    assert pipelined([], read, compute, finish) == []
+
+    def broken(value: int) -> str:
+        raise OSError(f"disk full writing {value}")
+
+    with pytest.raises(OSError, match="disk full writing 1"):
+        pipelined([0, 1], read, compute, broken)

@@ -1,7 +1,7 @@
 """Guard backends by name (`guard.backend`), and the preflight check that runs before any model loads."""
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, ClassVar, Protocol, Sequence
 
 import numpy as np
 
@@ -19,6 +19,9 @@ class Guard(Protocol):
     or (prompt, response) pairs (judge="response"); `score` takes its encodings."""
 
     renderer: PromptRenderer | ConversationRenderer
+    #: True for an engine with its own scheduler (vLLM): the features stage hands it a whole shard at once
+    #: instead of its own length-sorted batches, which would only starve the engine.
+    schedules_itself: ClassVar[bool]
 
     def score(self, encoded: Sequence[Encoded]) -> dict[str, np.ndarray]: ...
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -45,6 +45,7 @@ class HFGuard:
 
     loaded: LoadedModel
     renderer: PromptRenderer | ConversationRenderer
+    schedules_itself: ClassVar[bool] = False
     safe_id: int
     unsafe_id: int
     head: LabelHead

@@ -23,7 +23,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -119,6 +119,7 @@ class VLLMGuard:
 
     llm: Any
     renderer: PromptRenderer | ConversationRenderer
+    schedules_itself: ClassVar[bool] = True
     safe_id: int
     unsafe_id: int
     params: Any
