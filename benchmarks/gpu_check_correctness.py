@@ -5,7 +5,7 @@
 - right padding (features, the guard) against left padding (serving) against each row alone (no padding): the
   train/serve skew of issue 26, in the model's dtype (bf16 on the GPU);
 - a NaN/inf scan and the largest magnitude against float16's range (the parts store float16: 65504 at most);
-- packed (varlen) attention: guardray has none yet, so it is recorded as not implemented;
+- packed (`Batch.pack`: one unpadded sequence with per-row positions) against right padding;
 - the OOM drill: the features path with an allocation failure injected above a token count.
 
 Random weights: magnitudes are not those of a trained Llama (whose massive activations reach the thousands in a
@@ -13,7 +13,6 @@ few dimensions), so the float16 figure here checks the scan, not the real model'
 """
 from __future__ import annotations
 
-import re
 import time
 from typing import Any, Sequence
 
@@ -30,10 +29,6 @@ from guardray.jobspec import ExtractSpec
 FLOAT16_MAX = 65504.0
 #: Rows per batch in the padding checks: prompts of mixed lengths, so most rows are padded.
 CHECK_BATCH = 8
-#: An OOM batch-splitting entry point is looked for by name in these modules (issue 26; another change adds it).
-SPLITTING_MODULES = ("guardray.sharded", "guardray.features")
-SPLITTING_NAME = re.compile(r"oom|out_of_memory|split", re.IGNORECASE)
-
 Pooled = dict[tuple[str, int], torch.Tensor]
 
 
@@ -42,17 +37,21 @@ def correctness(ctx: Context) -> dict[str, Any]:
     rows = mixed_lengths(ctx.encoded(), ctx.sizes.correctness)
     layers = list(range(loaded.num_layers))
     diffs: dict[str, dict[int, list[float]]] = {k: {} for k in ("hooks_vs_hidden_states", "right_vs_alone",
-                                                                "left_vs_alone", "right_vs_left")}
-    cosines: dict[str, list[float]] = {"right_vs_left": [], "right_vs_alone": [], "left_vs_alone": []}
+                                                                "left_vs_alone", "right_vs_left",
+                                                                "packed_vs_right")}
+    cosines: dict[str, list[float]] = {"right_vs_left": [], "right_vs_alone": [], "left_vs_alone": [],
+                                       "packed_vs_right": []}
     scan = {"non_finite": 0, "values": 0}
     largest = {layer: 0.0 for layer in layers}
     for start in range(0, len(rows), CHECK_BATCH):
         chunk = rows[start:start + CHECK_BATCH]
         right, left = (batch_of(loaded, chunk, left=side) for side in (False, True))
+        packed = Batch.pack(chunk, loaded.tokenizer.pad_token_id, loaded.device)
         pooled = {"right": capture(loaded.model, right, layers, POOLINGS),
-                  "left": capture(loaded.model, left, layers, POOLINGS), "alone": alone(loaded, chunk, layers)}
+                  "left": capture(loaded.model, left, layers, POOLINGS), "alone": alone(loaded, chunk, layers),
+                  "packed": capture(loaded.model, packed, layers, POOLINGS)}
         record(diffs["hooks_vs_hidden_states"], pooled["right"], hidden_pooled(loaded, right, layers[:-1]))
-        for first, second in (("right", "alone"), ("left", "alone"), ("right", "left")):
+        for first, second in (("right", "alone"), ("left", "alone"), ("right", "left"), ("packed", "right")):
             record(diffs[f"{first}_vs_{second}"], pooled[first], pooled[second])
             cosines[f"{first}_vs_{second}"].append(min_cosine(pooled[first], pooled[second]))
         for values in (v for variant in pooled.values() for v in variant.values()):
@@ -65,7 +64,7 @@ def correctness(ctx: Context) -> dict[str, Any]:
         summary[name]["min_cosine"] = min(values)
     return {"rows": len(rows), "dtype": str(loaded.model.dtype).removeprefix("torch."), "poolings": POOLINGS,
             **summary, "hooks_vs_hidden_states_note": "every block but the last (hidden_states[-1] is normed)",
-            "padded_vs_packed": "not implemented: guardray has no packed (varlen) attention path yet",
+            "packed_attention": loaded.model.config._attn_implementation,
             "nan_scan": scan, "float16_range": {"max_abs_per_layer": largest, "float16_max": FLOAT16_MAX,
                                                 "layers_over": [layer for layer, v in largest.items() if v > FLOAT16_MAX]}}
 
@@ -119,34 +118,19 @@ def summarise(per_layer: dict[int, list[float]]) -> dict[str, Any]:
             "relative_to": "the mean |value| of the reference at that layer"}
 
 
-def splitting_functions() -> list[str]:
-    """Functions in `SPLITTING_MODULES` whose names say they split batches on out-of-memory errors."""
-    import importlib
-
-    found = []
-    for module_name in SPLITTING_MODULES:
-        module = importlib.import_module(module_name)
-        found += [f"{module_name}.{name}" for name, obj in vars(module).items()
-                  if callable(obj) and getattr(obj, "__module__", None) == module_name and SPLITTING_NAME.search(name)]
-    return found
-
-
 def oom_drill(ctx: Context) -> dict[str, Any]:
-    """The features path (`FeatureExtractor.process`) with an allocation failure injected in every forward over
-    a token limit: the rows longer than the limit cannot fit alone and must become error rows, no other row may,
-    and no device failure may be raised. Runs through the public path, so a splitting function, once the
-    features path uses it, is what this drill exercises."""
-    found = splitting_functions()
-    status = ("available: " + ", ".join(found)) if found else (
-        "not available: no OOM batch-splitting function in " + " or ".join(SPLITTING_MODULES))
-    return {"status": status, "splitting_functions": found, "classification": classify_failures(),
+    """The features path (`FeatureExtractor.process`, whose batches go through `guardray.isolation.run_isolating`:
+    an out-of-memory batch is split in halves) with an allocation failure injected in every forward over a token
+    limit: the rows longer than the limit cannot fit alone and must become error rows, no other row may, and no
+    device failure may be raised."""
+    return {"splitter": "guardray.isolation.run_isolating", "classification": classify_failures(),
             "drill": drill(ctx)}
 
 
 def classify_failures() -> dict[str, str]:
     """What the shared retry logic makes of each allocation failure's message: a row error, or a device failure
     (the actor is restarted and the shard retried)."""
-    from guardray.sharded import DeviceFailure, raise_device_failure
+    from guardray.isolation import DeviceFailure, raise_device_failure
 
     messages = {"torch.OutOfMemoryError": torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
                 "CUBLAS_STATUS_ALLOC_FAILED": RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling "
@@ -155,7 +139,7 @@ def classify_failures() -> dict[str, str]:
     for name, error in messages.items():
         try:
             raise_device_failure(error)
-            out[name] = "row error (the batch is retried, then its rows)"
+            out[name] = "out of memory (the batch is split in halves, down to one row)"
         except DeviceFailure:
             out[name] = "device failure (the actor restarts; the shard is retried)"
     return out

@@ -22,7 +22,7 @@ from benchmarks.gpu_check_setup import Context, Phases, block_params, length_sta
 from guardray.activations import Batch, capture, pool
 from guardray.columns import GUARD_SCORE, HARMFUL, ID, N_TOKENS, SOURCE, SPLIT, TRUNCATED, feature_column
 from guardray.encoding import encode_rows, length_batches
-from guardray.features import STORE_DTYPES, FeatureExtractor, to_table
+from guardray.features import STORE_DTYPES, FeatureExtractor, forward_budget, to_table
 from guardray.models import LoadedModel
 from guardray.rendering import Encoded
 from guardray.jobspec import ExtractSpec, GuardSpec, ModelSpec
@@ -94,8 +94,9 @@ def features(ctx: Context) -> dict[str, Any]:
                            "gpu_busy": "forward seconds / all four phases' seconds (the forward phase includes "
                                        "kernel launches: an upper bound on the GPU's busy time)"}
     for setting, extract in ctx.extract_settings().items():
-        out[f"{setting}_settings"] = {"batch_size": extract.batch_size, "rows_per_shard": extract.rows_per_shard,
-                                      "max_tokens_per_batch": extract.max_tokens_per_batch}
+        rows, tokens = forward_budget(extract, loaded.device)
+        out[f"{setting}_settings"] = {"batch_size": rows, "rows_per_shard": extract.rows_per_shard,
+                                      "max_tokens_per_batch": tokens}
         for label, layers in ctx.probe_layers().items():
             key = f"{setting}_{label}"
             out[key] = {"skipped": "budget"} if ctx.over_budget() else phased_run(ctx, prompts, layers, extract)
@@ -114,7 +115,7 @@ def phased_run(ctx: Context, prompts: Sequence[str], layers: list[int], extract:
     with phases("encode"):
         encoded = encode_rows(ctx.renderer(), prompts, range(len(prompts)), errors, "render")
     keys = list(encoded)
-    batches = length_batches([len(encoded[k].ids) for k in keys], extract.batch_size, extract.max_tokens_per_batch)
+    batches = length_batches([len(encoded[k].ids) for k in keys], *forward_budget(extract, loaded.device))
     np_dtype = STORE_DTYPES["float16"][0]
     host: dict[str, np.ndarray] = {}
     real = padded = widest = 0
@@ -192,7 +193,7 @@ def guard_hf(ctx: Context) -> dict[str, Any]:
     lengths = [len(e.ids) for e in encoded]
     out["guard_tokens"] = length_stats(lengths)
     for setting, extract in ctx.extract_settings().items():
-        batches = length_batches(lengths, extract.batch_size, extract.max_tokens_per_batch)
+        batches = length_batches(lengths, *forward_budget(extract, loaded.device))
         scores = {}
         for cached in (True, False):
             if ctx.over_budget():

@@ -28,7 +28,7 @@ import re
 import time
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any, Callable, Hashable, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -264,6 +264,7 @@ class ComputedShard:
     crash_memory: Location | None = None
 
 
+K = TypeVar("K", bound=Hashable)
 R = TypeVar("R")
 C = TypeVar("C")
 S = TypeVar("S")

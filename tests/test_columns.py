@@ -33,11 +33,11 @@ def test_names_are_the_strings_the_outputs_use() -> None:
 
 
 def test_the_pooling_table_drives_the_spec_and_the_server() -> None:
-    assert columns.PROMPT_POOLINGS == ("last", "mean", "mean_all")
+    assert columns.PROMPT_POOLINGS == ("last", "mean", "mean_all", "max", "ema")
     assert columns.RESPONSE_POOLINGS == ("resp_last", "resp_mean")
     assert {p.reads for p in columns.POOLINGS.values()} == {"prompt", "response"}
     assert ExtractSpec(poolings=list(columns.PROMPT_POOLINGS)).poolings == columns.PROMPT_POOLINGS
-    with pytest.raises(ValueError, match="'last', 'mean' or 'mean_all'"):  # response poolings come from `on`
+    with pytest.raises(ValueError, match="'last', 'mean', 'mean_all', 'max' or 'ema'"):  # response poolings come from `on`
         ExtractSpec(poolings=["resp_last"])
     from guardray.serve.artifact import PROMPT_POOLINGS  # what a server may run: the same names, not a copy
 

@@ -109,7 +109,7 @@ def test_chat_logs_answered_by_the_responses_stage(ray_local: None, tmp_path_fac
                  f"model.id={build_tiny(tmp / 'tiny')}", f"model.max_length={MAX_LENGTH}",
                  "generate={enabled: true, max_new_tokens: 2, actors: 1, rows_per_shard: 64}",
                  "extract.layers=[1]", "extract.actors=1", "extract.rows_per_shard=64", "guard.enabled=false",
-                 "probes.targets=[harmful]"]
+                 "probes.targets=[harmful]", "evaluate.leave_one_source_out=false"]  # one source: none to leave out
     spec = load_spec(REPO / "jobs/local-chat-logs.yaml", overrides, output=str(tmp / "run"))
     results = run_job(spec, ["features"])
     run = open_run(str(tmp / "run"))
